@@ -1,0 +1,185 @@
+"""The Python API the CLI mirrors: load a model, build data, fit, evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mmtune.config import Config, load_config, save_config
+from mmtune.data import Splits, load_splits, screen
+from mmtune.errors import CheckpointError, UserError
+from mmtune.tasks import Context, get_task
+
+log = logging.getLogger("mmtune")
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def configure_threads() -> None:
+    """Honour MMTUNE_THREADS (or leave torch's default)."""
+    n = os.environ.get("MMTUNE_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def build_data(cfg: Config) -> Splits:
+    """Read the splits and drop bad samples (counted in `splits.skipped`)."""
+    splits = load_splits(cfg.data, cfg.seed)
+    d = cfg.data
+    for name in ("train", "val", "test"):
+        records = splits.get(name)
+        if not records:
+            continue
+        good, bad = screen(records, d.on_bad_sample, d.max_image_pixels, d.max_bad_fraction, name)
+        setattr(splits, name, good)
+        splits.skipped.update(bad)
+    return splits
+
+
+def fingerprint(records, cfg: Config) -> str:
+    """Identifies the training data and batch geometry a checkpoint's data position refers to."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(str(r.id).encode())
+    h.update(f"{len(records)}/{cfg.data.batch_size}/{cfg.train.grad_accum}/{cfg.seed}".encode())
+    return h.hexdigest()[:16]
+
+
+def _context(cfg, processor, splits, device) -> Context:
+    precision = cfg.train.precision
+    autocast = None
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype)
+
+    return Context(cfg, processor, splits, device, autocast)
+
+
+def _metric_summary(splits: Splits) -> dict:
+    skipped = Counter(splits.skipped)
+    out = {"data.skipped": int(sum(skipped.values()))}
+    out.update({f"data.skipped.{k}": int(v) for k, v in sorted(skipped.items())})
+    for name in ("train", "val", "test"):
+        out[f"data.{name}"] = len(splits.get(name))
+    return out
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    from mmtune.engine import _finite_json
+
+    (run_dir / "metrics.json").write_text(json.dumps(_finite_json(metrics), indent=2) + "\n")
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    """Train as configured, evaluate on the test split, write the run folder; return metrics."""
+    from mmtune.engine import Trainer
+    from mmtune.models import count_parameters, load_model, save_spec
+    from mmtune.report import write_report
+
+    configure_threads()
+    set_seed(cfg.seed, cfg.train.deterministic)
+    run_dir = cfg.run_dir
+    resume_dir = _resume_target(run_dir, resume)
+    if resume_dir is None and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} already holds a run: pick another name= or pass --resume")
+    task_cls = get_task(cfg.task)
+    splits = build_data(cfg)
+    model, processor = load_model(cfg.model)
+    trainable, total = count_parameters(model)
+    print(f"parameters: {trainable:,} trainable / {total:,} total", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    from mmtune.checkpoint import clean_stale
+
+    clean_stale(run_dir / "checkpoints")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = task_cls(_context(cfg, processor, splits, device))
+    model = task.build_head(model)
+    if not (run_dir / "model").exists():
+        save_spec(model, processor, run_dir / "model")
+    trainer = Trainer(
+        cfg, task, model, splits.train, splits.val, run_dir, fingerprint(splits.train, cfg)
+    )
+    task.ctx.device = trainer.acc.device
+    if resume_dir is not None:
+        trainer.resume(resume_dir)
+    state = trainer.fit()
+    if trainer.acc.is_main_process is False:
+        return {}
+    best = run_dir / "checkpoints" / "best"
+    if cfg.train.eval_every and best.exists():
+        from mmtune.models.load import load_weights
+
+        load_weights(trainer.acc.unwrap_model(trainer.model), best / "model.safetensors")
+    final_split = cfg.eval.split if splits.get(cfg.eval.split) else "val"
+    metrics = trainer.evaluate(splits.get(final_split))
+    metrics.update(_metric_summary(splits))
+    metrics.update({
+        "eval.split": final_split,
+        "train.steps": state.step,
+        "train.seconds": round(state.train_seconds, 3),
+        "train.samples_per_s": round(state.samples / max(state.train_seconds, 1e-9), 2),
+        "train.skipped_steps": state.skipped_steps,
+        "model.trainable_params": trainable,
+        "model.total_params": total,
+    })  # fmt: skip
+    write_metrics(run_dir, metrics)
+    write_report(run_dir)
+    return metrics
+
+
+def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last"
+        return last if (last / "COMPLETE").exists() else None
+    p = Path(resume)
+    if (p / "checkpoints" / "last").exists():
+        p = p / "checkpoints" / "last"
+    if not (p / "COMPLETE").exists():
+        raise CheckpointError(f"no valid checkpoint at {resume}")
+    return p
+
+
+def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None) -> dict:
+    """Evaluate a run (or checkpoint folder) on a split of the configured data."""
+    from mmtune.models import load_run
+
+    checkpoint = Path(checkpoint)
+    if cfg is None:
+        saved = checkpoint / "config.yaml"
+        cfg = load_config(saved if saved.is_file() else None)
+    configure_threads()
+    model, processor = load_run(checkpoint)
+    splits = build_data(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    task = get_task(cfg.task)(_context(cfg, processor, splits, device))
+    split = split or cfg.eval.split
+    records = splits.get(split) or splits.val
+    start = time.perf_counter()
+    metrics = task.evaluate(model, records)
+    metrics.update(_metric_summary(splits))
+    metrics["eval.seconds"] = round(time.perf_counter() - start, 3)
+    return metrics

@@ -1,0 +1,261 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, one clear error per mistake."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "lit-minilm",
+        description="Preset (`lit-minilm`, `tiny-clip`), a transformers checkpoint (hub id or "
+        "local folder) or a run folder / checkpoint folder of mmtune.",
+    )
+    vision: str | None = Field(
+        None,
+        description="Compose a dual encoder: vision checkpoint (ViT-like) for the image tower.",
+    )
+    text: str | None = Field(
+        None, description="Compose a dual encoder: text checkpoint (BERT-like) for the text tower."
+    )
+    embed_dim: int = Field(256, gt=0, description="Shared embedding size of a composed model.")
+    lock_text: bool | None = Field(
+        None,
+        description="Freeze the text tower (LiT); its features are cached. None: preset default.",
+    )
+    lock_image: bool = Field(False, description="Freeze the image tower.")
+    unfreeze_top_k: int | None = Field(
+        None, ge=0, description="With a locked tower, still train its top k blocks."
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="Extra parameter-name patterns (fnmatch) to freeze."
+    )
+    grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
+    trust_remote_code: bool = Field(
+        False, description="Allow checkpoints that ship their own modelling code."
+    )
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        "digits",
+        description="Built-in name (`digits`) or a path: CSV/TSV/JSONL pairs file, COCO captions "
+        "JSON, or a folder of images with same-stem .txt captions.",
+    )
+    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder"] = Field(
+        "auto", description="Reader to use; `auto` decides from the path."
+    )
+    val: str | None = Field(None, description="Validation data path (same formats).")
+    test: str | None = Field(None, description="Test data path (same formats).")
+    image_column: str = Field("image", description="Column holding the image path.")
+    caption_column: str = Field("caption", description="Column holding the caption.")
+    label_column: str | None = Field(None, description="Optional column holding a class label.")
+    image_root: str | None = Field(
+        None, description="Folder image paths are relative to (default: the file's folder)."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Held out of a single file for validation when no `val`."
+    )
+    batch_size: int = Field(128, gt=0, description="Training batch size per process.")
+    eval_batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    on_bad_sample: Literal["skip", "error"] = Field(
+        "skip", description="A missing/corrupt/oversized image: skip and count, or stop."
+    )
+    max_bad_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop when more than this fraction of a split is bad."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Refuse images declaring more pixels (decompression bombs)."
+    )
+    augment: bool = Field(False, description="Random shifts and scale jitter on training images.")
+    split_seed: int = Field(0, description="Seed of the built-in datasets' train/val/test split.")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(10.0, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay (not on biases, norms, logit scale)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    clip_grad: float | None = Field(1.0, gt=0, description="Max gradient norm; null disables.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision; bf16 is fast on recent CPUs."
+    )
+    loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss.")
+    class_aware: bool = Field(
+        False, description="Pairs with the same label/caption are positives, not negatives."
+    )
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0: at the end only.")
+    save_every: int = Field(0, ge=0, description="Save `last` every N steps; 0: at evals/end.")
+    log_every: int = Field(10, gt=0, description="Append a train line to metrics.jsonl every N.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss: stop the run, or skip that step."
+    )
+    max_nonfinite: int = Field(
+        5, gt=0, description="With `skip`, stop after this many consecutive bad steps."
+    )
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (resume tests).")
+
+
+class EvalConfig(_Section):
+    split: Literal["val", "test"] = Field("test", description="Split for the final evaluation.")
+    zeroshot: bool = Field(True, description="Zero-shot classification (needs labels).")
+    retrieval: bool = Field(True, description="Image-text retrieval Recall@K.")
+    templates: Literal["eval", "train"] = Field(
+        "eval", description="Prompt templates for zero-shot: held-out `eval` ones or `train`."
+    )
+    metric: str = Field(
+        "zeroshot.top1", description="Figure that picks the `best` checkpoint (higher is better)."
+    )
+
+
+class Config(_Section):
+    task: str = Field("contrastive", description="Task name (see `mmtune.tasks`).")
+    name: str = Field("run", description="Run name: the run folder is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent folder of run folders.")
+    seed: int = Field(0, description="Seed for weights, data order and augmentation.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Task-specific options, validated by the task."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if (self.model.vision is None) != (self.model.text is None):
+            raise ValueError("model.vision and model.text must be given together")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _format_validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return str(_unknown_key_error(loc))
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    where = f"config key '{loc}'" if loc else "config"
+    return f"{where}: {first['msg']}{shown}"
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`a.b=1` or `--a.b 1` tokens → {"a.b": 1} with YAML typing of values."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok.startswith("--"):
+            tok = tok[2:]
+            if "=" not in tok:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override '--{tok}' has no value")
+                tok = f"{tok}={args[i + 1]}"
+                i += 1
+        if "=" not in tok:
+            raise ConfigError(f"cannot read override '{tok}': write key=value, e.g. train.lr=1e-4")
+        key, raw = tok.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+        i += 1
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if p == "options":  # free-form task options take the rest of the key verbatim
+            node = node.setdefault("options", {})
+            node[".".join(parts[parts.index(p) + 1 :])] = value
+            return
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise _unknown_key_error(key)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or defaults), apply dotted overrides, validate; ConfigError on mistakes."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    data = cfg.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def validate_options(cfg: Config, options_model: type[BaseModel]) -> BaseModel:
+    """Validate `cfg.options` against a task's options model, naming the bad key."""
+    try:
+        return options_model.model_validate(cfg.options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            names = ", ".join(options_model.model_fields)
+            raise ConfigError(
+                f"unknown config key 'options.{loc}' (task options: {names})"
+            ) from None
+        raise ConfigError(f"config key 'options.{loc}': {first['msg']}") from None

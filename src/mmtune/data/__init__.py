@@ -1,0 +1,193 @@
+"""Data: splits of records from built-in sets or files, bad-sample screening, the torch Dataset."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmtune.data.formats import (
+    Record,
+    Table,
+    detect_format,
+    read_caption_folder,
+    read_coco,
+    read_table,
+)
+from mmtune.data.images import BadImage, ImageTransform, load_image
+from mmtune.errors import DataError
+
+log = logging.getLogger("mmtune.data")
+
+__all__ = ["Record", "Splits", "ImageTextDataset", "load_splits", "screen", "BadImage"]
+
+
+@dataclass
+class Splits:
+    """The records of each split, with class names and prompt templates where known."""
+
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    classes: list[str] | None = None
+    train_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    eval_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    skipped: Counter = field(default_factory=Counter)
+    name: str = ""
+
+    def get(self, split: str) -> list[Record]:
+        return getattr(self, split)
+
+
+def _builtin(name: str, seed: int) -> Splits | None:
+    if name == "digits":
+        from mmtune.data.builtin import digits
+
+        parts = digits.digits_splits(seed)
+        return Splits(
+            parts["train"],
+            parts["val"],
+            parts["test"],
+            classes=list(digits.CLASSES),
+            train_templates=list(digits.TRAIN_TEMPLATES),
+            eval_templates=list(digits.EVAL_TEMPLATES),
+            name="digits",
+        )
+    return None
+
+
+def _read(path: str, data_cfg, classes=None) -> Table:
+    fmt = detect_format(path) if data_cfg.format == "auto" else data_cfg.format
+    if fmt == "coco":
+        return read_coco(path, data_cfg.image_root)
+    if fmt == "folder":
+        return read_caption_folder(path)
+    return read_table(
+        path,
+        fmt,
+        image_column=data_cfg.image_column,
+        caption_column=data_cfg.caption_column,
+        label_column=data_cfg.label_column,
+        image_root=data_cfg.image_root,
+        classes=classes,
+    )
+
+
+def load_splits(data_cfg, seed: int = 0) -> Splits:
+    """Build train/val/test from `data.dataset` (built-in name or path), `data.val`, `data.test`."""
+    builtin = _builtin(data_cfg.dataset, data_cfg.split_seed)
+    if builtin is not None:
+        return builtin
+    if not Path(data_cfg.dataset).exists():
+        raise DataError(
+            f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits) nor a file"
+        )
+    main = _read(data_cfg.dataset, data_cfg)
+    skipped = Counter(main.skipped)
+    records = main.records
+    if data_cfg.val:
+        val_t = _read(data_cfg.val, data_cfg, main.classes)
+        train, val = records, val_t.records
+        skipped.update(val_t.skipped)
+    else:
+        order = np.random.default_rng(seed).permutation(len(records))
+        n_val = int(round(len(records) * data_cfg.val_fraction))
+        val = [records[i] for i in sorted(order[:n_val])]
+        train = [records[i] for i in sorted(order[n_val:])]
+    test: list[Record] = []
+    if data_cfg.test:
+        test_t = _read(data_cfg.test, data_cfg, main.classes)
+        test = test_t.records
+        skipped.update(test_t.skipped)
+    splits = Splits(train, val, test, classes=main.classes, skipped=skipped, name=data_cfg.dataset)
+    if not train:
+        raise DataError(f"{data_cfg.dataset}: no training records")
+    return splits
+
+
+def screen(
+    records: list[Record],
+    on_bad_sample: str = "skip",
+    max_pixels: int = 40_000_000,
+    max_bad_fraction: float = 1.0,
+    desc: str = "checking images",
+) -> tuple[list[Record], Counter]:
+    """Decode every file image once; drop bad ones (counted by reason) or stop naming the file."""
+    good, bad = [], Counter()
+    paths = [r for r in records if isinstance(r.image, str)]
+    bar = tqdm(records, desc=desc, disable=len(paths) < 200, leave=False)
+    for rec in bar:
+        reason = None
+        if isinstance(rec.image, str):
+            try:
+                load_image(rec.image, max_pixels)
+            except BadImage as e:
+                if on_bad_sample == "error":
+                    raise DataError(f"bad image {e.path}: {e.reason} {e.detail}".rstrip()) from None
+                reason = e.reason
+                if not bad:
+                    log.warning(
+                        "skipping bad image %s (%s); further skips are counted", e.path, e.reason
+                    )
+        if reason is None:
+            caps = [c for c in rec.captions if c and c.strip()]
+            if rec.captions and not caps:
+                reason = "empty_caption"
+            rec.captions = caps
+        if reason:
+            bad[reason] += 1
+        else:
+            good.append(rec)
+    if records and sum(bad.values()) / len(records) > max_bad_fraction:
+        raise DataError(
+            f"{sum(bad.values())} of {len(records)} samples are bad ({dict(bad)}), "
+            f"more than data.max_bad_fraction={max_bad_fraction}"
+        )
+    if bad:
+        log.warning("skipped %d bad samples: %s", sum(bad.values()), dict(bad))
+    return good, bad
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Records → dicts {pixel_values (3,S,S), caption, captions, label, index}; None for a bad image.
+
+    Caption choice and augmentation draw from a Generator seeded by (seed, epoch, index): the
+    same sample is identical whichever worker makes it.
+    """
+
+    def __init__(self, records, transform: ImageTransform, seed: int = 0, max_pixels=40_000_000):
+        self.records, self.transform, self.seed, self.max_pixels = (
+            records,
+            transform,
+            seed,
+            max_pixels,
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | None:
+        rec = self.records[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        try:
+            img = load_image(rec.image, self.max_pixels)
+        except BadImage as e:
+            log.warning("bad image at load time: %s", e)
+            return None
+        caption = rec.captions[int(rng.integers(len(rec.captions)))] if rec.captions else ""
+        return {
+            "pixel_values": self.transform(img, rng),
+            "caption": caption,
+            "captions": rec.captions,
+            "label": -1 if rec.label is None else rec.label,
+            "index": i,
+        }

@@ -1,0 +1,116 @@
+"""Safe image decoding (missing, empty, truncated, non-image, bomb) and Pillow/numpy transforms."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class BadImage(Exception):
+    """An image that cannot be used; `reason` is one of missing/empty/not_image/truncated/too_large."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def _open_checked(source, max_pixels: int) -> Image.Image:
+    # The size is known from the header: refuse a bomb before any pixel is decoded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(source)
+        except Image.DecompressionBombError as e:
+            raise BadImage(str(source), "too_large", str(e)) from None
+        except Image.DecompressionBombWarning as e:
+            raise BadImage(str(source), "too_large", str(e)) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage(str(source), "too_large", f"{w}x{h} pixels > limit {max_pixels}")
+    return img
+
+
+def load_image(source, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode a path, file object, array or PIL image to RGB; BadImage with a reason otherwise."""
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    if isinstance(source, np.ndarray):
+        return _to_rgb(Image.fromarray(source))
+    name = getattr(source, "name", source)
+    if isinstance(source, str | Path):
+        if not os.path.exists(source):
+            raise BadImage(str(source), "missing")
+        if os.path.getsize(source) == 0:
+            raise BadImage(str(source), "empty")
+    try:
+        img = _open_checked(source, max_pixels)
+        img.load()  # force the full decode here, so truncation surfaces now, not in a worker
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(str(name), "not_image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        # Pillow reports truncated/corrupt streams as OSError ("image file is truncated").
+        raise BadImage(str(name), "truncated", str(e)) from None
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits rather than clip
+        arr = np.asarray(img, dtype=np.float32)
+        hi = max(float(arr.max()), 1.0)
+        img = Image.fromarray((arr * (255.0 / max(hi, 255.0))).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize (shorter side) + centre crop to `size`, scale to [0, 1], normalise; → (3, S, S) float32.
+
+    With `train=True` and `augment`, a random scale jitter and shift is applied, drawn from the
+    numpy Generator passed in, so augmentation is reproducible whatever the number of workers.
+    """
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    augment: bool = False
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        s = self.size
+        if self.augment and rng is not None:
+            img = _random_resized_crop(img, s, rng)
+        else:
+            w, h = img.size
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            img = img.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _random_resized_crop(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    frac = float(rng.uniform(0.8, 1.0))  # keep most of the image: captions describe all of it
+    cw, ch = max(1, round(w * frac)), max(1, round(h * frac))
+    left = int(rng.integers(0, w - cw + 1))
+    top = int(rng.integers(0, h - ch + 1))
+    return img.crop((left, top, left + cw, top + ch)).resize((s, s), Image.BICUBIC)

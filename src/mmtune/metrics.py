@@ -1,0 +1,164 @@
+"""Evaluation metrics: zero-shot classifier weights, classification and retrieval scores.
+
+Every float returned is a plain Python float so results serialise to JSON/YAML unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "classification_metrics",
+    "confusion_matrix",
+    "retrieval_metrics",
+    "zeroshot_weights",
+]
+
+ArrayLike = Tensor | np.ndarray | Sequence
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    """A tensor (any device, half precision included) or array-like as a numpy array."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        # numpy has no bfloat16, and float16 comparisons are no more exact than float32 ones
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _labels_array(labels: ArrayLike, n: int, n_classes: int, name: str) -> np.ndarray:
+    """Integer labels (n,) checked to lie in [0, n_classes)."""
+    array = _to_numpy(labels)
+    if array.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got {array.dtype}")
+    array = array.astype(np.int64)
+    if array.size and (array.min() < 0 or array.max() >= n_classes):
+        raise ValueError(f"{name} must lie in [0, {n_classes}), got {array.min()}..{array.max()}")
+    return array
+
+
+def zeroshot_weights(text_emb: Tensor, n_classes: int, n_templates: int) -> Tensor:
+    """Zero-shot classifier from prompt embeddings (C*T, D), class-major -> (C, D) normalised."""
+    if text_emb.ndim != 2 or text_emb.shape[0] != n_classes * n_templates:
+        raise ValueError(
+            f"text_emb must have shape ({n_classes * n_templates}, D) for {n_classes} classes x "
+            f"{n_templates} templates, got {tuple(text_emb.shape)}"
+        )
+    per_template = F.normalize(text_emb.reshape(n_classes, n_templates, -1), dim=-1)
+    return F.normalize(per_template.mean(dim=1), dim=-1)
+
+
+def classification_metrics(
+    logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracies and mean per-class recall from logits (N, C) and labels (N,).
+
+    Keys ``top{k}`` for each k (k clipped to C) and ``mean_per_class_recall`` (over the classes
+    present in ``labels``, using top-1 predictions). Ties rank the lower class index first,
+    as a stable argsort of the negated scores would (and as ``argmax`` does for top-1).
+    """
+    scores = _to_numpy(logits)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"logits must have shape (N, C) with N > 0, got {scores.shape}")
+    n, n_classes = scores.shape
+    y = _labels_array(labels, n, n_classes, "labels")
+    true_scores = scores[np.arange(n), y][:, None]
+    # the rank a stable sort would give, without materialising an (N, C) index array
+    lower_index = np.arange(n_classes)[None, :] < y[:, None]
+    ranks = (scores > true_scores).sum(axis=1) + ((scores == true_scores) & lower_index).sum(axis=1)
+    out = {f"top{k}": float(np.mean(ranks < min(k, n_classes))) for k in ks}
+    preds = scores.argmax(axis=1)
+    recalls = [np.mean(preds[y == cls] == cls) for cls in np.unique(y)]
+    out["mean_per_class_recall"] = float(np.mean(recalls))
+    return out
+
+
+def confusion_matrix(preds: ArrayLike, labels: ArrayLike, n_classes: int) -> np.ndarray:
+    """Counts (C, C) int64 of (true label, prediction) pairs from preds (N,) and labels (N,)."""
+    y = _to_numpy(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), got {y.shape}")
+    y = _labels_array(y, y.shape[0], n_classes, "labels")
+    p = _labels_array(preds, y.shape[0], n_classes, "preds")
+    counts = np.bincount(y * n_classes + p, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes)
+
+
+def _negatives_above_best_positive(
+    queries: Tensor, keys: Tensor, query_ids: Tensor, key_ids: Tensor, block_size: int
+) -> Tensor:
+    """Per query (Nq, D) vs keys (Nk, D): count of negatives scoring >= its best positive (Nq,).
+
+    Key j is a positive of query i when ``query_ids[i] == key_ids[j]``. Counting ties against
+    the query keeps degenerate (e.g. constant) embeddings from scoring perfect recall.
+    """
+    counts = []
+    for start in range(0, queries.shape[0], block_size):
+        sims = queries[start : start + block_size] @ keys.T
+        positive = query_ids[start : start + block_size, None] == key_ids[None, :]
+        best = sims.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        counts.append(((sims >= best) & ~positive).sum(dim=1))
+    return torch.cat(counts)
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_image_index: ArrayLike,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    block_size: int = 1024,
+    image_groups: ArrayLike | None = None,
+) -> dict[str, float]:
+    """Recall@K both ways from image (Ni, D), text (Nt, D) normalised, text_image_index (Nt,).
+
+    With ``image_groups`` (Ni,), ``text_image_index`` holds text group ids instead: a text and an
+    image match when their groups are equal (captions shared by many images, e.g. class prompts).
+
+    i2t: an image is a hit at K if any of its texts is among its top-K texts (images with no
+    text are left out); t2i: a text is a hit at K if its image is among its top-K images. A
+    negative tied with the best positive counts as ranked above it. Similarities are computed
+    ``block_size`` queries at a time, so memory is (block_size, N) rather than (Ni, Nt).
+    """
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"need image (Ni, D) and text (Nt, D), got {tuple(image_emb.shape)} and "
+            f"{tuple(text_emb.shape)}"
+        )
+    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
+    if n_images == 0 or n_texts == 0 or block_size < 1:
+        raise ValueError("need at least one image, one text and block_size >= 1")
+    if image_groups is None:
+        owners = torch.from_numpy(
+            _labels_array(text_image_index, n_texts, n_images, "text_image_index")
+        )
+        image_ids = torch.arange(n_images)
+    else:
+        groups = _to_numpy(image_groups).astype(np.int64)
+        image_ids = torch.from_numpy(
+            _labels_array(groups, n_images, int(groups.max()) + 1, "image_groups")
+        )
+        owners = torch.from_numpy(_to_numpy(text_image_index).astype(np.int64))
+    # at least float32: half-precision similarities would create spurious ties
+    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
+    images, texts = image_emb.to(dtype), text_emb.to(dtype)
+    owners, image_ids = owners.to(images.device), image_ids.to(images.device)
+    has_text = torch.isin(image_ids, owners)
+    i2t = _negatives_above_best_positive(images, texts, image_ids, owners, block_size)
+    t2i = _negatives_above_best_positive(texts, images, owners, image_ids, block_size)
+    ranks = {"i2t": i2t[has_text], "t2i": t2i}
+    return {
+        f"{direction}.R@{k}": float((r < k).double().mean())
+        for direction, r in ranks.items()
+        for k in ks
+    }

@@ -1,0 +1,140 @@
+"""Models: load CLIP-family checkpoints, compose towers, presets, freezing — one vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmtune.errors import CheckpointError
+from mmtune.models.dual import DualEncoder, HFDualEncoder, tower_blocks
+from mmtune.models.freeze import apply_freezing, count_parameters, freeze_patterns, freeze_tower
+from mmtune.models.load import (
+    PRESETS,
+    SPEC_FILE,
+    Processor,
+    build_from_spec,
+    load_weights,
+    save_spec,
+)
+
+__all__ = [
+    "PRESETS",
+    "DualEncoder",
+    "HFDualEncoder",
+    "Processor",
+    "apply_freezing",
+    "build_from_spec",
+    "count_parameters",
+    "freeze_patterns",
+    "freeze_tower",
+    "load_model",
+    "load_run",
+    "save_spec",
+    "tower_blocks",
+]
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(spec folder, checkpoint folder) for a run folder (best, else last) or a checkpoint folder."""
+    from mmtune.checkpoint import is_complete
+
+    p = Path(path)
+    if (p / SPEC_FILE).is_file() and (p / "model.safetensors").is_file():
+        return p, p  # an exported / self-contained model folder
+    if (p / "model" / SPEC_FILE).is_file():
+        for name in ("best", "last"):
+            if is_complete(p / "checkpoints" / name):
+                return p / "model", p / "checkpoints" / name
+        raise CheckpointError(f"no valid checkpoint in {p / 'checkpoints'}")
+    if is_complete(p) and (p.parent.parent / "model" / SPEC_FILE).is_file():
+        return p.parent.parent / "model", p
+    raise CheckpointError(f"no valid checkpoint at {p}")
+
+
+def load_run(path: str | Path):
+    """(model, processor) from a run folder or one of its checkpoints, weights loaded."""
+    spec_dir, ckpt = resolve_checkpoint(path)
+    model, proc, _ = build_from_spec(spec_dir)
+    load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    return model, proc
+
+
+def _from_hf(name: str, trust_remote_code: bool):
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+    from mmtune.models.load import Processor
+
+    try:
+        hf = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        if "trust_remote_code" in str(e):
+            msg = "the checkpoint ships its own code; set model.trust_remote_code: true to run it"
+        raise CheckpointError(f"cannot load model '{name}': {msg}") from None
+    if not (hasattr(hf, "get_image_features") and hasattr(hf, "get_text_features")):
+        raise CheckpointError(
+            f"'{name}' ({hf.__class__.__name__}) is not a dual encoder: compose one with "
+            "model.vision=<vision checkpoint> model.text=<text checkpoint>"
+        )
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    size, mean, std = 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    try:
+        ip = AutoProcessor.from_pretrained(name).image_processor
+        crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+        size = crop.get("height") or crop.get("shortest_edge") or size
+        mean, std = tuple(ip.image_mean), tuple(ip.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):
+        size = getattr(hf.config.vision_config, "image_size", size)
+    siglip = "siglip" in hf.config.model_type
+    max_len = getattr(hf.config.text_config, "max_position_embeddings", 77)
+    proc = Processor(tok, int(size), mean, std, int(max_len), "max_length" if siglip else "longest")
+    return HFDualEncoder(hf), proc, {"lock_text": False}
+
+
+def _compose(model_cfg):
+    from transformers import AutoModel, AutoTokenizer
+
+    from mmtune.models.load import Processor
+
+    towers = {}
+    for name in ("vision", "text"):
+        src = getattr(model_cfg, name)
+        try:
+            towers[name] = AutoModel.from_pretrained(
+                src, trust_remote_code=model_cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot load model.{name} '{src}': {str(e).splitlines()[0]}"
+            ) from None
+    v, t = towers["vision"], towers["text"]
+    vcfg = getattr(v.config, "vision_config", v.config)
+    model = DualEncoder(v, t, vcfg.hidden_size, t.config.hidden_size, model_cfg.embed_dim)
+    tok = AutoTokenizer.from_pretrained(model_cfg.text)
+    proc = Processor(tok, int(vcfg.image_size), max_length=min(tok.model_max_length, 128))
+    return model, proc, {"lock_text": False}
+
+
+def load_model(model_cfg):
+    """(model, processor, preset defaults) for `model.name` (preset / checkpoint / run folder)."""
+    from mmtune.models import load as L
+
+    if model_cfg.vision is not None:
+        model, proc, defaults = _compose(model_cfg)
+    elif model_cfg.name == "lit-minilm":
+        model, proc, defaults = L._lit_minilm(model_cfg.embed_dim)
+    elif model_cfg.name == "tiny-clip":
+        model, proc, defaults = L._tiny_clip()
+    elif Path(model_cfg.name).exists() and not (Path(model_cfg.name) / "config.json").is_file():
+        model, proc = load_run(model_cfg.name)
+        spec_dir, _ = resolve_checkpoint(model_cfg.name)
+        defaults = {"lock_text": bool(L._read_spec(spec_dir).get("lock_text"))}
+    else:
+        model, proc, defaults = _from_hf(model_cfg.name, model_cfg.trust_remote_code)
+    apply_freezing(model, model_cfg, defaults)
+    if model_cfg.grad_checkpointing:
+        for name in ("vision", "text"):
+            tower = model.tower(name)
+            if hasattr(tower, "gradient_checkpointing_enable"):
+                tower.gradient_checkpointing_enable()
+    return model, proc

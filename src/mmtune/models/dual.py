@@ -1,0 +1,195 @@
+"""Dual encoders with one vocabulary: encode_image, encode_text, logit_scale, towers, blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class _DualEncoderVerbs(nn.Module):
+    """What every mmtune model offers; subclasses provide the raw tower features.
+
+    Subclasses implement `_image(pixel_values) -> (pooled (B, D), tokens (B, N, H))`,
+    `_text_pooled(input_ids, attention_mask) -> (B, H)`, `_text_head(pooled) -> (B, D)`,
+    `tower(name) -> nn.Module` and set `logit_scale` (a log-scale Parameter) / `logit_bias`.
+    """
+
+    text_locked: bool = False
+
+    def _init_cache(self) -> None:
+        self._text_cache: dict[bytes, torch.Tensor] = {}
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, S, S) → (B, D)."""
+        pooled, _ = self._image(pixel_values)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → patch tokens (B, N, H) of the last vision layer."""
+        return self._image(pixel_values)[1]
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize=True
+    ) -> torch.Tensor:
+        """(B, L) token ids → (B, D); a locked text tower's features come from a cache."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.text_locked:
+            pooled = self._cached_text(input_ids, attention_mask)
+        else:
+            pooled = self._text_pooled(input_ids, attention_mask)
+        out = self._text_head(pooled)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def _cached_text(self, input_ids, attention_mask) -> torch.Tensor:
+        keys = [
+            ids[mask.bool()].cpu().numpy().tobytes()
+            for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self._text_cache})
+        if todo:
+            was_training = self.tower("text").training
+            self.tower("text").eval()  # a locked tower has no dropout: features are fixed
+            with torch.no_grad():
+                feats = self._text_pooled(input_ids[todo], attention_mask[todo]).float()
+            self.tower("text").train(was_training)
+            for i, f in zip(todo, feats, strict=True):
+                self._text_cache[keys[i]] = f
+        return torch.stack([self._text_cache[k] for k in keys]).to(input_ids.device)
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    def lock_text(self, locked: bool = True) -> None:
+        """Freeze (or unfreeze) the text tower; while locked its features are cached."""
+        self.text_locked = locked
+        for p in self.tower("text").parameters():
+            p.requires_grad_(not locked)
+        self.clear_text_cache()
+
+    def forward(self, pixel_values, input_ids, attention_mask=None) -> dict:
+        """{image_emb (B, D), text_emb (B, D)} normalised, with the scale and bias the losses use.
+
+        The scale goes through forward (not read beside it) so DDP sees every parameter used.
+        """
+        return {
+            "image_emb": self.encode_image(pixel_values),
+            "text_emb": self.encode_text(input_ids, attention_mask),
+            "logit_scale": self.scale(),
+            "logit_bias": self.logit_bias,
+        }
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "mean":
+        m = (
+            mask.unsqueeze(-1).to(hidden.dtype)
+            if mask is not None
+            else torch.ones_like(hidden[..., :1])
+        )
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+    raise ValueError(f"unknown pooling {how!r}")
+
+
+class DualEncoder(_DualEncoderVerbs):
+    """A dual encoder composed of any vision and text towers with linear projections.
+
+    `vision(pixel_values)` and `text(input_ids=..., attention_mask=...)` may return a tensor
+    (B, H) / (B, N, H) or a transformers output with `last_hidden_state`; `*_pooling` picks
+    `cls`, `mean` or `none` (the tower already returns (B, H)).
+    """
+
+    def __init__(
+        self,
+        vision: nn.Module,
+        text: nn.Module,
+        vision_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        vision_pooling: str = "cls",
+        text_pooling: str = "mean",
+        init_temperature: float = 0.07,
+        logit_bias: float | None = None,
+    ):
+        super().__init__()
+        self.vision, self.text = vision, text
+        self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
+        self.vision_proj = nn.Linear(vision_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(logit_bias))
+        self._init_cache()
+
+    def tower(self, name: str) -> nn.Module:
+        return {"vision": self.vision, "text": self.text}[name]
+
+    def _image(self, pixel_values):
+        out = self.vision(pixel_values)
+        hidden = getattr(out, "last_hidden_state", out)
+        if self.vision_pooling == "none":
+            return self.vision_proj(hidden), hidden.unsqueeze(1)
+        return self.vision_proj(_pool(hidden, None, self.vision_pooling)), hidden
+
+    def _text_pooled(self, input_ids, attention_mask):
+        if self.text_pooling == "none":
+            return self.text(input_ids)
+        out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = getattr(out, "last_hidden_state", out)
+        return _pool(hidden, attention_mask, self.text_pooling)
+
+    def _text_head(self, pooled):
+        return self.text_proj(pooled.to(self.text_proj.weight.dtype))
+
+
+class HFDualEncoder(_DualEncoderVerbs):
+    """A transformers CLIP-family model (CLIP, SigLIP, Chinese-CLIP, AltCLIP…) with mmtune's verbs."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+        self._init_cache()
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.hf.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        return getattr(self.hf, "logit_bias", None)
+
+    def tower(self, name: str) -> nn.Module:
+        return {"vision": self.hf.vision_model, "text": self.hf.text_model}[name]
+
+    def _image(self, pixel_values):
+        out = self.hf.get_image_features(pixel_values=pixel_values)
+        pooled = out if torch.is_tensor(out) else out.pooler_output
+        tokens = None if torch.is_tensor(out) else out.last_hidden_state
+        return pooled, tokens
+
+    def _text_pooled(self, input_ids, attention_mask):
+        # Projections are inside get_text_features, so the cached feature is the final one.
+        out = self.hf.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def _text_head(self, pooled):
+        return pooled
+
+
+def tower_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a tower, in order (first to last)."""
+    best: list[nn.Module] = []
+    for mod in tower.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > len(best):
+            best = list(mod)
+    return best

@@ -1,0 +1,163 @@
+"""Contrastive image–text fine-tuning (CLIP / SigLIP losses); zero-shot and retrieval evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmtune.data import ImageTextDataset
+from mmtune.losses import caption_group_ids, clip_loss, siglip_loss
+from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_weights
+
+
+def collate_pairs(items: list[dict | None], processor) -> dict:
+    """Items of ImageTextDataset → {pixel_values (B,3,S,S), input_ids, attention_mask, labels}."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return {}
+    batch = {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items]))}
+    batch.update(processor.tokenize([it["caption"] for it in items]))
+    batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    batch["captions"] = [it["caption"] for it in items]
+    return batch
+
+
+def _autocast(ctx):
+    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_images(model, records, ctx, batch_size: int | None = None) -> torch.Tensor:
+    """Normalised image embeddings (N, D) of records, in order, with the eval transform."""
+    ds = ImageTextDataset(records, ctx.processor.transform(), seed=ctx.cfg.seed)
+    bs = batch_size or ctx.cfg.data.eval_batch_size
+    loader = DataLoader(ds, batch_size=bs, collate_fn=lambda x: x, num_workers=0)
+    out = []
+    for items in loader:
+        if any(it is None for it in items):
+            raise ValueError("a bad image reached evaluation; screen records first")
+        px = torch.from_numpy(np.stack([it["pixel_values"] for it in items])).to(ctx.device)
+        with _autocast(ctx):
+            out.append(model.encode_image(px).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+@torch.no_grad()
+def embed_texts(model, texts: list[str], ctx, batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings (N, D), in order."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tok = {
+            k: v.to(ctx.device)
+            for k, v in ctx.processor.tokenize(texts[i : i + batch_size]).items()
+        }
+        with _autocast(ctx):
+            out.append(model.encode_text(**tok).float().cpu())
+    return torch.cat(out)
+
+
+def zeroshot_classifier(model, classes: list[str], templates: list[str], ctx) -> torch.Tensor:
+    """(C, D) class weights: the mean embedding of every template filled with the class name."""
+    texts = [t.format(c) for c in classes for t in templates]
+    return zeroshot_weights(embed_texts(model, texts, ctx), len(classes), len(templates))
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+class ContrastiveTask:
+    """Train a dual encoder so matching image–caption pairs score higher than the rest."""
+
+    name = "contrastive"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    def build_head(self, model):
+        return model  # the loss acts on the backbone's own embeddings
+
+    def dataset(self, records, train: bool):
+        augment = train and self.cfg.data.augment
+        tf = self.ctx.processor.transform(augment=augment)
+        return ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
+
+    def collate(self, items):
+        return collate_pairs(items, self.ctx.processor)
+
+    def loss(self, model, batch) -> dict[str, torch.Tensor]:
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        img, txt = out["image_emb"].float(), out["text_emb"].float()
+        groups = None
+        if self.cfg.train.class_aware:
+            labels = batch["labels"]
+            groups = labels if bool((labels >= 0).all()) else caption_group_ids(batch["captions"])
+            groups = groups.to(img.device)
+        if self.cfg.train.loss == "siglip":
+            bias = out["logit_bias"]
+            if bias is None:
+                raise ValueError("train.loss=siglip needs a model with a logit bias")
+            loss = siglip_loss(img, txt, out["logit_scale"], bias, groups)
+        else:
+            loss = clip_loss(img, txt, out["logit_scale"], groups)
+        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+
+    def evaluate(self, model, records) -> dict[str, float]:
+        model = _unwrap(model)
+        ctx, cfg = self.ctx, self.cfg
+        img = embed_images(model, records, ctx)
+        metrics: dict[str, float] = {}
+        labels = [r.label for r in records]
+        if cfg.eval.zeroshot and ctx.classes and all(lb is not None for lb in labels):
+            sp = ctx.splits
+            templates = sp.eval_templates if cfg.eval.templates == "eval" else sp.train_templates
+            w = zeroshot_classifier(model, ctx.classes, templates, ctx)
+            zs = classification_metrics(img @ w.T, torch.tensor(labels))
+            metrics.update({f"zeroshot.{k}": v for k, v in zs.items()})
+        if cfg.eval.retrieval and any(r.captions for r in records):
+            texts, text_groups, image_groups = caption_groups(records)
+            txt = embed_texts(model, texts, ctx)
+            rt = retrieval_metrics(img, txt, text_groups, image_groups=image_groups)
+            metrics.update({f"retrieval.{k}": v for k, v in rt.items()})
+        return metrics
+
+    def predict(self, model, inputs: list[dict]) -> list[dict]:
+        """Each input {"image": PIL, "labels": [...]} → zero-shot probabilities over the labels."""
+        model = _unwrap(model)
+        out = []
+        for inp in inputs:
+            px = self.ctx.processor.images([inp["image"]]).to(self.ctx.device)
+            with torch.no_grad():
+                img = model.encode_image(px).float().cpu()
+            txt = embed_texts(model, list(inp["labels"]), self.ctx)
+            probs = (model.scale().float().cpu() * img @ txt.T).softmax(-1)[0]
+            out.append({"labels": list(inp["labels"]), "probs": probs.tolist()})
+        return out
+
+
+def caption_groups(records) -> tuple[list[str], list[int], list[int]]:
+    """Distinct captions, with a group id per caption and per image: the connected components of
+    the caption–image graph, so an identical caption shared by several images matches them all."""
+    index: dict[str, int] = {}
+    edges = []
+    for i, rec in enumerate(records):
+        for cap in rec.captions:
+            edges.append((index.setdefault(cap, len(index)), i))
+    parent = list(range(len(index) + len(records)))  # texts first, then images
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for t, i in edges:
+        parent[find(t)] = find(len(index) + i)
+    roots = [find(x) for x in range(len(parent))]
+    dense = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    ids = [dense[r] for r in roots]
+    return list(index), ids[: len(index)], ids[len(index) :]
