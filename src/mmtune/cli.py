@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -122,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("MMTUNE_OFFLINE") else None
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # load reports of unused pooler weights are noise here
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args, extra)
     except UserError as e:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,6 +188,7 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         accum = t.grad_accum
         bar = tqdm(total=self.total_steps, initial=st.step, desc="train", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15,
                    disable=not (t.progress and self.acc.is_main_process))  # fmt: skip
         self.model.train()
         micro, window_loss, window_samples, t_window = 0, 0.0, 0, time.perf_counter()
