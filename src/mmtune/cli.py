@@ -12,6 +12,11 @@ from mmtune.errors import UserError
 
 DEMO_CONFIG = "demo.yaml"
 
+# Subcommands that live beside their code: each module has `add_parser(subparsers)`, which
+# registers its subcommand(s) with `set_defaults(func=handler)`; handler(args, extra) -> exit code.
+# Imports of heavy libraries stay inside the handlers, so `mmtune --help` stays fast.
+PLUGIN_COMMANDS: tuple[str, ...] = ()
+
 
 def _configs_dir() -> Path:
     # Shipped configs live at the repository root (and are copied into the package when built).
@@ -111,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", "-c", help="override the demo config")
     d.add_argument("--name", help="run name (default: demo)")
     d.set_defaults(func=cmd_demo)
+
+    import importlib
+
+    for module in PLUGIN_COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return p
 
 
