@@ -124,8 +124,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if resume_dir is not None:
         trainer.resume(resume_dir)
     state = trainer.fit()
-    if trainer.acc.is_main_process is False:
+    if not trainer.acc.is_main_process:
         return {}
+    if state.step < trainer.total_steps:
+        print(
+            f"stopped after step {state.step} of {trainer.total_steps}; continue with --resume auto"
+        )
+        return {"train.steps": state.step}
     best = run_dir / "checkpoints" / "best"
     if cfg.train.eval_every and best.exists():
         from mmtune.models.load import load_weights

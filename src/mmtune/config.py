@@ -102,6 +102,12 @@ class TrainConfig(_Section):
     class_aware: bool = Field(
         False, description="Pairs with the same label/caption are positives, not negatives."
     )
+    stop_after_steps: int | None = Field(
+        None,
+        gt=0,
+        description="End this session after N steps, saving `last` (time-boxed jobs); continue "
+        "later with --resume auto. The schedule still spans the whole run.",
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0: at the end only.")
     save_every: int = Field(0, ge=0, description="Save `last` every N steps; 0: at evals/end.")
     log_every: int = Field(10, gt=0, description="Append a train line to metrics.jsonl every N.")
@@ -196,12 +202,25 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if "=" not in tok:
             raise ConfigError(f"cannot read override '{tok}': write key=value, e.g. train.lr=1e-4")
         key, raw = tok.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = _typed(raw)
         i += 1
     return out
+
+
+def _typed(raw: str) -> Any:
+    """YAML typing of a command-line value; `1e-4` is a number (YAML 1.1 reads it as text)."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -193,7 +193,7 @@ class Trainer:
         self.model.train()
         micro, window_loss, window_samples, t_window = 0, 0.0, 0, time.perf_counter()
         bad_step = False
-        while st.step < self.total_steps:
+        while st.step < self.total_steps and st.step != t.stop_after_steps:
             for batch in self._loader(st.epoch, st.batch):
                 st.batch += 1
                 if not batch:
@@ -232,11 +232,14 @@ class Trainer:
                 elif t.save_every and st.step % t.save_every == 0:
                     self.save("last")
                     t_window = time.perf_counter()
-                if st.step >= self.total_steps:
+                if st.step >= self.total_steps or st.step == t.stop_after_steps:
                     break
             else:
                 st.epoch, st.batch = st.epoch + 1, 0
         bar.close()
+        if st.step < self.total_steps:
+            self.save("last")  # a session ended early: resumable, not finished
+            return st
         if t.eval_every:
             self.evaluate_and_save()
         else:

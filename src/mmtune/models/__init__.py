@@ -59,11 +59,27 @@ def load_run(path: str | Path):
     return model, proc
 
 
+def _refuse_remote_code(name: str, trust_remote_code: bool) -> None:
+    """A checkpoint that ships its own modelling code runs only with explicit consent."""
+    from transformers import PretrainedConfig
+
+    try:
+        cfg, _ = PretrainedConfig.get_config_dict(name)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    if "auto_map" in cfg and not trust_remote_code:
+        raise CheckpointError(
+            f"'{name}' ships its own modelling code (auto_map); set model.trust_remote_code: true "
+            "to run it"
+        )
+
+
 def _from_hf(name: str, trust_remote_code: bool):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
     from mmtune.models.load import Processor
 
+    _refuse_remote_code(name, trust_remote_code)
     try:
         hf = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -99,6 +115,7 @@ def _compose(model_cfg):
     towers = {}
     for name in ("vision", "text"):
         src = getattr(model_cfg, name)
+        _refuse_remote_code(src, model_cfg.trust_remote_code)
         try:
             towers[name] = AutoModel.from_pretrained(
                 src, trust_remote_code=model_cfg.trust_remote_code

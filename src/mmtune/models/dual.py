@@ -144,7 +144,10 @@ class DualEncoder(_DualEncoderVerbs):
     def _text_pooled(self, input_ids, attention_mask):
         if self.text_pooling == "none":
             return self.text(input_ids)
-        out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        if hasattr(self.text, "config"):  # a transformers model takes the mask by name
+            out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.text(input_ids)
         hidden = getattr(out, "last_hidden_state", out)
         return _pool(hidden, attention_mask, self.text_pooling)
 

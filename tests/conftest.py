@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny configs, generated image files, quiet transformers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def tiny_overrides(tmp_path, **extra) -> dict:
+    """Overrides for a seconds-long run of tiny-clip on digits in tmp_path."""
+    base = {
+        "model.name": "tiny-clip",
+        "output_dir": str(tmp_path),
+        "name": "run",
+        "data.batch_size": 32,
+        "data.eval_batch_size": 128,
+        "train.max_steps": 4,
+        "train.warmup_steps": 1,
+        "train.progress": False,
+        "train.log_every": 1,
+    }
+    base.update(extra)
+    return base
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from mmtune.config import load_config
+
+    def make(**extra):
+        return load_config(None, tiny_overrides(tmp_path, **extra))
+
+    return make
+
+
+def write_image(path, size=(20, 20), color=(200, 30, 30), fmt=None) -> str:
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arr = np.clip(rng.normal(color, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return str(path)
+
+
+@pytest.fixture
+def pairs_folder(tmp_path):
+    """A folder of 12 small JPEG/PNG images of two colours, with captions."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rows = []
+    for i in range(12):
+        red = i % 2 == 0
+        name = f"img{i}.{'jpg' if i % 3 else 'png'}"
+        write_image(folder / name, color=(220, 20, 20) if red else (20, 20, 220))
+        rows.append((name, "a red square" if red else "a blue square", "red" if red else "blue"))
+    return folder, rows

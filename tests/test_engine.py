@@ -1,0 +1,231 @@
+"""The training loop: exact resume, accumulation, non-finite steps, checkpoint safety."""
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtune import api
+from mmtune.checkpoint import (
+    clean_stale,
+    is_complete,
+    load_trainer_state,
+    read_safetensors,
+    save_checkpoint,
+)
+from mmtune.engine import epoch_batches, lr_factor, param_groups
+from mmtune.errors import CheckpointError, UserError
+from mmtune.report import read_jsonl
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("accum, stop", [(1, 3), (2, 2)])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, accum, stop):
+    common = {"train.max_steps": 6, "train.grad_accum": accum, "train.deterministic": True,
+              "data.augment": True}  # fmt: skip
+    straight = tiny_cfg(name="straight", **common)
+    api.train(straight)
+    part = tiny_cfg(name="parts", **common, **{"train.stop_after_steps": stop})
+    assert api.train(part) == {"train.steps": stop}
+    meta = json.loads((part.run_dir / "checkpoints/last/meta.json").read_text())
+    assert meta["state"]["step"] == stop and meta["state"]["batch"] == stop * accum
+    resumed = tiny_cfg(name="parts", **common)
+    api.train(resumed, resume="auto")  # a new Trainer, as a new process would build
+    _assert_same_weights(_weights(straight.run_dir), _weights(resumed.run_dir))
+    a = load_trainer_state(straight.run_dir / "checkpoints/last")
+    b = load_trainer_state(resumed.run_dir / "checkpoints/last")
+    assert a["scheduler"] == b["scheduler"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_resume_refuses_other_data_and_missing_paths(tiny_cfg):
+    cfg = tiny_cfg(name="r", **{"train.stop_after_steps": 1})
+    api.train(cfg)
+    other = tiny_cfg(name="r", **{"data.batch_size": 16})
+    with pytest.raises(CheckpointError, match="fingerprint differs"):
+        api.train(other, resume="auto")
+    with pytest.raises(CheckpointError, match="no valid checkpoint at"):
+        api.train(tiny_cfg(name="r2"), resume=str(cfg.run_dir / "nope"))
+    with pytest.raises(UserError, match="already holds a run"):
+        api.train(tiny_cfg(name="r"))
+
+
+class _NaNAt:
+    """Wraps a task so its loss is NaN on chosen micro-batches (1-based)."""
+
+    def __init__(self, task, bad):
+        self.task, self.bad, self.calls = task, set(bad), 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        out = self.task.loss(model, batch)
+        if self.calls in self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def _trainer(cfg, bad):
+    from mmtune.engine import Trainer
+    from mmtune.models import load_model
+    from mmtune.tasks import Context, get_task
+
+    splits = api.build_data(cfg)
+    model, proc = load_model(cfg.model)
+    task = _NaNAt(get_task("contrastive")(Context(cfg, proc, splits)), bad)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, task, model, splits.train, splits.val, cfg.run_dir)
+
+
+def test_nan_step_is_skipped_weights_untouched(tiny_cfg):
+    cfg = tiny_cfg(**{"train.on_nonfinite": "skip", "train.max_steps": 3})
+    tr = _trainer(cfg, bad={2})
+    seen = []
+    original = tr._optimizer_step
+
+    def spy(bad):
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        lr = tr.sched.get_last_lr()[0]
+        original(bad)
+        if bad:
+            seen.append((before, lr))
+
+    tr._optimizer_step = spy
+    state = tr.fit()
+    assert state.step == 3 and state.skipped_steps == 1
+    ((before, lr),) = seen
+    after_skip_lr = [r["lr"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")][1]
+    assert after_skip_lr == lr  # the schedule did not advance on the skipped step
+    assert tr.sched.last_epoch == 3
+
+
+def test_nan_stops_with_the_step_named(tiny_cfg):
+    tr = _trainer(tiny_cfg(), bad={2})
+    with pytest.raises(UserError, match=r"non-finite loss at step 2 \(epoch 0, batch 2\)"):
+        tr.fit()
+    tr = _trainer(tiny_cfg(**{"train.on_nonfinite": "skip", "train.max_nonfinite": 2}), bad={1, 2})
+    with pytest.raises(UserError, match="non-finite loss at step 1"):
+        tr.fit()
+
+
+def test_nan_metric_keeps_jsonl_valid(tmp_path):
+    from mmtune.engine import append_jsonl
+
+    append_jsonl(tmp_path / "m.jsonl", {"loss": float("nan"), "x": float("inf"), "y": 1.0})
+    assert json.loads((tmp_path / "m.jsonl").read_text()) == {"loss": None, "x": None, "y": 1.0}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "last", model, {"a": torch.ones(1)}, {"v": 1})
+    with torch.no_grad():
+        model.weight.add_(1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)  # the writer fails after the weights file
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "last", model, {"a": torch.ones(1)}, {"v": 2})
+    assert is_complete(tmp_path / "last")
+    assert json.loads((tmp_path / "last/meta.json").read_text()) == {"v": 1}
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stale_temp_and_half_swapped_folders_are_repaired(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "last", model)
+    (tmp_path / "last").rename(tmp_path / ".trash-last")  # killed between the two renames
+    (tmp_path / ".tmp-best-123").mkdir()  # killed while writing
+    clean_stale(tmp_path)
+    assert is_complete(tmp_path / "last") and not (tmp_path / ".tmp-best-123").exists()
+
+
+def test_read_only_folder_fails_loudly(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ro" / "last", torch.nn.Linear(2, 2))
+
+
+def test_truncated_and_malformed_safetensors_give_clear_errors(tmp_path):
+    save_checkpoint(tmp_path / "c", torch.nn.Linear(30, 30))
+    f = tmp_path / "c" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        read_safetensors(f)
+    f.write_bytes(struct.pack("<Q", 10**12) + b"{}")  # header length far past the file end
+    with pytest.raises(CheckpointError, match="damaged safetensors header"):
+        read_safetensors(f)
+    f.write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(f)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "trainer_state.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_trainer_state(tmp_path / "c")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    assert lr_factor(0, 4, 20) == pytest.approx(1 / 5)
+    assert lr_factor(3, 4, 20) == pytest.approx(4 / 5)
+    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, floor=0.1) == pytest.approx(0.1)
+
+
+def test_weight_decay_exclusions():
+    from mmtune.config import ModelConfig
+    from mmtune.models import load_model
+
+    model, _ = load_model(ModelConfig(name="tiny-clip"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_names = {names[id(p)] for p in no_decay["params"]}
+    assert "hf.logit_scale" in no_names
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert any("layer_norm" in n for n in no_names) and any(n.endswith("bias") for n in no_names)
+
+
+def test_epoch_batches_cover_once_and_split_by_rank():
+    full = epoch_batches(10, 2, seed=0, epoch=0)
+    assert len(full) == 5 and sorted(i for b in full for i in b) == list(range(10))
+    r0 = epoch_batches(10, 2, 0, 0, rank=0, world=2)
+    r1 = epoch_batches(10, 2, 0, 0, rank=1, world=2)
+    assert len(r0) == len(r1) == 2 and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+    assert epoch_batches(10, 2, 0, 1) != full
