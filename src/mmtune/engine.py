@@ -98,6 +98,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this run; a second run in one process (a notebook, the tests) may use
+    another precision, so the precision part of accelerate's process-wide state is reset — the
+    distributed part (process group, ranks) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 class Trainer:
     """Holds the run's accelerator, model, optimizer and state; `fit()` is the loop."""
 
@@ -108,7 +118,7 @@ class Trainer:
         t = cfg.train
         if t.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision=fp16 needs a GPU; use bf16 on CPU")
-        self.acc = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision)
+        self.acc = _accelerator("no" if t.precision == "fp32" else t.precision)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         per_epoch = len(train_records) // (cfg.data.batch_size * self.world) // t.grad_accum
         if per_epoch == 0:
