@@ -114,3 +114,30 @@ def test_remote_code_checkpoint_refused_without_opt_in(tmp_path):
     with pytest.raises(CheckpointError, match="trust_remote_code"):
         load_model(ModelConfig(name=str(tmp_path / "m")))
     assert not marker.exists()
+
+
+def test_composed_towers_train_with_siglip_and_reload(tmp_path):
+    """A dual encoder composed from a ViT folder and a BERT folder, trained with SigLIP's loss."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
+
+    from mmtune import api
+    from mmtune.config import load_config
+    from mmtune.models import load_run
+    from mmtune.models.load import minilm_dir
+
+    vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=48), add_pooling_layer=False)  # fmt: skip
+    vit.save_pretrained(tmp_path / "vit")
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    bert.save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "bert")
+    cfg = load_config(None, {
+        "model.vision": str(tmp_path / "vit"), "model.text": str(tmp_path / "bert"),
+        "model.embed_dim": 8, "train.loss": "siglip", "train.max_steps": 2,
+        "data.batch_size": 16, "train.progress": False, "output_dir": str(tmp_path), "name": "c",
+    })  # fmt: skip
+    metrics = api.train(cfg)
+    assert 0.0 <= metrics["zeroshot.top1"] <= 1.0
+    model, proc = load_run(tmp_path / "c")
+    assert model.logit_bias is not None and model.vision_proj.out_features == 8

@@ -105,6 +105,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     task_cls = get_task(cfg.task)
     splits = build_data(cfg)
     model, processor = load_model(cfg.model)
+    if cfg.train.loss == "siglip" and model.logit_bias is None:
+        if not hasattr(model, "add_logit_bias"):
+            raise UserError(
+                f"train.loss=siglip needs a logit bias, which {cfg.model.name} lacks: use a SigLIP "
+                "checkpoint, a preset or a composed model"
+            )
+        model.add_logit_bias()
     trainable, total = count_parameters(model)
     print(f"parameters: {trainable:,} trainable / {total:,} total", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)

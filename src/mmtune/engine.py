@@ -9,10 +9,11 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -98,14 +99,50 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
+def _accelerator(mixed_precision: str, timeout_s: int = 600, compile: bool = False) -> Accelerator:
     """An Accelerator for this run; a second run in one process (a notebook, the tests) may use
     another precision, so the precision part of accelerate's process-wide state is reset — the
     distributed part (process group, ranks) is kept."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    # a lost rank fails the run after the timeout instead of hanging it
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[pg],
+                       dynamo_backend="inductor" if compile else "no")  # fmt: skip
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _rank_aware_logging(rank: int, world: int) -> None:
+    """With several processes: every log line names its rank; ranks > 0 log warnings only."""
+    if world == 1:
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RankFilter) for f in handler.filters):
+            handler.addFilter(_RankFilter(rank))
+    if rank > 0:
+        logging.getLogger("mmtune").setLevel(logging.WARNING)
+
+
+def _train_data(cfg, task, records, rank: int, world: int):
+    """The training dataset: shards streamed when `data.shards` is set, else the task's own."""
+    if not cfg.data.shards:
+        return task.dataset(records, train=True)
+    from mmtune.data.shards import ShardStream
+
+    template = task.dataset([], train=True)  # the task's training transform
+    return ShardStream(cfg.data.shards, template.transform, task.collate, cfg.data.batch_size,
+                       cfg.seed, cfg.data.shuffle_buffer, rank, world, cfg.data.max_image_pixels)  # fmt: skip
 
 
 class Trainer:
@@ -118,16 +155,23 @@ class Trainer:
         t = cfg.train
         if t.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision=fp16 needs a GPU; use bf16 on CPU")
-        self.acc = _accelerator("no" if t.precision == "fp32" else t.precision)
+        precision = "no" if t.precision == "fp32" else t.precision
+        self.acc = _accelerator(precision, t.dist_timeout_s, t.compile)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        per_epoch = len(train_records) // (cfg.data.batch_size * self.world) // t.grad_accum
+        _rank_aware_logging(self.rank, self.world)
+        self.train_ds = _train_data(cfg, task, train_records, self.rank, self.world)
+        per_epoch = len(self.train_ds) // (cfg.data.batch_size * self.world) // t.grad_accum
         if per_epoch == 0:
             raise UserError(
-                f"{len(train_records)} training samples make no full step of "
+                f"{len(self.train_ds)} training samples make no full step of "
                 f"data.batch_size={cfg.data.batch_size} × train.grad_accum={t.grad_accum}"
             )
         self.steps_per_epoch = per_epoch
         self.total_steps = t.max_steps or math.ceil(t.epochs * per_epoch)
+        if cfg.model.patch_dropout:
+            for m in model.modules():
+                if hasattr(m, "set_patch_dropout"):
+                    m.set_patch_dropout(cfg.model.patch_dropout)
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -135,7 +179,6 @@ class Trainer:
         )
         self.state = TrainState()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.train_ds = task.dataset(train_records, train=True)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -180,6 +223,10 @@ class Trainer:
         bs = self.cfg.data.batch_size
         batches = epoch_batches(len(self.train_ds), bs, self.cfg.seed, epoch, self.rank, self.world)
         batches = batches[: self.steps_per_epoch * self.cfg.train.grad_accum]
+        if hasattr(self.train_ds, "position"):  # streamed shards: batches come collated
+            n = self.steps_per_epoch * self.cfg.train.grad_accum
+            stream = self.train_ds.position(epoch, start, n)
+            return DataLoader(stream, batch_size=None, num_workers=self.cfg.data.num_workers)
         return DataLoader(
             self.train_ds,
             batch_sampler=batches[start:],

@@ -108,17 +108,18 @@ def _from_hf(name: str, trust_remote_code: bool):
 
 
 def _compose(model_cfg):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from mmtune.models.load import Processor
+    from mmtune.models.load import Processor, tower_kwargs
 
     towers = {}
     for name in ("vision", "text"):
         src = getattr(model_cfg, name)
         _refuse_remote_code(src, model_cfg.trust_remote_code)
         try:
+            config = AutoConfig.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code)
             towers[name] = AutoModel.from_pretrained(
-                src, trust_remote_code=model_cfg.trust_remote_code
+                src, trust_remote_code=model_cfg.trust_remote_code, **tower_kwargs(config)
             )
         except (OSError, ValueError) as e:
             raise CheckpointError(

@@ -69,6 +69,32 @@ class _DualEncoderVerbs(nn.Module):
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
 
+    def set_patch_dropout(self, fraction: float) -> None:
+        """Drop this fraction of image patch tokens at random while training (FLIP); 0 disables.
+
+        Acts on the output of the vision tower's patch embeddings, so any ViT-like tower works;
+        a class token, when the tower has one, is always kept. Evaluation sees every patch.
+        """
+        old = getattr(self, "_patch_dropout_hook", None)
+        if old is not None:
+            old.remove()
+            self._patch_dropout_hook = None
+        if fraction <= 0:
+            return
+        embeddings = getattr(self.tower("vision"), "embeddings", None)
+        if embeddings is None:  # transformers' CLIP/SigLIP keep the ViT one level down
+            embeddings = getattr(
+                getattr(self.tower("vision"), "vision_model", None), "embeddings", None
+            )
+        if embeddings is None:
+            raise ValueError("patch dropout needs a ViT-like vision tower (with `embeddings`)")
+        keep_first = any(hasattr(embeddings, a) for a in ("class_embedding", "cls_token"))
+
+        def hook(module, args, tokens):
+            return patch_dropout(tokens, fraction, keep_first) if module.training else tokens
+
+        self._patch_dropout_hook = embeddings.register_forward_hook(hook)
+
     def lock_text(self, locked: bool = True) -> None:
         """Freeze (or unfreeze) the text tower; while locked its features are cached."""
         self.text_locked = locked
@@ -87,6 +113,19 @@ class _DualEncoderVerbs(nn.Module):
             "logit_scale": self.scale(),
             "logit_bias": self.logit_bias,
         }
+
+
+def patch_dropout(tokens: torch.Tensor, fraction: float, keep_first: bool) -> torch.Tensor:
+    """Keep a random ⌈(1 - fraction)·N⌉ of the N patch tokens of each image: (B, T, H) → (B, T', H).
+
+    With `keep_first`, token 0 (the class token) is always kept and not counted in N.
+    """
+    head, patches = (tokens[:, :1], tokens[:, 1:]) if keep_first else (tokens[:, :0], tokens)
+    b, n, h = patches.shape
+    keep = max(1, math.ceil(n * (1.0 - fraction)))
+    idx = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :keep]  # (B, keep)
+    kept = patches.gather(1, idx.unsqueeze(-1).expand(b, keep, h))
+    return torch.cat([head, kept], dim=1)
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -133,6 +172,13 @@ class DualEncoder(_DualEncoderVerbs):
 
     def tower(self, name: str) -> nn.Module:
         return {"vision": self.vision, "text": self.text}[name]
+
+    def add_logit_bias(self, bias: float = -10.0, scale: float = 10.0) -> None:
+        """Give the model SigLIP's learnable bias, with SigLIP's initial scale and bias."""
+        if self.logit_bias is None:
+            self.logit_bias = nn.Parameter(torch.tensor(bias))
+            with torch.no_grad():
+                self.logit_scale.fill_(math.log(scale))
 
     def _image(self, pixel_values):
         out = self.vision(pixel_values)

@@ -152,6 +152,11 @@ def save_spec(model, processor: Processor, folder: str | Path, extra: dict | Non
     return folder
 
 
+def tower_kwargs(config) -> dict:
+    """Towers are pooled by mmtune (cls/mean): BERT/ViT-style poolers would be dead weights."""
+    return {"add_pooling_layer": False} if config.model_type in ("vit", "bert", "roberta") else {}
+
+
 def _read_spec(folder: Path) -> dict:
     f = folder / SPEC_FILE
     if not f.is_file():
@@ -185,8 +190,7 @@ def build_from_spec(folder: str | Path):
         towers = {}
         for name in ("vision", "text"):
             cfg = AutoConfig.from_pretrained(folder / name)
-            kw = {"add_pooling_layer": False} if cfg.model_type in ("vit", "bert") else {}
-            towers[name] = AutoModel.from_config(cfg, **kw)
+            towers[name] = AutoModel.from_config(cfg, **tower_kwargs(cfg))
         model = DualEncoder(
             towers["vision"],
             towers["text"],
