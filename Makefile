@@ -32,3 +32,42 @@ format: setup
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# Image classification: every method compared on digits (+ digits-shift), from the demo's
+# contrastive checkpoint (trained first when runs/demo is missing). Writes runs/classify-digits/.
+classify-digits: setup
+	test -f runs/demo/checkpoints/last/COMPLETE || $(BIN)/mmtune demo
+	$(BIN)/mmtune classify --config configs/classify-digits.yaml --overwrite
+
+# Training benchmarks (ratios measured side by side in one run): writes runs/bench/train.json;
+# the figures and the machine are in docs/benchmarks.md.
+bench-train: setup
+	MMTUNE_THREADS=$${MMTUNE_THREADS:-2} $(BIN)/python bench/bench_train.py --out runs/bench/train.json
+
+# VQA on the built-in Sort-of-CLEVR `shapes`: the fusion model, the no-cross-attention baseline
+# (pooled image ⊕ question → MLP), and fine-tuning after fusion pre-training vs from scratch at
+# the same fine-tuning budget. Writes runs/vqa-shapes/metrics.json (vqa.*, baseline.vqa.*,
+# pretrained.vqa.*, scratch.vqa.*) and its report. See docs/vqa.md.
+VQA_FT_EPOCHS ?= 3
+vqa-shapes: setup
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-baseline options.fusion=concat
+	$(BIN)/mmtune train -c configs/pretrain-fusion-shapes.yaml name=pretrain-fusion-shapes
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-pretrained \
+		model.name=runs/pretrain-fusion-shapes train.epochs=$(VQA_FT_EPOCHS)
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-scratch train.epochs=$(VQA_FT_EPOCHS)
+	$(BIN)/mmtune compare-runs --into runs/vqa-shapes --add baseline=runs/vqa-shapes-baseline \
+		--add pretrained=runs/vqa-shapes-pretrained --add scratch=runs/vqa-shapes-scratch
+
+# Captioning on `shapes`: writes runs/caption-shapes/metrics.json (caption.bleu4, caption.cider…).
+caption-shapes: setup
+	$(BIN)/mmtune train -c configs/caption-shapes.yaml name=caption-shapes
+
+# Serving load test (64 clients, 2,000 requests; batched vs batch size 1) → runs/bench/serve.json.
+# One torch thread: the server shares the 2 cores with its event loop and the load generator.
+bench-serve: setup
+	MMTUNE_THREADS=1 $(BIN)/python bench/bench_serve.py
+
+# 1M × 512 unit vectors: IVF (configs/index-ivf.yaml) vs exact search → runs/bench/index.json.
+bench-index: setup
+	$(BIN)/python bench/bench_index.py

@@ -82,7 +82,10 @@ def test_on_bad_sample_error_stops_naming_the_file(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+# Run configs name a task; the others (serve.yaml, index-*.yaml) are run by their own tests.
+SHIPPED = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if "task" in (yaml.safe_load(p.read_text()) or {})
+)
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=[p.name for p in SHIPPED])

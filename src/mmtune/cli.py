@@ -15,7 +15,13 @@ DEMO_CONFIG = "demo.yaml"
 # Subcommands that live beside their code: each module has `add_parser(subparsers)`, which
 # registers its subcommand(s) with `set_defaults(func=handler)`; handler(args, extra) -> exit code.
 # Imports of heavy libraries stay inside the handlers, so `mmtune --help` stays fast.
-PLUGIN_COMMANDS: tuple[str, ...] = ()
+PLUGIN_COMMANDS: tuple[str, ...] = (
+    "mmtune.commands_retrieval",
+    "mmtune.commands_scale",
+    "mmtune.classify.cli",
+    "mmtune.interpolate",
+    "mmtune.commands_predict",
+)
 
 
 def _configs_dir() -> Path:

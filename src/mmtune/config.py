@@ -42,6 +42,13 @@ class ModelConfig(_Section):
         default_factory=list, description="Extra parameter-name patterns (fnmatch) to freeze."
     )
     grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
+    patch_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of image patch tokens dropped at random while training (ViT towers; "
+        "FLIP / open_clip: 2-3x faster at little cost). 0 disables; evaluation keeps all.",
+    )
     trust_remote_code: bool = Field(
         False, description="Allow checkpoints that ship their own modelling code."
     )
@@ -53,13 +60,17 @@ class DataConfig(_Section):
         description="Built-in name (`digits`) or a path: CSV/TSV/JSONL pairs file, COCO captions "
         "JSON, or a folder of images with same-stem .txt captions.",
     )
-    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder"] = Field(
-        "auto", description="Reader to use; `auto` decides from the path."
+    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder", "imagefolder"] = Field(
+        "auto",
+        description="Reader to use; `auto` decides from the path. `imagefolder`: a sub-folder "
+        "of images per class (the folder name is the label).",
     )
     val: str | None = Field(None, description="Validation data path (same formats).")
     test: str | None = Field(None, description="Test data path (same formats).")
     image_column: str = Field("image", description="Column holding the image path.")
-    caption_column: str = Field("caption", description="Column holding the caption.")
+    caption_column: str | None = Field(
+        "caption", description="Column holding the caption; null for label-only files."
+    )
     label_column: str | None = Field(None, description="Optional column holding a class label.")
     image_root: str | None = Field(
         None, description="Folder image paths are relative to (default: the file's folder)."
@@ -79,7 +90,20 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Refuse images declaring more pixels (decompression bombs)."
     )
+    shift: list[str] = Field(
+        default_factory=list,
+        description="Extra evaluation splits (distribution shift): built-in names "
+        "(`digits-shift`) or paths in the formats above, labelled with the training classes.",
+    )
     augment: bool = Field(False, description="Random shifts and scale jitter on training images.")
+    shards: str | None = Field(
+        None,
+        description="Folder of WebDataset tar shards (`mmtune data shard`) to stream the training "
+        "split from; `dataset` then supplies only the val/test splits.",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="Samples held in the shuffle buffer when streaming shards."
+    )
     split_seed: int = Field(0, description="Seed of the built-in datasets' train/val/test split.")
 
 
@@ -120,6 +144,24 @@ class TrainConfig(_Section):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
     progress: bool = Field(True, description="Show a progress bar.")
     deterministic: bool = Field(False, description="torch deterministic algorithms (resume tests).")
+    gather_features: bool = Field(
+        True,
+        description="With several processes, compute the contrastive loss over the global batch "
+        "(features all-gathered with gradients) rather than each process's own rows.",
+    )
+    gradcache_chunk: int | None = Field(
+        None,
+        gt=0,
+        description="Gradient caching: embed the batch this many rows at a time and back-propagate "
+        "chunk by chunk; same gradients as the full batch, memory of one chunk. null disables.",
+    )
+    compile: bool = Field(False, description="torch.compile the model (inductor).")
+    dist_timeout_s: int = Field(
+        600,
+        gt=0,
+        description="Process-group timeout (seconds): a rank that stops answering fails the run "
+        "after this long instead of hanging it.",
+    )
 
 
 class EvalConfig(_Section):
@@ -238,19 +280,23 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or defaults), apply dotted overrides, validate; ConfigError on mistakes."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    tree = read_yaml_mapping(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -13,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -42,16 +44,23 @@ class TrainState:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms, embeddings, 1-d tensors and the logit scale/bias."""
-    decay, no_decay = [], []
+    """AdamW groups: no decay on biases, norms, embeddings, 1-d tensors and the logit scale/bias.
+
+    A model with `lr_scales() -> {parameter name: multiplier}` (layer-wise learning-rate decay)
+    gets one group per (decay, multiplier); each group's `lr_scale` multiplies `train.lr`.
+    """
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lower = name.lower()
-        (no_decay if p.ndim < 2 or any(k in lower for k in NO_DECAY) else decay).append(p)
+        decays = not (p.ndim < 2 or any(k in lower for k in NO_DECAY))
+        groups.setdefault((decays, float(scales.get(name, 1.0))), []).append(p)
+    keys = sorted(groups, key=lambda k: (not k[0], -k[1]))  # decayed first, then by scale
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]}
+        for k in keys
     ]
 
 
@@ -99,6 +108,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _init_gloo(timeout: timedelta) -> None:
+    """The CPU process group under torchrun, its keys set apart per restart attempt: after
+    `--max-restarts` the agent's store still holds the dead workers' addresses, and restarted
+    workers that read them fail to connect ("connectFullMesh … Connection refused")."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)  # fmt: skip
+    store = dist.PrefixStore(f"mmtune/attempt_{attempt}", store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def _accelerator(mixed_precision: str, timeout_s: int = 600, compile: bool = False) -> Accelerator:
     """An Accelerator for this run; a second run in one process (a notebook, the tests) may use
     another precision, so the precision part of accelerate's process-wide state is reset — the
@@ -108,7 +132,12 @@ def _accelerator(mixed_precision: str, timeout_s: int = 600, compile: bool = Fal
     AcceleratorState._reset_state(reset_partial_state=False)
     # a lost rank fails the run after the timeout instead of hanging it
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    cpu = not torch.cuda.is_available()
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _init_gloo(timedelta(seconds=timeout_s))
+    # cpu=True on a machine without GPUs: torchrun's processes then form a gloo group
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[pg],
+                       cpu=cpu,
                        dynamo_backend="inductor" if compile else "no")  # fmt: skip
 
 
@@ -172,7 +201,10 @@ class Trainer:
             for m in model.modules():
                 if hasattr(m, "set_patch_dropout"):
                     m.set_patch_dropout(cfg.model.patch_dropout)
-        opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+        groups = param_groups(model, t.weight_decay)
+        for g in groups:
+            g["lr"] = t.lr * g["lr_scale"]
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.min_lr_ratio)

@@ -17,6 +17,7 @@ from mmtune.data.formats import (
     detect_format,
     read_caption_folder,
     read_coco,
+    read_image_folder,
     read_table,
 )
 from mmtune.data.images import BadImage, ImageTransform, load_image
@@ -58,15 +59,26 @@ def _builtin(name: str, seed: int) -> Splits | None:
             eval_templates=list(digits.EVAL_TEMPLATES),
             name="digits",
         )
+    if name in ("shapes", "shapes-mini"):
+        from mmtune.data.builtin import shapes
+
+        parts = shapes.shapes_splits(name, seed)
+        return Splits(parts["train"], parts["val"], parts["test"], name=name)
     return None
 
 
 def _read(path: str, data_cfg, classes=None) -> Table:
+    from mmtune.data.vqa_formats import read_vqa, sniff_vqa
+
+    if data_cfg.format in ("auto", "jsonl") and sniff_vqa(path):  # questions: VQA v2 / JSONL
+        return read_vqa(path, data_cfg.image_root)
     fmt = detect_format(path) if data_cfg.format == "auto" else data_cfg.format
     if fmt == "coco":
         return read_coco(path, data_cfg.image_root)
     if fmt == "folder":
         return read_caption_folder(path)
+    if fmt == "imagefolder":
+        return read_image_folder(path, classes)
     return read_table(
         path,
         fmt,
@@ -85,7 +97,7 @@ def load_splits(data_cfg, seed: int = 0) -> Splits:
         return builtin
     if not Path(data_cfg.dataset).exists():
         raise DataError(
-            f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits) nor a file"
+            f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits, shapes) nor a file"
         )
     main = _read(data_cfg.dataset, data_cfg)
     skipped = Counter(main.skipped)

@@ -56,21 +56,27 @@ def _sniff_delimiter(sample: str, path: Path) -> str:
         return best
 
 
-def _read_rows(path: Path, fmt: str) -> list[dict]:
+def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; DataError naming the line otherwise."""
+    rows = []
     text = path.read_text(encoding="utf-8-sig", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object")
+        rows.append((n, row))
+    return rows
+
+
+def _read_rows(path: Path, fmt: str) -> list[dict]:
     if fmt == "jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(row)
-        return rows
+        return [row for _, row in read_jsonl_rows(path)]
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
     delim = "\t" if fmt == "tsv" else _sniff_delimiter(text[:8192], path)
     return list(csv.DictReader(text.splitlines(), delimiter=delim))
 
@@ -167,3 +173,37 @@ def read_caption_folder(folder: str | Path) -> Table:
         lines = [t.strip() for t in txt.read_text(errors="replace").splitlines() if t.strip()]
         records.append(Record(image=str(p), captions=lines, id=str(p.relative_to(folder))))
     return Table(records, None, {"no_caption": no_caption} if no_caption else {})
+
+
+def read_image_folder(folder: str | Path, classes: list[str] | None = None) -> Table:
+    """Read an ImageFolder: one sub-folder of images per class, its name the label.
+
+    With `classes` (a validation/test folder read against the training classes) every sub-folder
+    must name one of them; classes without a folder simply have no samples there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (an ImageFolder has one sub-folder per class)")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{folder}: no class sub-folders (an ImageFolder has one per class)")
+    names = [p.name for p in subdirs]
+    if classes is None:
+        classes = names
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise DataError(f"{folder}: class folder {unknown[0]!r} is not one of {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for sub in subdirs:
+        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(
+                f"{sub}: class folder '{sub.name}' has no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+            )
+        records += [
+            Record(image=str(p), label=index[sub.name], id=str(p.relative_to(folder)))
+            for p in images
+        ]
+    return Table(records, list(classes))

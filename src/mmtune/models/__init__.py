@@ -53,7 +53,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def load_run(path: str | Path):
     """(model, processor) from a run folder or one of its checkpoints, weights loaded."""
     spec_dir, ckpt = resolve_checkpoint(path)
+    import importlib
+
+    from mmtune.models.load import _read_spec
+
+    wrap = _read_spec(spec_dir).get("wrap")
+    if wrap:  # a task model around the backbone (e.g. fusion heads); importing its module
+        module, fn = wrap["builder"].split(":")  # also registers its towers' Auto classes
+        builder = getattr(importlib.import_module(module), fn)
     model, proc, _ = build_from_spec(spec_dir)
+    if wrap:
+        model = builder(model, wrap["spec"])
     load_weights(model, ckpt / "model.safetensors")
     model.eval()
     return model, proc
@@ -133,6 +143,12 @@ def _compose(model_cfg):
     return model, proc, {"lock_text": False}
 
 
+def _fusion_presets() -> dict:
+    from mmtune.models.fusion import FUSION_PRESETS
+
+    return FUSION_PRESETS
+
+
 def load_model(model_cfg):
     """(model, processor, preset defaults) for `model.name` (preset / checkpoint / run folder)."""
     from mmtune.models import load as L
@@ -143,6 +159,8 @@ def load_model(model_cfg):
         model, proc, defaults = L._lit_minilm(model_cfg.embed_dim)
     elif model_cfg.name == "tiny-clip":
         model, proc, defaults = L._tiny_clip()
+    elif model_cfg.name in _fusion_presets():
+        model, proc, defaults = _fusion_presets()[model_cfg.name]()
     elif Path(model_cfg.name).exists() and not (Path(model_cfg.name) / "config.json").is_file():
         model, proc = load_run(model_cfg.name)
         spec_dir, _ = resolve_checkpoint(model_cfg.name)

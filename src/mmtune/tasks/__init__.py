@@ -21,6 +21,10 @@ from mmtune.errors import ConfigError
 
 _REGISTRY: dict[str, str] = {
     "contrastive": "mmtune.tasks.contrastive:ContrastiveTask",
+    "classify": "mmtune.tasks.classify:ClassifyTask",
+    "vqa": "mmtune.tasks.vqa:VQATask",
+    "caption": "mmtune.tasks.caption:CaptionTask",
+    "pretrain-fusion": "mmtune.tasks.pretrain_fusion:PretrainFusionTask",
 }
 
 

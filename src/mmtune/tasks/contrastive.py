@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from mmtune.data import ImageTextDataset
-from mmtune.losses import caption_group_ids, clip_loss, siglip_loss
+from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
+from mmtune.gradcache import gradcache_loss
+from mmtune.losses import caption_group_ids
 from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_weights
 
 
@@ -23,6 +26,14 @@ def collate_pairs(items: list[dict | None], processor) -> dict:
     batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     batch["captions"] = [it["caption"] for it in items]
     return batch
+
+
+def caption_hash_ids(captions) -> torch.Tensor:
+    """(B,) int64 ids equal for captions equal after strip + lower-case, on any process."""
+    digests = [
+        hashlib.blake2b(c.strip().lower().encode(), digest_size=8).digest() for c in captions
+    ]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests])
 
 
 def _autocast(ctx):
@@ -90,21 +101,37 @@ class ContrastiveTask:
         return collate_pairs(items, self.ctx.processor)
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        groups = self._group_ids(batch)
+        if t.loss == "siglip" and _unwrap(model).logit_bias is None:
+            raise ValueError("train.loss=siglip needs a model with a logit bias")
+
+        def loss_fn(img, txt, scale, bias, rows=slice(None)):
+            # this process's rows against every process's columns (when gathering)
+            if t.loss == "siglip":
+                return siglip_loss_rows(img, txt, scale, bias, groups, rows, t.gather_features)
+            return clip_loss_rows(img, txt, scale, groups, rows, t.gather_features)
+
+        if t.gradcache_chunk and t.gradcache_chunk < len(batch["pixel_values"]):
+            loss = gradcache_loss(model, batch, t.gradcache_chunk, loss_fn)
+            return {"loss": loss, "logit_scale": _unwrap(model).scale().detach()}
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         img, txt = out["image_emb"].float(), out["text_emb"].float()
-        groups = None
-        if self.cfg.train.class_aware:
-            labels = batch["labels"]
-            groups = labels if bool((labels >= 0).all()) else caption_group_ids(batch["captions"])
-            groups = groups.to(img.device)
-        if self.cfg.train.loss == "siglip":
-            bias = out["logit_bias"]
-            if bias is None:
-                raise ValueError("train.loss=siglip needs a model with a logit bias")
-            loss = siglip_loss(img, txt, out["logit_scale"], bias, groups)
-        else:
-            loss = clip_loss(img, txt, out["logit_scale"], groups)
+        loss = loss_fn(img, txt, out["logit_scale"], out["logit_bias"])
         return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+
+    def _group_ids(self, batch) -> torch.Tensor | None:
+        """Class-aware positives: labels, else equal captions (hashed: equal on every rank)."""
+        if not self.cfg.train.class_aware:
+            return None
+        labels = batch["labels"]
+        if bool((labels >= 0).all()):
+            return labels.to(batch["pixel_values"].device)
+        if is_distributed() and self.cfg.train.gather_features:
+            groups = caption_hash_ids(batch["captions"])
+        else:
+            groups = caption_group_ids(batch["captions"])
+        return groups.to(batch["pixel_values"].device)
 
     def evaluate(self, model, records) -> dict[str, float]:
         model = _unwrap(model)

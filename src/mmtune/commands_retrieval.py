@@ -1,0 +1,193 @@
+"""CLI: `mmtune embed | index build | search | serve | export` (registered via PLUGIN_COMMANDS)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mmtune.errors import UserError
+
+
+def _overrides(extra: list[str]) -> dict:
+    from mmtune.config import parse_overrides
+
+    return parse_overrides(extra)
+
+
+def _threads() -> None:
+    from mmtune.api import configure_threads
+
+    configure_threads()
+
+
+def cmd_embed(args, extra) -> int:
+    from mmtune.embed import embed_items, image_items, text_items
+    from mmtune.models import load_run
+
+    if extra:
+        raise UserError(f"unexpected arguments {extra}")
+    if not (args.images or args.texts):
+        raise UserError("give --images SOURCE and/or --texts SOURCE")
+    items = []
+    if args.images:
+        items += image_items(args.images)
+    if args.texts:
+        items += text_items(args.texts)
+    _threads()
+    model, proc = load_run(args.checkpoint)
+    rep = embed_items(
+        model, proc, items, args.output, args.batch_size, args.max_pixels,
+        progress=not args.no_progress, checkpoint=str(Path(args.checkpoint).resolve()),
+    )  # fmt: skip
+    skipped = sum(rep.skipped.values())
+    resumed = f", resumed after {rep.resumed_parts} saved parts" if rep.resumed_parts else ""
+    print(f"{rep.rows} embeddings written to {rep.output}{resumed}")
+    print(f"skipped {skipped}" + (f": {dict(rep.skipped)}" if skipped else ""))
+    return 0
+
+
+def cmd_index_build(args, extra) -> int:
+    from mmtune.retrieval import IndexConfig, build_index, load_section, read_embeddings, save_index
+
+    cfg = load_section(args.config, _overrides(extra), IndexConfig)
+    emb = read_embeddings(args.embeddings, None if args.modality == "all" else args.modality)
+    _threads()
+    index = build_index(emb.vectors, cfg)
+    save_index(args.output, index, emb, cfg)
+    kind = json.loads((Path(args.output) / "index.json").read_text())["kind"]
+    print(f"{kind} index of {len(emb)} vectors ({emb.vectors.shape[1]}-d) written to {args.output}")
+    return 0
+
+
+def cmd_search(args, extra) -> int:
+    import numpy as np
+
+    from mmtune.data.images import BadImage, load_image
+    from mmtune.models import load_run
+    from mmtune.retrieval import VectorIndex
+
+    if (args.query is None) == (args.image is None):
+        raise UserError("give a text query or --image FILE (one of them)")
+    index = VectorIndex.load(args.index, nprobe=args.nprobe)
+    ckpt = args.checkpoint or index.info.get("checkpoint")
+    if not ckpt:
+        raise UserError("the index does not name its checkpoint: pass --checkpoint RUN")
+    _threads()
+    model, proc = load_run(ckpt)
+    import torch
+
+    with torch.no_grad():
+        if args.image:
+            try:
+                img = load_image(args.image)
+            except BadImage as e:
+                raise UserError(f"cannot use the query image: {e}") from None
+            vec = model.encode_image(proc.images([img]))
+        else:
+            if not args.query.strip():
+                raise UserError("the query text is empty")
+            vec = model.encode_text(**proc.tokenize([args.query]))
+    hits = index.search(np.asarray(vec.float()), args.k)[0]
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    for h in hits:
+        where = h["path"] if h["modality"] == "image" else repr(h["caption"])
+        print(f"{h['rank']:>3}  {h['score']:.4f}  {where}")
+    return 0
+
+
+def cmd_serve(args, extra) -> int:
+    from mmtune.retrieval import load_section
+    from mmtune.serve import Backend, ServeConfig, create_app
+    from mmtune.serve.run import run_server
+
+    if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
+        extra, args.checkpoint = [args.checkpoint, *extra], None  # an override, not a path
+    over = _overrides(extra)
+    for key in ("host", "port"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    cfg = load_section(args.config, over, ServeConfig)
+    ckpt = args.checkpoint
+    if ckpt is None and args.index:
+        info = json.loads((Path(args.index) / "index.json").read_text())
+        ckpt = info.get("checkpoint")
+    if not ckpt:
+        raise UserError("give the model to serve: mmtune serve RUN [--index DIR]")
+    key = None
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise UserError(f"api_key_env={cfg.api_key_env} but that variable is empty")
+    _threads()
+
+    def load():
+        return Backend.from_run(ckpt, args.index, tuple(cfg.tasks))
+
+    app = create_app(load, cfg, api_key=key)
+    print(f"serving {ckpt} on http://{cfg.host}:{cfg.port}/", flush=True)
+    run_server(app, cfg.host, cfg.port, cfg.access_log)
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from mmtune.export import export_run
+
+    if extra:
+        raise UserError(f"unexpected arguments {extra}")
+    _threads()
+    res = export_run(args.checkpoint, args.output, args.format)
+    print(
+        f"{args.format} export written to {res['folder']} (max abs difference to PyTorch "
+        f"{res['max_abs_diff']:.2e}; {res['merged']} adapter layers merged)"
+    )
+    return 0
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("embed", help="embed images and/or texts into a Parquet file")
+    e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    e.add_argument("--images", help="folder of images or pairs file (CSV/TSV/JSONL/COCO)")
+    e.add_argument("--texts", help="text file (one per line) or pairs file (its captions)")
+    e.add_argument("--output", "-o", required=True, help="Parquet file to write")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_embed)
+
+    ix = sub.add_parser("index", help="build FAISS indexes")
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+    b = ixs.add_parser("build", help="index an embeddings file (exact by default)")
+    b.add_argument("embeddings", help="Parquet file from `mmtune embed`")
+    b.add_argument("--output", "-o", required=True, help="index folder to write")
+    b.add_argument(
+        "--config", "-c", help="index YAML (configs/index-ivf.yaml…); key=value overrides"
+    )
+    b.add_argument("--modality", choices=["image", "text", "all"], default="image")
+    b.set_defaults(func=cmd_index_build)
+
+    s = sub.add_parser("search", help="top-k of an index for a text or an image")
+    s.add_argument("index", help="index folder")
+    s.add_argument("query", nargs="?", help="query text")
+    s.add_argument("--image", help="query image instead of a text")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--checkpoint", help="model (default: the one the index was built with)")
+    s.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the index's)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("serve", help="HTTP server: embed, classify, search, a search page")
+    v.add_argument("checkpoint", nargs="?", help="run folder (default: the index's checkpoint)")
+    v.add_argument("--index", help="index folder for /v1/search and the page")
+    v.add_argument("--config", "-c", help="serve YAML (configs/serve.yaml); key=value overrides")
+    v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, help="port (default 8000)")
+    v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", help="export to a transformers folder or ONNX")
+    x.add_argument("checkpoint", help="run folder or checkpoint folder")
+    x.add_argument("--format", choices=["hf", "onnx"], default="hf")
+    x.add_argument("--output", "-o", required=True, help="new folder to write")
+    x.set_defaults(func=cmd_export)

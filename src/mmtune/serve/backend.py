@@ -1,0 +1,77 @@
+"""What a server serves: one model (+ processor), an optional index, the tasks' `predict`.
+
+The batch functions here run on the server's single model thread; they take and return plain
+numpy arrays so the event loop never touches torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmtune.errors import CheckpointError
+
+log = logging.getLogger("mmtune.serve")
+
+
+class Backend:
+    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes)."""
+
+    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = ""):
+        self.model, self.processor, self.index = model.eval(), processor, index
+        self.tasks = tasks or {}
+        self.name = name
+        self.device = next(model.parameters()).device
+        self._transform = processor.transform()
+        self.dim = int(self.embed_texts(["x"]).shape[1])
+        if index is not None and index.dim != self.dim:
+            raise CheckpointError(
+                f"the index holds {index.dim}-d vectors but the model embeds {self.dim}-d: "
+                "build the index with this model's embeddings"
+            )
+
+    @classmethod
+    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=("contrastive",)):
+        """Load a run / checkpoint / exported model folder, the index, and the named tasks."""
+        from mmtune.config import load_config
+        from mmtune.models import load_run
+        from mmtune.retrieval import VectorIndex
+        from mmtune.tasks import Context, get_task
+
+        model, proc = load_run(checkpoint)
+        index = VectorIndex.load(index_dir) if index_dir else None
+        saved = Path(checkpoint) / "config.yaml"
+        cfg = load_config(saved if saved.is_file() else None)
+        tasks = {}
+        for name in task_names:
+            task = get_task(name)(Context(cfg, proc))
+            if hasattr(task, "predict"):
+                tasks[name] = task
+        return cls(model, proc, index, tasks, name=str(checkpoint))
+
+    def scale(self) -> float:
+        return float(self.model.scale().detach())
+
+    def preprocess(self, image) -> np.ndarray:
+        """A decoded RGB PIL image → (3, S, S) float32, as the model's processor prepares it."""
+        return self._transform(image)
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Batch function: list of (3, S, S) → (B, D) normalised float32."""
+        px = torch.from_numpy(np.stack(pixels)).to(self.device)
+        return self.model.encode_image(px).float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Batch function: list of strings → (B, D) normalised float32."""
+        tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
+        return self.model.encode_text(**tok).float().cpu().numpy()
+
+    def predict(self, task_name: str, inputs: list[dict]) -> list[dict]:
+        """The task's own `predict` (VQA, captioning… add routes by registering tasks)."""
+        with torch.no_grad():
+            return self.tasks[task_name].predict(self.model, inputs)

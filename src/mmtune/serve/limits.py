@@ -1,0 +1,133 @@
+"""Server settings and the guards in front of the model: body size, uploads, API key, errors."""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from mmtune.data.images import BadImage, load_image
+
+
+class ServeConfig(BaseModel):
+    """`mmtune serve` settings (YAML via --config, or key=value overrides)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes it to the network.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    max_batch_size: int = Field(32, gt=0, description="Most items in one model call.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest wait for a batch to fill.")
+    max_queue: int = Field(256, gt=0, description="Items waiting per batcher; beyond: 429.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Model wait per request; beyond: 504.")
+    max_body_bytes: int = Field(8 * 2**20, gt=0, description="Largest request body; beyond: 413.")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Uploads declaring more pixels are refused (bombs): 413."
+    )
+    max_texts: int = Field(64, gt=0, description="Texts per /v1/embed request.")
+    max_labels: int = Field(64, gt=0, description="Candidate labels per /v1/classify request.")
+    max_k: int = Field(100, gt=0, description="Largest k per /v1/search request.")
+    max_text_chars: int = Field(2000, gt=0, description="Longest text accepted.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["contrastive"],
+        description="Tasks whose `predict` is served at POST /v1/predict/<task>.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding a Bearer key for /v1/*."
+    )
+    access_log: bool = Field(True, description="Log one line per request (never headers).")
+
+
+class ApiError(Exception):
+    """An HTTP error with a message a client can act on; answered as {"error": …, "status": …}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": message, "status": status}).encode()
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes with 413 before reading them all.
+
+    A declared Content-Length over the limit is refused before any byte is read; a chunked body
+    is counted as it streams and cut off as soon as it passes the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # the app's error handler answers 413 as JSON
+                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
+            return msg
+
+        await self.app(scope, counted_receive, send)
+
+    async def _refuse(self, send):
+        body = error_body(413, f"request body larger than the limit of {self.limit} bytes")
+        await send({
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+def check_key(authorization: str | None, key: str | None) -> None:
+    """401 unless `key` is unset or the header is `Bearer <key>` (constant-time comparison)."""
+    if key is None:
+        return
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def decode_upload(data: bytes, max_pixels: int):
+    """Upload bytes → RGB PIL image; 413 for a bomb, 415 for a non-image, 422 for a broken one."""
+    if not data:
+        raise ApiError(422, "the uploaded image is empty")
+    try:
+        return load_image(io.BytesIO(data), max_pixels)
+    except BadImage as e:
+        if e.reason == "too_large":
+            raise ApiError(413, f"image too large: {e.detail}") from None
+        if e.reason == "not_image":
+            raise ApiError(415, "the upload is not an image Pillow can read") from None
+        raise ApiError(422, f"the image is damaged ({e.reason}): {e.detail}") from None
+
+
+def check_texts(texts: list[str], limit: int, max_chars: int, what: str = "texts") -> list[str]:
+    """422 for empty / whitespace-only / too-long texts, 413 for too many."""
+    if not texts:
+        raise ApiError(422, f"no {what} given")
+    if len(texts) > limit:
+        raise ApiError(413, f"{len(texts)} {what} in one request; the limit is {limit}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ApiError(422, f"{what}[{i}] is empty")
+        if len(t) > max_chars:
+            raise ApiError(422, f"{what}[{i}] has {len(t)} characters; the limit is {max_chars}")
+    return texts

@@ -1,0 +1,122 @@
+"""`mmtune embed`: Parquet rows equal the model's own embeddings; bad images counted; resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mmtune.embed as E
+from mmtune.data.images import load_image
+from mmtune.models import load_run
+from mmtune.retrieval import read_embeddings
+from tests.test_serve import make_images, make_run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed")
+    run = make_run(root / "run")
+    paths = make_images(root / "imgs", 10)
+    (root / "imgs" / "broken.png").write_bytes(paths[0].read_bytes()[:50])
+    (root / "imgs" / "page.jpg").write_bytes(b"<html>saved page</html>")
+    (root / "imgs" / "zero.png").write_bytes(b"")
+    model, proc = load_run(run)
+    return root, run, paths, model, proc
+
+
+def test_images_and_texts_equal_the_model_and_bad_ones_are_counted(setup, capsys):
+    from mmtune.cli import main
+
+    root, run, paths, model, proc = setup
+    (root / "q.txt").write_text("a photo of the digit one\n\n   \nseven\n")
+    out = root / "all.parquet"
+    args = ["embed", "--checkpoint", str(run), "--images", str(root / "imgs"), "--no-progress"]
+    assert main([*args, "--texts", str(root / "q.txt"), "-o", str(out)]) == 0
+    assert "skipped 5" in capsys.readouterr().out
+    emb = read_embeddings(out)
+    assert emb.info["skipped"] == {"truncated": 1, "not_image": 1, "empty": 1, "empty_text": 2}
+    img = read_embeddings(out, "image")
+    assert img.meta["path"] == [str(p) for p in paths]
+    assert img.meta["caption"][3] == (paths[3].with_suffix(".txt").read_text().strip())
+    with torch.no_grad():
+        want = model.encode_image(proc.images([load_image(p) for p in paths])).numpy()
+        want_t = model.encode_text(**proc.tokenize(["a photo of the digit one", "seven"])).numpy()
+    np.testing.assert_allclose(img.vectors, want, atol=1e-5)
+    txt = read_embeddings(out, "text")
+    assert txt.meta["caption"] == ["a photo of the digit one", "seven"]
+    np.testing.assert_allclose(txt.vectors, want_t, atol=1e-5)
+    schema = pq.read_schema(out)
+    assert schema.field("vector").type.list_size == want.shape[1]
+
+
+def test_pairs_file_source(setup):
+    root, run, paths, model, proc = setup
+    csv = root / "pairs.csv"
+    csv.write_text(
+        "image,caption\n" + "".join(f"imgs/{p.name},cap {i}\n" for i, p in enumerate(paths[:4]))
+    )
+    items = E.image_items(csv)
+    assert [it.path for it in items] == [str(p) for p in paths[:4]]
+    assert [it.caption for it in E.text_items(csv)] == [f"cap {i}" for i in range(4)]
+
+
+def test_interrupted_run_resumes_without_redoing_saved_parts(setup, monkeypatch):
+    root, run, paths, model, proc = setup
+    items = E.image_items(root / "imgs")
+    straight = root / "straight.parquet"
+    E.embed_items(model, proc, items, straight, batch_size=2, progress=False, part_size=4)
+
+    out = root / "resumed.parquet"
+    real_write = E._write_part
+    calls = []
+
+    def crash_after_two(parts, n, table, meta):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while part 3 was computed
+        calls.append(n)
+        real_write(parts, n, table, meta)
+
+    monkeypatch.setattr(E, "_write_part", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_items(model, proc, items, out, batch_size=2, progress=False, part_size=4)
+    assert not out.exists() and len(list(out.with_name(out.name + ".parts").glob("*.parquet"))) == 2
+    monkeypatch.setattr(E, "_write_part", real_write)
+
+    embedded = []
+    real_chunk = E._embed_chunk
+
+    def counting(model_, proc_, chunk, *a):
+        embedded.extend(it.id for it in chunk)
+        return real_chunk(model_, proc_, chunk, *a)
+
+    monkeypatch.setattr(E, "_embed_chunk", counting)
+    rep = E.embed_items(model, proc, items, out, batch_size=2, progress=False, part_size=4)
+    assert rep.resumed_parts == 2
+    assert embedded == [it.id for it in items[8:]]  # parts 0 and 1 were not recomputed
+    a, b = read_embeddings(straight), read_embeddings(out)
+    assert a.meta == b.meta and a.info["skipped"] == b.info["skipped"]
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_parts_of_other_input_are_not_reused(setup):
+    root, run, paths, model, proc = setup
+    items = E.image_items(root / "imgs")
+    out = root / "changed.parquet"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "manifest.json").write_text('{"fingerprint": "something else"}')
+    (parts / "part-00000.parquet").write_bytes(b"junk")
+    rep = E.embed_items(model, proc, items, out, progress=False, part_size=4)
+    assert rep.resumed_parts == 0 and rep.rows == len(paths)
+
+
+def test_all_bad_is_a_clear_error(setup):
+    from mmtune.errors import DataError
+
+    root, run, paths, model, proc = setup
+    items = [E.Item("image", "x", str(root / "imgs" / "zero.png"))]
+    with pytest.raises(DataError, match="every item was skipped"):
+        E.embed_items(model, proc, items, root / "none.parquet", progress=False)

@@ -1,0 +1,162 @@
+"""VQA through the CLI on tiny models: both heads, the baseline, both formats, dialog, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmtune.cli import main
+from tests.conftest import write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name=tiny-clip", "data.batch_size=8", "data.eval_batch_size=32",
+        "train.max_steps=2", "train.warmup_steps=1", "train.progress=false", "train.precision=fp32",
+        "options.fusion_layers=1", "options.fusion_dim=32", "options.questions_per_image=2"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _small_shapes(tmp_path_factory, monkeypatch):
+    from mmtune.data.builtin import shapes
+
+    monkeypatch.setenv("MMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setitem(shapes.SIZES, "shapes-mini", (24, 6, 6))
+
+
+def _train(tmp_path, name, *extra, config="vqa-shapes.yaml"):
+    args = ["train", "-c", str(ROOT / "configs" / config), f"output_dir={tmp_path}",
+            f"name={name}", "data.dataset=shapes-mini", *TINY, *extra]  # fmt: skip
+    assert main(args) == 0
+    return tmp_path / name, json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_classifier_train_eval_predict(tmp_path, capsys):
+    run, metrics = _train(tmp_path, "clf")
+    for k in ("vqa.acc", "vqa.nonrel.acc", "vqa.rel.acc", "vqa.rel.closest.acc"):
+        assert 0.0 <= metrics[k] <= 1.0, k
+    assert metrics["vqa.n"] == 6 * 20
+    assert (run / "tables" / "vqa_types.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "vqa.rel.count.acc" in out and "vqa.nonrel.shape.acc" in out
+    again = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines() if ln.strip()}
+    assert again["vqa.acc"] == pytest.approx(metrics["vqa.acc"], abs=1e-4)  # reload = same model
+    img = write_image(tmp_path / "x.png", size=(75, 75))
+    assert main(["predict", "--checkpoint", str(run), "--image", img,
+                 "--question", "what is the shape of the red object?"]) == 0  # fmt: skip
+    from mmtune.data.builtin.shapes import ANSWERS
+
+    assert capsys.readouterr().out.strip() in ANSWERS
+
+
+def test_generator_head(tmp_path, capsys):
+    run, metrics = _train(tmp_path, "gen", "options.head=generator", "options.decoder_layers=1")
+    assert 0.0 <= metrics["vqa.acc"] <= 1.0
+    spec = json.loads((run / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
+    assert spec["heads_spec"]["answer"]["kind"] == "decoder"
+    img = write_image(tmp_path / "x.png", size=(75, 75))
+    capsys.readouterr()
+    assert (
+        main(["predict", "--checkpoint", str(run), "--image", img, "--question", "how many?"]) == 0
+    )
+
+
+def test_baseline_without_cross_attention(tmp_path):
+    run, metrics = _train(tmp_path, "mlp", "options.fusion=concat")
+    spec = json.loads((run / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
+    assert spec["fusion"] == "concat" and 0.0 <= metrics["vqa.rel.acc"] <= 1.0
+
+
+def _vqa2_files(folder: Path, split: str, n_images=4, drop_answers=False, bad_image=False):
+    questions, anns = [], []
+    for i in range(n_images):
+        write_image(folder / f"COCO_{split}2014_{i + 1:012d}.jpg", color=(30 * i, 100, 50))
+        for j in range(2):
+            qid = (i + 1) * 10 + j
+            questions.append({"question_id": qid, "image_id": 99 if bad_image and i == 0 else i + 1,
+                              "question": f"what colour is thing {j}?"})  # fmt: skip
+            answers = [{"answer": a, "answer_id": k + 1}
+                       for k, a in enumerate(["red"] * 4 + ["Red."] * 3 + ["blue"] * 3)]  # fmt: skip
+            anns.append({"question_id": qid, "image_id": i + 1, "question_type": "what color",
+                         "answer_type": "other", "answers": [] if drop_answers and qid == 11 else answers})  # fmt: skip
+    q = folder / f"v2_OpenEnded_mscoco_{split}2014_questions.json"
+    q.write_text(json.dumps({"questions": questions}))
+    (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(
+        json.dumps({"annotations": anns})
+    )
+    return q
+
+
+def test_vqa_v2_format(tmp_path):
+    train, val = _vqa2_files(tmp_path, "train"), _vqa2_files(tmp_path, "val")
+    args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
+            "name=v2", f"data.dataset={train}", f"data.val={val}", f"data.test={val}", *TINY]  # fmt: skip
+    args[args.index("data.batch_size=8")] = "data.batch_size=2"
+    assert main(args) == 0
+    m = json.loads((tmp_path / "v2" / "metrics.json").read_text())
+    assert m["vqa.n"] == 8 and "vqa.what color.acc" in m and "vqa.answer_type.other.acc" in m
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("drop_answers", "question 11: no answers"),
+        ("bad_image", "question 10: unknown image id 99"),
+    ],
+)
+def test_malformed_vqa_json_names_the_record(tmp_path, capsys, kind, message):
+    q = _vqa2_files(tmp_path, "train", **{kind: True})
+    assert main(["train", f"output_dir={tmp_path}", "task=vqa", f"data.dataset={q}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def _dialog_jsonl(folder: Path) -> Path:
+    rows = []
+    for i in range(8):
+        img = Path(write_image(folder / f"d{i}.png", color=(200, 20 * i, 20))).name
+        rows.append({"image": img, "question": "is it red?", "answers": ["yes"] * 3 + ["no"]})
+        rows.append({"image": img, "question": "and the shade?", "answers": "dark",
+                     "history": [{"question": "is it red?", "answer": "yes"}]})  # fmt: skip
+    path = folder / "dialog.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
+    from mmtune.data.vqa_formats import read_vqa
+    from mmtune.models.load import _tiny_clip
+    from mmtune.tasks.vqa import encode_questions
+
+    path = _dialog_jsonl(tmp_path)
+    recs = read_vqa(path).records
+    assert recs[1].history == ["is it red? yes"] and recs[0].history == []
+    _, proc, _ = _tiny_clip()
+    enc = encode_questions(proc, recs[:2])
+    text = proc.tokenizer.decode(enc["input_ids"][1], skip_special_tokens=False)
+    assert text.startswith("[CLS] and the shade? [SEP] is it red? yes [SEP]")
+    for head in ("classifier", "generator"):
+        args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
+                f"name={head}", f"data.dataset={path}", "data.val_fraction=0.25", *TINY,
+                f"options.head={head}", "options.decoder_layers=1", "data.batch_size=2"]  # fmt: skip
+        assert main(args) == 0
+    img = str(tmp_path / "d0.png")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(tmp_path / "generator"), "--image", img,
+                 "--question", "and the shade?", "--history", "is it red? yes"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_pretrain_then_finetune(tmp_path):
+    args = ["train", "-c", str(ROOT / "configs" / "pretrain-fusion-shapes.yaml"),
+            f"output_dir={tmp_path}", "name=pre", "data.dataset=shapes-mini", *TINY[:6],
+            "options.fusion_layers=1", "options.fusion_dim=32"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "pre"
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"pretrain.itm_acc", "pretrain.mlm_acc", "pretrain.itc"} <= m.keys()
+    spec = json.loads((run / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
+    assert set(spec["heads_spec"]) == {"itm", "mlm"}
+    ft, m2 = _train(tmp_path, "ft", f"model.name={run}")
+    spec = json.loads((ft / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
+    assert set(spec["heads_spec"]) == {"itm", "mlm", "vqa"} and 0 <= m2["vqa.acc"] <= 1
