@@ -139,7 +139,7 @@ def save_spec(model, processor: Processor, folder: str | Path, extra: dict | Non
             "embed_dim": model.vision_proj.out_features,
             "vision_pooling": model.vision_pooling,
             "text_pooling": model.text_pooling,
-            "logit_bias": None if model.logit_bias is None else float(model.logit_bias),
+            "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
         }
         for name in ("vision", "text"):
             tower = model.tower(name)
