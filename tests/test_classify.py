@@ -170,3 +170,13 @@ def test_unfreeze_patterns_and_their_errors():
                        "backbone.hf.vision_model.post_layernorm.bias", "head.weight", "head.bias"}  # fmt: skip
     with pytest.raises(ConfigError, match="matches no image-side parameter"):
         set_trainable(clf, names, patterns=["*text_model*"])
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora"])
+def test_mmtune_eval_of_a_method_folder_matches_the_comparison(comparison, method, tmp_path):
+    """`mmtune eval` rebuilds the classifier head (and LoRA) of a classify run folder."""
+    run, m = comparison
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run / method), "-o", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["top1"] == pytest.approx(m[f"{method}.test.top1"], abs=1e-9)

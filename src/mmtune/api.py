@@ -174,18 +174,31 @@ def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
     return p
 
 
+def _load_for_eval(checkpoint: Path, cfg: Config, splits: Splits, device):
+    """A run's model as its task trained it: a classifier run rebuilds its head (and LoRA)."""
+    from mmtune.models import load_run, resolve_checkpoint
+    from mmtune.models.load import _read_spec
+
+    spec_dir, _ = resolve_checkpoint(checkpoint)
+    if "classify" in _read_spec(spec_dir):
+        from mmtune.classify.model import load_classifier
+
+        ctx = _context(cfg, None, splits, device)
+        model, processor, _ = load_classifier(checkpoint, ctx)
+        return model, processor
+    return load_run(checkpoint)
+
+
 def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None) -> dict:
     """Evaluate a run (or checkpoint folder) on a split of the configured data."""
-    from mmtune.models import load_run
-
     checkpoint = Path(checkpoint)
     if cfg is None:
         saved = checkpoint / "config.yaml"
         cfg = load_config(saved if saved.is_file() else None)
     configure_threads()
-    model, processor = load_run(checkpoint)
     splits = build_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = _load_for_eval(checkpoint, cfg, splits, device)
     model.to(device)
     task = get_task(cfg.task)(_context(cfg, processor, splits, device))
     split = split or cfg.eval.split
