@@ -44,6 +44,12 @@ class CaptionOptions(BaseModel):
     meteor: bool = Field(False, description="Also compute METEOR (needs Java; slower).")
 
 
+def image_dataset(records, ctx) -> ImageTextDataset:
+    """One item per image with its captions (questions collapsed), the eval transform."""
+    tf = ctx.processor.transform(augment=False)
+    return ImageTextDataset(image_records(records), tf, ctx.cfg.seed)
+
+
 def image_records(records) -> list[Record]:
     """One record per image (question records of one image collapse into one)."""
     seen: dict[str, Record] = {}
@@ -86,8 +92,7 @@ class CaptionTask:
         return model
 
     def dataset(self, records, train: bool):
-        tf = self.ctx.processor.transform(augment=False)
-        return ImageTextDataset(image_records(records), tf, self.cfg.seed)
+        return image_dataset(records, self.ctx)
 
     def collate(self, items):
         items = [it for it in items if it is not None]

@@ -19,10 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.config import validate_options
-from mmtune.data import ImageTextDataset
 from mmtune.losses import caption_group_ids, clip_loss
 from mmtune.models.fusion import FusionModel, build_vocab, save_fusion_spec
-from mmtune.tasks.caption import image_records
+from mmtune.tasks.caption import image_dataset, image_records
 
 
 class PretrainOptions(BaseModel):
@@ -106,8 +105,7 @@ class PretrainFusionTask:
         return model
 
     def dataset(self, records, train: bool):
-        tf = self.ctx.processor.transform(augment=False)
-        return ImageTextDataset(image_records(records), tf, self.cfg.seed)
+        return image_dataset(records, self.ctx)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
