@@ -36,15 +36,11 @@ def merge_adapters(model: nn.Module) -> int:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return 0
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-        merged += 1
+    from mmtune.models.lora import merge_lora
+
+    merged = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if merged:
+        merge_lora(model)
     return merged
 
 

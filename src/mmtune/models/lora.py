@@ -67,10 +67,10 @@ def merge_lora(root: nn.Module) -> nn.Module:
     The result has the original architecture and parameter names, so it saves, loads and
     exports like a model that never had adapters. Works in place; returns `root`.
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # LoRA's layers, and any other adapter
 
     for name, mod in list(root.named_modules()):
-        if not isinstance(mod, LoraLayer):
+        if not isinstance(mod, BaseTunerLayer):
             continue
         mod.merge()
         parent_name, _, attr = name.rpartition(".")
