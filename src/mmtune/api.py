@@ -15,6 +15,7 @@ import torch
 from mmtune.config import Config, load_config, save_config
 from mmtune.data import Splits, load_splits, screen
 from mmtune.errors import CheckpointError, UserError
+from mmtune.precision import effective_precision
 from mmtune.tasks import Context, get_task
 
 log = logging.getLogger("mmtune")
@@ -64,7 +65,7 @@ def fingerprint(records, cfg: Config) -> str:
 
 
 def _context(cfg, processor, splits, device) -> Context:
-    precision = cfg.train.precision
+    precision = effective_precision(cfg.train.precision, device.type)
     autocast = None
     if precision != "fp32":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16

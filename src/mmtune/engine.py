@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mmtune import checkpoint as ckpt
 from mmtune.errors import CheckpointError, UserError
+from mmtune.precision import effective_precision
 
 log = logging.getLogger("mmtune.engine")
 
@@ -184,7 +185,9 @@ class Trainer:
         t = cfg.train
         if t.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision=fp16 needs a GPU; use bf16 on CPU")
-        precision = "no" if t.precision == "fp32" else t.precision
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = effective_precision(t.precision, device_type)
+        precision = "no" if self.precision == "fp32" else self.precision
         self.acc = _accelerator(precision, t.dist_timeout_s, t.compile)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         _rank_aware_logging(self.rank, self.world)
