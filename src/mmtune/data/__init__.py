@@ -191,7 +191,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         try:
-            img = load_image(rec.image, self.max_pixels)
+            img = load_image(rec.image, self.max_pixels, draft=self.transform.decode_size)
         except BadImage as e:
             log.warning("bad image at load time: %s", e)
             return None
