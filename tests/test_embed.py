@@ -120,3 +120,27 @@ def test_all_bad_is_a_clear_error(setup):
     items = [E.Item("image", "x", str(root / "imgs" / "zero.png"))]
     with pytest.raises(DataError, match="every item was skipped"):
         E.embed_items(model, proc, items, root / "none.parquet", progress=False)
+
+
+def test_shard_folder_source_equals_the_files(setup, tmp_path):
+    """Images read from tar shards (`mmtune data shard`) embed exactly as the same files do; a
+    corrupt member is skipped and counted, not fatal."""
+    from mmtune.cli import main
+    from mmtune.data.formats import Record
+    from mmtune.data.shards import write_shards
+
+    root, run, paths, model, proc = setup
+    records = [Record(str(p), [f"cap {i}"], None, p.name) for i, p in enumerate(paths[:5])]
+    records.append(Record(str(root / "imgs" / "broken.png"), ["broken"], None, "broken"))
+    write_shards(records, tmp_path / "shards", samples_per_shard=4)
+    out = tmp_path / "s.parquet"
+    args = ["embed", "--checkpoint", str(run), "--images", str(tmp_path / "shards")]
+    assert main([*args, "-o", str(out), "--no-progress"]) == 0
+    emb = read_embeddings(out, "image")
+    assert emb.info["skipped"] == {"truncated": 1}
+    assert len(emb.meta["path"]) == 5
+    assert all(".tar#" in p for p in emb.meta["path"])
+    assert emb.meta["caption"] == [f"cap {i}" for i in range(5)]
+    with torch.no_grad():
+        want = model.encode_image(proc.images([load_image(p) for p in paths[:5]])).numpy()
+    np.testing.assert_allclose(emb.vectors, want, atol=1e-5)

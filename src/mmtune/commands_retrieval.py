@@ -149,7 +149,8 @@ def cmd_export(args, extra) -> int:
 def add_parser(sub) -> None:
     e = sub.add_parser("embed", help="embed images and/or texts into a Parquet file")
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    e.add_argument("--images", help="folder of images or pairs file (CSV/TSV/JSONL/COCO)")
+    e.add_argument("--images", help="folder of images, pairs file (CSV/TSV/JSONL/COCO), or a "
+                   "shard folder from `mmtune data shard`")  # fmt: skip
     e.add_argument("--texts", help="text file (one per line) or pairs file (its captions)")
     e.add_argument("--output", "-o", required=True, help="Parquet file to write")
     e.add_argument("--batch-size", type=int, default=64)

@@ -8,10 +8,12 @@ folder is removed. Bad images are skipped and counted by reason; empty texts lik
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +55,65 @@ def _first_caption(folder_image: Path) -> str | None:
     return lines[0] if lines else None
 
 
+def shard_items(folder: str | Path) -> list[Item]:
+    """The images of a shard folder (`mmtune data shard`): path `SHARD.tar#MEMBER`."""
+    from mmtune.data.shards import read_index, read_shard
+
+    items = []
+    for shard in read_index(folder)["shards"]:
+        tar = Path(folder) / shard["name"]
+        for sample in read_shard(tar):
+            try:
+                captions = json.loads(sample.get("json", b"{}")).get("captions") or []
+            except (json.JSONDecodeError, AttributeError):
+                captions = []
+            ext = next((k for k in sample if k not in ("key", "txt", "json")), "")
+            member = f"{sample['key']}.{ext}"
+            items.append(
+                Item("image", f"{shard['name']}/{sample['key']}", f"{tar}#{member}",
+                     captions[0] if captions else None)
+            )  # fmt: skip
+    return items
+
+
+class _ImageSource:
+    """Opens an item's image: a file path, or `SHARD.tar#MEMBER` read from the shard (each tar is
+    indexed once and kept open while a run lasts)."""
+
+    def __init__(self):
+        self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
+
+    def __call__(self, path: str):
+        tar_path, sep, member = path.rpartition("#")
+        if not sep or not tar_path.endswith(".tar") or not os.path.isfile(tar_path):
+            return path
+        if tar_path not in self._tars:
+            tar = tarfile.open(tar_path, "r")  # noqa: SIM115 (kept open; closed by close())
+            self._tars[tar_path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
+        tar, members = self._tars[tar_path]
+        if member not in members:
+            raise BadImage(path, "missing")
+        data = io.BytesIO(tar.extractfile(members[member]).read())
+        data.name = path  # named in BadImage messages
+        if not data.getbuffer().nbytes:
+            raise BadImage(path, "empty")
+        return data
+
+    def close(self) -> None:
+        for tar, _ in self._tars.values():
+            tar.close()
+        self._tars.clear()
+
+
 def image_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
-    """Images of a folder (recursively; a same-stem .txt gives the caption) or a pairs file."""
+    """Images of a folder (recursively; a same-stem .txt gives the caption), a pairs file, or a
+    shard folder written by `mmtune data shard`."""
     from mmtune.data.formats import detect_format, read_coco, read_table
+    from mmtune.data.shards import INDEX
 
     src = Path(source)
+    if src.is_dir() and (src / INDEX).is_file():
+        return shard_items(src)
     fmt = detect_format(src) if fmt == "auto" else fmt
     if fmt == "folder":
         paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -98,14 +154,14 @@ def _fingerprint(items: list[Item], checkpoint: str) -> str:
 
 
 @torch.no_grad()
-def _embed_chunk(model, processor, items: list[Item], max_pixels: int, skipped, earlier):
+def _embed_chunk(model, processor, items: list[Item], max_pixels: int, skipped, earlier, open_):
     """Embeddings (M, D) of the usable items of a chunk, with the items kept."""
     device = next(model.parameters()).device
     images, texts = [], []
     for it in items:
         if it.modality == "image":
             try:
-                images.append((it, load_image(it.path, max_pixels)))
+                images.append((it, load_image(open_(it.path), max_pixels)))
             except BadImage as e:
                 if not skipped and not earlier:
                     log.warning(
@@ -208,24 +264,29 @@ def embed_items(
     model.eval()
     bar = tqdm(total=len(items), desc="embedding", disable=not progress, unit="item")
     bar.update(sum(m["end"] - m["start"] for m in done.values()))
-    dim = None
-    for n in range(n_parts):
-        if n in done:
-            continue
-        start, end = n * part_size, min(len(items), (n + 1) * part_size)
-        skipped, kept, vecs = Counter(), [], []
-        for b in range(start, end, batch_size):
-            chunk = items[b : min(end, b + batch_size)]
-            k, v = _embed_chunk(model, processor, chunk, max_pixels, skipped, report.skipped)
-            kept += k
-            vecs += [] if v is None else [v]
-            bar.update(len(chunk))
-        vecs = np.concatenate(vecs) if vecs else None
-        dim = dim or (None if vecs is None else vecs.shape[1])
-        meta = {"start": start, "end": end, "skipped": dict(skipped)}
-        _write_part(parts, n, _table(kept, vecs, dim), meta)
-        report.skipped.update(skipped)
-    bar.close()
+    dim, open_ = None, _ImageSource()
+    try:
+        for n in range(n_parts):
+            if n in done:
+                continue
+            start, end = n * part_size, min(len(items), (n + 1) * part_size)
+            skipped, kept, vecs = Counter(), [], []
+            for b in range(start, end, batch_size):
+                chunk = items[b : min(end, b + batch_size)]
+                k, v = _embed_chunk(
+                    model, processor, chunk, max_pixels, skipped, report.skipped, open_
+                )
+                kept += k
+                vecs += [] if v is None else [v]
+                bar.update(len(chunk))
+            vecs = np.concatenate(vecs) if vecs else None
+            dim = dim or (None if vecs is None else vecs.shape[1])
+            meta = {"start": start, "end": end, "skipped": dict(skipped)}
+            _write_part(parts, n, _table(kept, vecs, dim), meta)
+            report.skipped.update(skipped)
+    finally:
+        open_.close()
+        bar.close()
     tables = [pq.read_table(p) for p in sorted(parts.glob("part-*.parquet"))]
     tables = [t.replace_schema_metadata(None) for t in tables if t.num_rows]
     if not tables:
