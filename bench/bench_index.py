@@ -46,6 +46,11 @@ def unit_vectors(n: int, dim: int, rng, centres: np.ndarray | None, chunk: int =
     return out
 
 
+def recall_of(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k found by the approximate top-k."""
+    return float(np.mean([len(set(f) & set(g)) / k for f, g in zip(found, truth, strict=True)]))
+
+
 def timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     index.search(queries[:10], k)  # warm-up
     t = time.perf_counter()
@@ -62,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--distribution", choices=["clustered", "uniform"], default="clustered")
     p.add_argument("--config", default=str(ROOT / "configs" / "index-ivf.yaml"))
     p.add_argument("--output", default=str(ROOT / "runs" / "bench" / "index.json"))
+    p.add_argument("--sweep-nprobe", default="",
+                   help="also search at these nprobe values (comma-separated): recall/speedup curve")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="index config overrides, e.g. nprobe=32")
     args = p.parse_args(argv)
 
@@ -88,10 +95,17 @@ def main(argv=None) -> int:
     approx = build_index(base, cfg)
     build_s = time.perf_counter() - t
     found, approx_qps = timed_search(approx, queries, args.k)
-    recall = float(
-        np.mean([len(set(f) & set(g)) / args.k for f, g in zip(found, truth, strict=True)])
-    )
+    recall = recall_of(found, truth, args.k)
     ivf = faiss.try_extract_index_ivf(approx) if cfg.kind != "hnsw" else None
+    curve = []
+    for nprobe in [int(x) for x in args.sweep_nprobe.split(",") if x] if ivf is not None else []:
+        ivf.nprobe = nprobe
+        rows, qps = timed_search(approx, queries, args.k)
+        curve.append({"nprobe": nprobe, "recall_at_10": round(recall_of(rows, truth, args.k), 4),
+                      "speedup": round(qps / exact_qps, 2)})  # fmt: skip
+        print(json.dumps(curve[-1]), flush=True)
+    if ivf is not None:
+        ivf.nprobe = cfg.nprobe
     result = {
         "n": args.n,
         "dim": args.dim,
@@ -108,6 +122,7 @@ def main(argv=None) -> int:
         "approx_qps": round(approx_qps, 1),
         "speedup": round(approx_qps / exact_qps, 2),
         "recall_at_10": round(recall, 4),
+        "nprobe_curve": curve,
         "command": " ".join(["python bench/bench_index.py", *(argv or sys.argv[1:])]),
     }
     out = Path(args.output)
