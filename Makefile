@@ -71,3 +71,8 @@ bench-serve: setup
 # 1M × 512 unit vectors: IVF (configs/index-ivf.yaml) vs exact search → runs/bench/index.json.
 bench-index: setup
 	$(BIN)/python bench/bench_index.py
+# Soak test (5 minutes, 32 clients, mixed valid and invalid requests) → runs/bench/soak.json:
+# valid_5xx = 0, every invalid request answered with its 4xx, server RSS growth ≤ 10%.
+bench-soak: setup
+	MMTUNE_THREADS=1 $(BIN)/python bench/bench_soak.py
+

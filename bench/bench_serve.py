@@ -112,18 +112,26 @@ async def load(host: str, port: int, n: int, clients: int, offset: int) -> dict:
     }
 
 
+def wait_ready(host: str, port: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{host}:{port}/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("server never became ready")
+
+
 def measure(run: Path, batch: int, wait_ms: float, n: int, clients: int) -> dict:
     import httpx
 
     proc, host, port = start_server(run, batch, wait_ms)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://{host}:{port}/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_ready(host, port)
         asyncio.run(load(host, port, 2 * clients, clients, 10**6))  # warm-up
         res = asyncio.run(load(host, port, n, clients, 0))
         stats = httpx.get(f"http://{host}:{port}/healthz").json()["batching"]["text"]

@@ -62,6 +62,7 @@ def _pairs_with_bad_files(folder):
 
 
 def test_run_with_bad_samples_skips_and_counts_each(tmp_path):
+    """D1: a whole run over bad files: each skipped and counted by reason in metrics.json."""
     path, bad = _pairs_with_bad_files(tmp_path)
     args = _args(tmp_path, "bad", f"data.dataset={path}", "data.val_fraction=0.0",
                  f"data.test={path}", "data.batch_size=8")  # fmt: skip

@@ -147,6 +147,8 @@ def make_bad_files(folder):
 
 
 def test_each_bad_image_has_its_reason(tmp_path):
+    """D1: truncated JPEG, HTML saved as .jpg, zero-byte and missing files each get their
+    reason. D2: a ~100-byte PNG declaring 20000×20000 pixels is too_large from its header."""
     for name, reason in make_bad_files(tmp_path).items():
         with pytest.raises(BadImage) as e:
             load_image(str(tmp_path / name))
@@ -154,6 +156,7 @@ def test_each_bad_image_has_its_reason(tmp_path):
 
 
 def test_screen_skips_and_counts_or_stops(tmp_path):
+    """D1: bad samples skipped and counted by reason; above max_bad_fraction the run aborts."""
     bad = make_bad_files(tmp_path)
     good = [Record(image=np.zeros((8, 8), np.uint8), captions=["x"])]
     recs = good + [Record(image=str(tmp_path / n), captions=["y"]) for n in bad]
@@ -166,6 +169,7 @@ def test_screen_skips_and_counts_or_stops(tmp_path):
 
 
 def test_captions_empty_or_whitespace_are_dropped():
+    """D4: empty and whitespace-only captions are filtered and counted."""
     recs = [
         Record(np.zeros((8, 8), np.uint8), ["  ", ""]),
         Record(np.zeros((8, 8), np.uint8), ["ok", " "]),
@@ -176,6 +180,7 @@ def test_captions_empty_or_whitespace_are_dropped():
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "L", "I;16", "RGBA"])
 def test_image_modes_decode_to_rgb_same_shape(tmp_path, mode):
+    """D3: CMYK, palette, LA, 16-bit… decode to RGB with the same tensor shape."""
     base = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), np.uint8))
     img = base.convert("L").convert(mode) if mode in ("LA", "I;16") else base.convert(mode)
     path = tmp_path / f"x.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
@@ -186,6 +191,7 @@ def test_image_modes_decode_to_rgb_same_shape(tmp_path, mode):
 
 
 def test_exif_rotation_is_applied(tmp_path):
+    """D3: an EXIF-rotated image is decoded upright."""
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° on display

@@ -38,7 +38,8 @@ def _trainer(cfg):
     return Trainer(cfg, task, task.build_head(model), splits.train, splits.val, cfg.run_dir)
 
 
-def test_same_seed_twice_gives_identical_losses_and_weights(tiny_cfg):  # X1
+def test_same_seed_twice_gives_identical_losses_and_weights(tiny_cfg):
+    """X1: same seed and config twice → identical losses and bitwise-identical weights."""
     common = {"data.augment": True, "train.deterministic": True, "train.max_steps": 5}
     a, b = tiny_cfg(name="a", **common), tiny_cfg(name="b", **common)
     api.train(a)
@@ -54,7 +55,8 @@ def test_same_seed_twice_gives_identical_losses_and_weights(tiny_cfg):  # X1
     assert any(not torch.equal(wc[k], wa[k]) for k in wa)
 
 
-def test_zero_and_two_workers_give_identical_batches(tiny_cfg):  # X2
+def test_zero_and_two_workers_give_identical_batches(tiny_cfg):
+    """X2: 0 vs 2 loader workers with augmentation → identical batches."""
     cfg0 = tiny_cfg(**{"data.augment": True})
     cfg2 = tiny_cfg(**{"data.augment": True, "data.num_workers": 2})
     b0 = list(_trainer(cfg0)._loader(epoch=1, start=0))[:6]
@@ -82,7 +84,8 @@ def _rank_worker(rank: int, port: int, tmp: str) -> None:
     trainer.acc.wait_for_everyone()
 
 
-def test_two_ranks_share_weights_but_not_augmentation(tmp_path):  # X3
+def test_two_ranks_share_weights_but_not_augmentation(tmp_path):
+    """X3 [dist]: 2 ranks: identical initial weights, different augmentation draws."""
     mp.start_processes(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2,
                        start_method="spawn")  # fmt: skip
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -134,7 +137,11 @@ def _why(run) -> str:
     return "\n".join(ln for ln in lines if "Error" in ln or "error:" in ln)[-3000:]
 
 
-def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):  # F1
+def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):
+    """F1 [dist]: torchrun --max-restarts 1, rank 1 killed after a checkpoint: all restart,
+    resume automatically and finish with the uninterrupted run's weights. R8 [dist]: after the
+    saves of 2 ranks and a restart, exactly `last` (+ `best`) remain: no rank left a temp or
+    trash folder (only rank 0 writes and replaces checkpoints)."""
     straight = _torchrun(tmp_path, "straight", 0, faulty=False)
     assert straight.returncode == 0, _why(straight)
     restarted = _torchrun(tmp_path, "restarted", 1, faulty=True)
@@ -144,9 +151,13 @@ def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):  # F1
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "restarted")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    for name in ("straight", "restarted"):
+        kept = sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
+        assert kept in (["last"], ["best", "last"]), kept  # no temp or trash folder of any rank
 
 
-def test_lost_rank_without_restarts_fails_naming_the_rank(tmp_path):  # F2
+def test_lost_rank_without_restarts_fails_naming_the_rank(tmp_path):
+    """F2 [dist]: a rank lost without restarts → non-zero exit naming the rank, no hang."""
     run = _torchrun(tmp_path, "lost", 0, faulty=True)
     assert run.returncode != 0
     out = run.stdout + run.stderr

@@ -31,8 +31,12 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("accum, stop", [(1, 3), (2, 2)])
+@pytest.mark.parametrize("accum, stop", [(1, 3), (3, 1)])
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, accum, stop):
+    """R1: k steps, stop, a new Trainer resumes to N: weights bitwise equal to the uninterrupted
+    run (CPU, deterministic), optimizer state and schedule equal. R3: with accumulation 3 the
+    stop falls after 3 micro-batches (an odd number): same step count and weights, no
+    half-accumulated update. (R2, the data position: tests/test_reliability.py.)"""
     common = {"train.max_steps": 6, "train.grad_accum": accum, "train.deterministic": True,
               "data.augment": True}  # fmt: skip
     straight = tiny_cfg(name="straight", **common)
@@ -46,17 +50,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, accum,
     _assert_same_weights(_weights(straight.run_dir), _weights(resumed.run_dir))
     a = load_trainer_state(straight.run_dir / "checkpoints/last")
     b = load_trainer_state(resumed.run_dir / "checkpoints/last")
-    assert a["scheduler"] == b["scheduler"]
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == 6
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
 def test_resume_refuses_other_data_and_missing_paths(tiny_cfg):
+    """R9: resuming with another batch size or other data is refused by the stored dataset
+    fingerprint (never silently skipping new samples). R7: `--resume` of a missing path →
+    "no valid checkpoint at …"; a run folder in use is never overwritten without --resume."""
     cfg = tiny_cfg(name="r", **{"train.stop_after_steps": 1})
     api.train(cfg)
     other = tiny_cfg(name="r", **{"data.batch_size": 16})
     with pytest.raises(CheckpointError, match="fingerprint differs"):
         api.train(other, resume="auto")
+    other_data = tiny_cfg(name="r", **{"data.split_seed": 1})  # other training samples
+    with pytest.raises(CheckpointError, match="fingerprint differs"):
+        api.train(other_data, resume="auto")
     with pytest.raises(CheckpointError, match="no valid checkpoint at"):
         api.train(tiny_cfg(name="r2"), resume=str(cfg.run_dir / "nope"))
     with pytest.raises(UserError, match="already holds a run"):
@@ -93,16 +103,24 @@ def _trainer(cfg, bad):
 
 
 def test_nan_step_is_skipped_weights_untouched(tiny_cfg):
+    """D6: NaN in one batch: that step is skipped — weights unchanged, optimizer and scheduler
+    not stepped — and counted."""
     cfg = tiny_cfg(**{"train.on_nonfinite": "skip", "train.max_steps": 3})
     tr = _trainer(cfg, bad={2})
     seen = []
     original = tr._optimizer_step
 
+    def adam_steps():
+        return {float(s["step"]) for s in tr.opt.state_dict()["state"].values()}
+
     def spy(bad):
         before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-        lr = tr.sched.get_last_lr()[0]
+        lr, steps = tr.sched.get_last_lr()[0], adam_steps()
         original(bad)
         if bad:
+            after = tr.model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            assert adam_steps() == steps  # the optimizer did not step
             seen.append((before, lr))
 
     tr._optimizer_step = spy
@@ -112,9 +130,11 @@ def test_nan_step_is_skipped_weights_untouched(tiny_cfg):
     after_skip_lr = [r["lr"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")][1]
     assert after_skip_lr == lr  # the schedule did not advance on the skipped step
     assert tr.sched.last_epoch == 3
+    assert adam_steps() == {3.0}  # 3 optimizer steps; the skipped batch is not one of them
 
 
 def test_nan_stops_with_the_step_named(tiny_cfg):
+    """D6: non-finite by default, or K=2 consecutive non-finite steps: the run stops naming it."""
     tr = _trainer(tiny_cfg(), bad={2})
     with pytest.raises(UserError, match=r"non-finite loss at step 2 \(epoch 0, batch 2\)"):
         tr.fit()
@@ -124,6 +144,7 @@ def test_nan_stops_with_the_step_named(tiny_cfg):
 
 
 def test_nan_metric_keeps_jsonl_valid(tmp_path):
+    """D7: a NaN/inf metric is written as null: metrics.jsonl stays valid JSON."""
     from mmtune.engine import append_jsonl
 
     append_jsonl(tmp_path / "m.jsonl", {"loss": float("nan"), "x": float("inf"), "y": 1.0})
@@ -134,6 +155,8 @@ def test_nan_metric_keeps_jsonl_valid(tmp_path):
 
 
 def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
+    """R4: the writer raises after the first file: the previous checkpoint is intact, no temp
+    folder is left. (SIGKILL mid-save: tests/test_reliability.py.)"""
     model = torch.nn.Linear(3, 2)
     save_checkpoint(tmp_path / "last", model, {"a": torch.ones(1)}, {"v": 1})
     with torch.no_grad():
@@ -151,6 +174,8 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
 
 
 def test_stale_temp_and_half_swapped_folders_are_repaired(tmp_path):
+    """R4: stale temp folders are removed at the next start; a checkpoint killed between the
+    two renames of the swap is restored."""
     model = torch.nn.Linear(3, 2)
     save_checkpoint(tmp_path / "last", model)
     (tmp_path / "last").rename(tmp_path / ".trash-last")  # killed between the two renames
@@ -160,6 +185,7 @@ def test_stale_temp_and_half_swapped_folders_are_repaired(tmp_path):
 
 
 def test_read_only_folder_fails_loudly(tmp_path):
+    """R6: saving into a read-only folder raises (a full disk: tests/test_reliability.py)."""
     import os
 
     if os.geteuid() == 0:
@@ -170,6 +196,8 @@ def test_read_only_folder_fails_loudly(tmp_path):
 
 
 def test_truncated_and_malformed_safetensors_give_clear_errors(tmp_path):
+    """R5: a truncated weights file → an error naming it. S4: a header length past the file end
+    or over 100 MB → a clear error before any large allocation."""
     save_checkpoint(tmp_path / "c", torch.nn.Linear(30, 30))
     f = tmp_path / "c" / "model.safetensors"
     data = f.read_bytes()
@@ -185,6 +213,8 @@ def test_truncated_and_malformed_safetensors_give_clear_errors(tmp_path):
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
+    """S1: a trainer_state.pt whose pickle would create a file is refused with our error; the
+    file is never created. (Pickled model weights: tests/test_models.py.)"""
     marker = tmp_path / "pwned"
 
     class Evil:

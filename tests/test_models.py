@@ -102,7 +102,28 @@ def test_transformers_checkpoint_folder_loads_and_non_dual_is_refused(tmp_path):
         load_model(ModelConfig(name=str(tmp_path / "vision_only")))
 
 
+def test_pickled_weights_that_run_code_are_refused(tmp_path):
+    """S1: a transformers folder whose only weights are a pytorch_model.bin pickle that would
+    create a file → refused with our error (safetensors only); the file is never created."""
+    model, _ = load_model(ModelConfig(name="tiny-clip"))
+    model.hf.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    marker = tmp_path / "ran.txt"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"vision_model.embeddings.patch_embedding.weight": Evil()},
+               tmp_path / "m" / "pytorch_model.bin")  # fmt: skip
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(ModelConfig(name=str(tmp_path / "m")))
+    assert not marker.exists()
+
+
 def test_remote_code_checkpoint_refused_without_opt_in(tmp_path):
+    """S3: a folder with auto_map + modeling_*.py is refused unless trust_remote_code is set;
+    its code never runs."""
     model, _ = load_model(ModelConfig(name="tiny-clip"))
     model.hf.save_pretrained(tmp_path / "m")
     cfg = (tmp_path / "m" / "config.json").read_text()

@@ -261,6 +261,7 @@ def raw_request(url: str, head: bytes, body_chunks=()) -> tuple[int, bytes]:
 
 
 def test_body_over_the_limit_is_refused_before_it_is_read(server):
+    """V1: a body over the limit, with and without Content-Length → 413 before it is all read."""
     # Content-Length declared over the limit: 413 while not one body byte has been sent.
     head = (
         b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -279,6 +280,7 @@ def test_body_over_the_limit_is_refused_before_it_is_read(server):
 
 
 def test_multipart_with_thousands_of_parts_is_refused(server):
+    """V2: multipart with thousands of fields, or many files → 400/413."""
     fields = {f"f{i}": "x" for i in range(3000)}
     r = httpx.post(server.url + "/v1/embed", files={"image": ("a.png", b"x")}, data=fields)
     assert r.status_code in (400, 413), r.text
@@ -298,6 +300,8 @@ def test_multipart_with_thousands_of_parts_is_refused(server):
     ids=["bomb", "not-image", "truncated", "empty"],
 )
 def test_bad_uploads_get_json_errors(server, world, payload, status, words):
+    """V3: a decompression bomb → 413 with a message (refused from the header: memory bounded);
+    non-image, truncated and empty uploads → 415 / 422."""
     for route in ("/v1/embed", "/v1/search"):
         r = httpx.post(server.url + route, files={"image": ("q.png", payload(world))})
         assert r.status_code == status, (route, r.text)
@@ -320,12 +324,15 @@ def test_bad_uploads_get_json_errors(server, world, payload, status, words):
     ],
 )
 def test_bad_json_requests(server, route, body, status, words):
+    """V4: more inputs than the limit → 413 naming it. S5: a field naming a model, path or URL
+    is refused (422 naming the field): the server serves only what it was started with."""
     r = httpx.post(server.url + route, json=body)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
 
 
 def test_bad_forms_and_content_types(server, world):
+    """V4: more labels than the limit → 413 naming it; S5 for form fields; bad content types."""
     img = {"image": ("q.png", png_bytes(world["paths"][0]))}
     labels = json.dumps([f"l{i}" for i in range(6)])
     r = httpx.post(server.url + "/v1/classify", files=img, data={"labels": labels})

@@ -50,7 +50,8 @@ def faulty(run) -> FaultyBackend:
     return FaultyBackend(base.model, base.processor, None, base.tasks, "faulty")
 
 
-def test_timeout_gives_504_and_the_next_request_succeeds(run):
+def test_v6_timeout_gives_504_and_the_next_request_succeeds(run):
+    """V6: a model call past request_timeout_s → 504 at the timeout; the next request → 200."""
     cfg = ServeConfig(request_timeout_s=1.0)
     with LiveServer(create_app(faulty(run), cfg)) as s:
         t0 = time.monotonic()
@@ -61,7 +62,35 @@ def test_timeout_gives_504_and_the_next_request_succeeds(run):
         assert r.status_code == 200
 
 
-def test_overload_gets_429_at_once_and_the_queue_stays_bounded(run):
+def test_v5_requests_over_in_flight_and_waiting_limits_get_429_at_once(run):
+    """V5: max_in_flight=1 + max_waiting=2: of 1 slow + 10 concurrent requests, the 2 that
+    found a place in line complete after the slow one, the other 8 get 429 at once."""
+    cfg = ServeConfig(max_in_flight=1, max_waiting=2, max_wait_ms=0, request_timeout_s=30)
+    with LiveServer(create_app(faulty(run), cfg)) as s:
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                first = asyncio.create_task(c.post("/v1/embed", json={"texts": ["slow 0"]}))
+                await asyncio.sleep(0.5)  # the only slot is now held by it
+                rest = [asyncio.create_task(c.post("/v1/embed", json={"texts": [f"t{i}"]}))
+                        for i in range(10)]  # fmt: skip
+                done, _ = await asyncio.wait(rest, timeout=FaultyBackend.delay / 2)
+                early = sorted(t.result().status_code for t in done)
+                return early, await asyncio.gather(first, *rest)
+
+        early, rs = asyncio.run(flood())
+        codes = [r.status_code for r in rs]
+        stats = httpx.get(s.url + "/healthz").json()["requests"]
+        assert httpx.get(s.url + "/health/live").status_code == 200  # probes never wait
+    assert early == [429] * 8  # refused while the slow request still held the slot
+    assert codes[0] == 200 and codes.count(200) == 3 and codes.count(429) == 8, codes
+    assert all("server busy" in r.json()["error"] for r in rs if r.status_code == 429)
+    assert stats["max_waiting_seen"] == 2 and stats["max_in_flight_seen"] == 1
+    assert stats["refused"] == 8 and stats["in_flight"] == 0 and stats["waiting"] == 0
+
+
+def test_v5_overload_gets_429_at_once_and_the_batch_queue_stays_bounded(run):
+    """V5 (model queue): more items than max_queue waiting for the model → 429 at once."""
     cfg = ServeConfig(max_batch_size=2, max_queue=4, max_wait_ms=0, request_timeout_s=30)
     with LiveServer(create_app(faulty(run), cfg)) as s:
 
@@ -83,7 +112,8 @@ def test_overload_gets_429_at_once_and_the_queue_stays_bounded(run):
     assert time.monotonic() - t0 < 3 * FaultyBackend.delay
 
 
-def test_ready_is_503_while_loading_200_after_and_503_after_a_failure(run):
+def test_v7_ready_is_503_while_loading_200_after_and_503_after_a_failure(run):
+    """V7: /health/ready 503 → 200 → 503 after a backend failure; /health/live always 200."""
     gate = threading.Event()
 
     def load():
@@ -106,9 +136,13 @@ def test_ready_is_503_while_loading_200_after_and_503_after_a_failure(run):
         assert httpx.get(s.url + "/health/ready").status_code == 200  # recovered
 
 
-def test_api_key(run, caplog):
+def test_v8_api_key(run, caplog):
+    """V8: missing / wrong / right Bearer key → 401 / 401 / 200; the key is never logged."""
     key = "s3cret-key-123"
+    access = logging.getLogger("uvicorn.access")  # does not propagate: listen to it directly
     with caplog.at_level(logging.DEBUG), LiveServer(create_app(faulty(run), api_key=key)) as s:
+        access.setLevel(logging.INFO)
+        access.addHandler(caplog.handler)
         body = {"texts": ["a"]}
         assert httpx.post(s.url + "/v1/embed", json=body).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
@@ -117,10 +151,13 @@ def test_api_key(run, caplog):
         right = {"Authorization": f"Bearer {key}"}
         assert httpx.post(s.url + "/v1/embed", json=body, headers=right).status_code == 200
         assert httpx.get(s.url + "/health/live").status_code == 200  # probes need no key
-    assert key not in caplog.text
+    access.removeHandler(caplog.handler)
+    assert "POST /v1/embed" in caplog.text  # the access log was heard…
+    assert key not in caplog.text  # …and never holds the key
 
 
-def test_shipped_serve_config_is_valid_and_binds_loopback():
+def test_v10_shipped_serve_config_is_valid_and_binds_loopback():
+    """V10: the default and the shipped config bind 127.0.0.1 (docs/serving.md: exposing it)."""
     cfg = load_section(ROOT / "configs" / "serve.yaml", {}, ServeConfig)
     assert cfg.host == "127.0.0.1" and ServeConfig().host == "127.0.0.1"
 
@@ -141,8 +178,9 @@ def _start_cli(args: list[str], env=None) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"server exited with {proc.wait()}")
 
 
-def test_cli_serves_on_loopback_and_sigterm_finishes_requests_in_flight(run, tmp_path):
-    """V10 + V11 with the real command: 127.0.0.1; on SIGTERM requests in flight finish, exit 0."""
+def test_v10_v11_cli_serves_on_loopback_and_sigterm_finishes_requests_in_flight(run, tmp_path):
+    """V10 + V11 with the real server process: 127.0.0.1; on SIGTERM requests in flight finish,
+    a new connection is refused while they do, and the process exits 0."""
     script = tmp_path / "slow_serve.py"
     script.write_text(
         "import sys, time\n"
@@ -177,9 +215,17 @@ def test_cli_serves_on_loopback_and_sigterm_finishes_requests_in_flight(run, tmp
             ]
             await asyncio.sleep(0.4)  # all three sent; the first is in the model
             proc.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
+            await asyncio.sleep(0.3)
+            try:  # a new connection while draining
+                async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
+                    late = (await fresh.post("/v1/embed", json={"texts": ["late"]})).status_code
+            except httpx.ConnectError:
+                late = "refused"
+            pending = sum(not t.done() for t in tasks)
+            return late, pending, await asyncio.gather(*tasks)
 
-    rs = asyncio.run(in_flight())
+    late, pending, rs = asyncio.run(in_flight())
+    assert late == "refused" and pending > 0  # refused while the others were still in flight
     assert [r.status_code for r in rs] == [200, 200, 200]
     assert proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):

@@ -164,15 +164,16 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last"
-        return last if (last / "COMPLETE").exists() else None
+    from mmtune import checkpoint as ckpt
+
+    if resume == "auto":  # the newest intact checkpoint (a damaged one is passed over), or fresh
+        return ckpt.latest(run_dir / "checkpoints")
     p = Path(resume)
     if (p / "checkpoints" / "last").exists():
         p = p / "checkpoints" / "last"
     if not (p / "COMPLETE").exists():
         raise CheckpointError(f"no valid checkpoint at {resume}")
-    return p
+    return ckpt.verify(p)
 
 
 def _load_for_eval(checkpoint: Path, cfg: Config, splits: Splits, device):

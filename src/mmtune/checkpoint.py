@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -15,6 +16,7 @@ from mmtune.errors import CheckpointError
 
 COMPLETE = "COMPLETE"
 MAX_HEADER = 100 * 1024 * 1024
+log = logging.getLogger("mmtune.checkpoint")
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -80,13 +82,74 @@ def save_checkpoint(
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2))
-        (tmp / COMPLETE).write_text("ok\n")
+        _write_marker(tmp)
         _fsync_tree(tmp)
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_marker(folder: Path) -> None:
+    """The completion marker, written last: it lists every file with its size (see `verify`)."""
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / COMPLETE).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+
+
+def verify(folder: str | Path) -> Path:
+    """`folder` if it is a complete checkpoint whose files all have their written sizes.
+
+    CheckpointError naming the folder (no marker) or the file (missing, truncated, grown).
+    Markers of older checkpoints (no file list) only prove completion.
+    """
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"no valid checkpoint at {folder} (no {COMPLETE} marker)")
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (json.JSONDecodeError, AttributeError):
+        files = {}
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"{path}: damaged ({actual} bytes on disk, {size} written)"
+                + (" — truncated" if actual < size else "")
+            )
+    return folder
+
+
+def latest(ckpt_root: str | Path, names: tuple[str, ...] = ("last", "best")) -> Path | None:
+    """The newest (by step) checkpoint under `ckpt_root` that `verify` accepts, or None if none
+    was ever completed. A damaged newer one is passed over with a warning naming its file."""
+    root = Path(ckpt_root)
+    found = [root / n for n in names if is_complete(root / n)]
+    if not found:
+        return None
+
+    def step(folder: Path) -> int:
+        try:
+            return int(read_meta(folder).get("state", {}).get("step", -1))
+        except CheckpointError:
+            return -1
+
+    found.sort(key=step, reverse=True)  # stable: `last` before `best` at the same step
+    problems = []
+    for folder in found:
+        try:
+            verify(folder)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; falling back to %s", "; ".join(problems), folder)
+        return folder
+    raise CheckpointError("no valid checkpoint to resume: " + "; ".join(problems))
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -147,9 +147,11 @@ def screen(
                         "skipping bad image %s (%s); further skips are counted", e.path, e.reason
                     )
         if reason is None:
-            caps = [c for c in rec.captions if c and c.strip()]
+            # readers decode with errors="replace": U+FFFD marks bytes that were not UTF-8
+            caps = [c for c in rec.captions if c and c.strip() and "\ufffd" not in c]
             if rec.captions and not caps:
-                reason = "empty_caption"
+                blank = all(not c or not c.strip() for c in rec.captions)
+                reason = "empty_caption" if blank else "caption_not_utf8"
             rec.captions = caps
         if reason:
             bad[reason] += 1

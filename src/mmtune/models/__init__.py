@@ -91,7 +91,10 @@ def _from_hf(name: str, trust_remote_code: bool):
 
     _refuse_remote_code(name, trust_remote_code)
     try:
-        hf = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickled .bin could run code while loading
+        hf = AutoModel.from_pretrained(
+            name, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0]
         if "trust_remote_code" in str(e):
@@ -129,8 +132,9 @@ def _compose(model_cfg):
         try:
             config = AutoConfig.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code)
             towers[name] = AutoModel.from_pretrained(
-                src, trust_remote_code=model_cfg.trust_remote_code, **tower_kwargs(config)
-            )
+                src, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                **tower_kwargs(config),
+            )  # fmt: skip
         except (OSError, ValueError) as e:
             raise CheckpointError(
                 f"cannot load model.{name} '{src}': {str(e).splitlines()[0]}"

@@ -30,6 +30,7 @@ from mmtune.serve.batcher import MicroBatcher, Overloaded
 from mmtune.serve.limits import (
     ApiError,
     BodySizeLimit,
+    InFlightLimit,
     ServeConfig,
     check_key,
     check_texts,
@@ -61,6 +62,7 @@ class _State:
         self.executor: ThreadPoolExecutor | None = None
         self.text: MicroBatcher | None = None
         self.image: MicroBatcher | None = None
+        self.flight: InFlightLimit | None = None
 
     def failed(self, exc: BaseException) -> None:
         self.error = f"model call failed: {exc.__class__.__name__}"
@@ -226,7 +228,10 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
             "model": st.backend.name if st.backend else None,
             "index_rows": len(st.backend.index) if st.backend and st.backend.index else 0,
             "batching": {"text": st.text.stats.as_dict(), "image": st.image.stats.as_dict()},
-            "limits": {"max_batch_size": cfg.max_batch_size, "max_queue": cfg.max_queue},
+            "requests": st.flight.stats.as_dict() if st.flight else {},
+            "limits": cfg.model_dump(
+                include={"max_batch_size", "max_queue", "max_in_flight", "max_waiting"}
+            ),
         }
         return JSONResponse(body, 200 if ok else 503)
 
@@ -361,4 +366,5 @@ def create_app(
     app.state.mmtune = st
     _handlers(app)
     _routes(app, st, api_key)
-    return BodySizeLimit(app, cfg.max_body_bytes)
+    st.flight = InFlightLimit(app, cfg.max_in_flight, cfg.max_waiting, cfg.request_timeout_s)
+    return BodySizeLimit(st.flight, cfg.max_body_bytes)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
+from collections import deque
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -22,6 +25,12 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(32, gt=0, description="Most items in one model call.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest wait for a batch to fill.")
     max_queue: int = Field(256, gt=0, description="Items waiting per batcher; beyond: 429.")
+    max_in_flight: int = Field(
+        64, gt=0, description="/v1/* requests handled at once (bodies read, model calls)."
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="/v1/* requests waiting for a slot; beyond: 429 at once."
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Model wait per request; beyond: 504.")
     max_body_bytes: int = Field(8 * 2**20, gt=0, description="Largest request body; beyond: 413.")
     max_image_pixels: int = Field(
@@ -83,17 +92,99 @@ class BodySizeLimit:
         await self.app(scope, counted_receive, send)
 
     async def _refuse(self, send):
-        body = error_body(413, f"request body larger than the limit of {self.limit} bytes")
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        })  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body larger than the limit of {self.limit} bytes")
+
+
+@dataclass
+class FlightStats:
+    """What the in-flight guard did, for /healthz and the tests."""
+
+    in_flight: int = 0
+    waiting: int = 0
+    max_in_flight_seen: int = 0
+    max_waiting_seen: int = 0
+    refused: int = 0
+    timed_out: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `max_in_flight` /v1/* requests at once, `max_waiting` in line.
+
+    A request beyond both gets 429 at once, before its body is read, so the memory held by
+    request bodies is bounded too; one waiting longer than `wait_timeout_s` for a slot gets 504.
+    Slots are handed over in arrival order. Health probes and the page are never held back.
+    """
+
+    def __init__(self, app, max_in_flight: int, max_waiting: int, wait_timeout_s: float):
+        self.app, self.max_in_flight, self.max_waiting = app, max_in_flight, max_waiting
+        self.wait_timeout_s = wait_timeout_s
+        self.stats = FlightStats()
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        st = self.stats
+        if st.in_flight < self.max_in_flight and not self._waiters:
+            st.in_flight += 1
+        elif len(self._waiters) >= self.max_waiting:
+            st.refused += 1
+            msg = f"server busy ({st.in_flight} requests in flight, {st.waiting} waiting); retry later"
+            return await send_error(send, 429, msg)
+        elif not await self._wait_for_slot():
+            st.timed_out += 1
+            msg = f"no request slot free within {self.wait_timeout_s} s; retry later"
+            return await send_error(send, 504, msg)
+        st.max_in_flight_seen = max(st.max_in_flight_seen, st.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._release()
+
+    async def _wait_for_slot(self) -> bool:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self.stats.waiting = len(self._waiters)
+        self.stats.max_waiting_seen = max(self.stats.max_waiting_seen, self.stats.waiting)
+        try:
+            await asyncio.wait_for(fut, self.wait_timeout_s)
+            return True  # the releasing request handed its slot over
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            if fut.done() and not fut.cancelled():
+                self._release()  # a slot arrived just as we gave up: pass it on
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            self.stats.waiting = len(self._waiters)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return False
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            self.stats.waiting = len(self._waiters)
+            if not fut.done():
+                fut.set_result(None)  # the slot moves to the first in line; in_flight unchanged
+                return
+        self.stats.in_flight -= 1
+
+
+async def send_error(send, status: int, message: str) -> None:
+    """Answer with the JSON error body straight from ASGI (the connection is then closed)."""
+    body = error_body(status, message)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 def check_key(authorization: str | None, key: str | None) -> None:
@@ -120,7 +211,7 @@ def decode_upload(data: bytes, max_pixels: int):
 
 
 def check_texts(texts: list[str], limit: int, max_chars: int, what: str = "texts") -> list[str]:
-    """422 for empty / whitespace-only / too-long texts, 413 for too many."""
+    """422 for empty / whitespace-only / too-long / not-Unicode texts, 413 for too many."""
     if not texts:
         raise ApiError(422, f"no {what} given")
     if len(texts) > limit:
@@ -130,4 +221,8 @@ def check_texts(texts: list[str], limit: int, max_chars: int, what: str = "texts
             raise ApiError(422, f"{what}[{i}] is empty")
         if len(t) > max_chars:
             raise ApiError(422, f"{what}[{i}] has {len(t)} characters; the limit is {max_chars}")
+        try:  # JSON may carry lone surrogates ("\ud800"): no tokenizer takes them
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, f"{what}[{i}] is not valid Unicode (a lone surrogate)") from None
     return texts
