@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -304,3 +305,21 @@ def test_every_row_names_a_test_that_exists():
         sources = [_test_source(root / path, name) for path, name in cited]
         assert cited and all(sources), f"{row}: a test it names does not exist: {cited}"
         assert any(re.search(rf"\b{row}\b|^def test_{row.lower()}_", src) for src in sources), row
+
+
+def test_r8_keep_last_n_keeps_exactly_the_newest_n_and_best(tmp_path):
+    """R8 with train.keep_last=3 over 5 saves: `last` + the 2 saves before it (`step-*`) + `best`;
+    older ones deleted. Auto-resume falls back to the newest `step-*` when `last` is gone."""
+    from mmtune import checkpoint as ckpt
+    from mmtune.config import load_config
+
+    over = tiny_overrides(tmp_path, **{"train.max_steps": 5, "train.save_every": 1, "train.eval_every": 1,
+                                       "train.keep_last": 3})  # fmt: skip
+    api.train(load_config(None, over))
+    root = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["best", "last", "step-00000003", "step-00000004"], names
+    assert [read_meta(root / n)["state"]["step"] for n in names[1:]] == [5, 3, 4]
+    assert all(verify(root / n) for n in names)
+    shutil.rmtree(root / "last")
+    assert ckpt.latest(root) == root / "step-00000004"

@@ -129,16 +129,11 @@ def latest(ckpt_root: str | Path, names: tuple[str, ...] = ("last", "best")) -> 
     was ever completed. A damaged newer one is passed over with a warning naming its file."""
     root = Path(ckpt_root)
     found = [root / n for n in names if is_complete(root / n)]
+    found += [p for p in sorted(root.glob(f"{STEP_PREFIX}*")) if is_complete(p)]  # keep-last-N
     if not found:
         return None
 
-    def step(folder: Path) -> int:
-        try:
-            return int(read_meta(folder).get("state", {}).get("step", -1))
-        except CheckpointError:
-            return -1
-
-    found.sort(key=step, reverse=True)  # stable: `last` before `best` at the same step
+    found.sort(key=_step_of, reverse=True)  # stable: `last` before `best` at the same step
     problems = []
     for folder in found:
         try:
@@ -150,6 +145,37 @@ def latest(ckpt_root: str | Path, names: tuple[str, ...] = ("last", "best")) -> 
             log.warning("%s; falling back to %s", "; ".join(problems), folder)
         return folder
     raise CheckpointError("no valid checkpoint to resume: " + "; ".join(problems))
+
+
+STEP_PREFIX = "step-"
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(read_meta(folder).get("state", {}).get("step", -1))
+    except CheckpointError:
+        return -1
+
+
+def retire_last(ckpt_root: str | Path, step: int) -> None:
+    """Keep-last-N, before a new `last` at `step` is written: the current `last` (if complete and
+    older) becomes `step-NNNNNNNN` by a rename — no copy, and no moment without a checkpoint."""
+    last = Path(ckpt_root) / "last"
+    if not is_complete(last) or (old := _step_of(last)) >= step:
+        return
+    target = last.parent / f"{STEP_PREFIX}{old:08d}"
+    if target.exists():
+        shutil.rmtree(target)
+    last.rename(target)
+
+
+def prune_steps(ckpt_root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest `step-*` checkpoints; returns the deleted folders."""
+    steps = sorted(Path(ckpt_root).glob(f"{STEP_PREFIX}*"), key=lambda p: p.name)
+    doomed = steps[: max(0, len(steps) - keep)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

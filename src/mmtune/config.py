@@ -134,6 +134,12 @@ class TrainConfig(_Section):
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0: at the end only.")
     save_every: int = Field(0, ge=0, description="Save `last` every N steps; 0: at evals/end.")
+    keep_last: int = Field(
+        1,
+        ge=1,
+        description="Checkpoints kept besides `best`: `last` plus the N-1 before it "
+        "(`checkpoints/step-NNNNNNNN/`); older ones are deleted (by rank 0).",
+    )
     log_every: int = Field(10, gt=0, description="Append a train line to metrics.jsonl every N.")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss: stop the run, or skip that step."

@@ -226,9 +226,14 @@ class Trainer:
                 "rng": _rng_state(),
             }
             meta = {"state": asdict(self.state), "fingerprint": self.fingerprint}
+            keep = self.cfg.train.keep_last
+            if name == "last" and keep > 1:
+                ckpt.retire_last(self.ckpt_dir, self.state.step)
             ckpt.save_checkpoint(
                 self.ckpt_dir / name, self.acc.unwrap_model(self.model), trainer_state, meta
             )
+            if name == "last":
+                ckpt.prune_steps(self.ckpt_dir, keep - 1)
         self.acc.wait_for_everyone()
 
     def resume(self, folder: str | Path) -> None:
