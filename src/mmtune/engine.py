@@ -209,6 +209,8 @@ class Trainer:
             g["lr"] = t.lr * g["lr_scale"]
         opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
         self.model, self.opt = self.acc.prepare(model, opt)
+        if self.world > 1:
+            log.info("%d processes: %s", self.world, self.acc.distributed_type.value)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.min_lr_ratio)
         )
