@@ -48,14 +48,14 @@ bench-train: setup
 # (pooled image ⊕ question → MLP), and fine-tuning after fusion pre-training vs from scratch at
 # the same fine-tuning budget. Writes runs/vqa-shapes/metrics.json (vqa.*, baseline.vqa.*,
 # pretrained.vqa.*, scratch.vqa.*) and its report. See docs/vqa.md.
-VQA_FT_EPOCHS ?= 3
+VQA_FT_STEPS ?= 900
 vqa-shapes: setup
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-baseline options.fusion=concat
 	$(BIN)/mmtune train -c configs/pretrain-fusion-shapes.yaml name=pretrain-fusion-shapes
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-pretrained \
-		model.name=runs/pretrain-fusion-shapes train.epochs=$(VQA_FT_EPOCHS)
-	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-scratch train.epochs=$(VQA_FT_EPOCHS)
+		model.name=runs/pretrain-fusion-shapes train.max_steps=$(VQA_FT_STEPS)
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-scratch train.max_steps=$(VQA_FT_STEPS)
 	$(BIN)/mmtune compare-runs --into runs/vqa-shapes --add baseline=runs/vqa-shapes-baseline \
 		--add pretrained=runs/vqa-shapes-pretrained --add scratch=runs/vqa-shapes-scratch
 

@@ -160,3 +160,24 @@ def test_pretrain_then_finetune(tmp_path):
     ft, m2 = _train(tmp_path, "ft", f"model.name={run}")
     spec = json.loads((ft / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
     assert set(spec["heads_spec"]) == {"itm", "mlm", "vqa"} and 0 <= m2["vqa.acc"] <= 1
+
+
+def test_repeated_questions_run_through_the_text_tower_once():
+    import torch
+
+    from mmtune.models.fusion import shapes_fusion_preset, text_tokens, unique_rows
+
+    ids = torch.tensor([[101, 7, 102, 0], [101, 8, 9, 102], [101, 7, 102, 0], [101, 7, 102, 5]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]])
+    rows, inverse = unique_rows(ids, mask)
+    assert sorted(rows.tolist()) == [0, 1, 3]  # row 2 repeats row 0; row 3 differs in padding ids
+    assert torch.equal(ids[rows][inverse], ids) and torch.equal(mask[rows][inverse], mask)
+    model, _, _ = shapes_fusion_preset(dim=32, vision_layers=1, text_layers=1)
+    calls = []
+    model.tower("text").register_forward_hook(
+        lambda m, args, kw, out: calls.append(kw), with_kwargs=True
+    )
+    out = text_tokens(model, ids, mask)
+    assert calls[0]["input_ids"].shape[0] == 3
+    ref = model.tower("text")(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -167,10 +167,21 @@ class MLMHead(nn.Module):
 
 
 def text_tokens(backbone, input_ids, attention_mask) -> torch.Tensor:
-    """(B, L) ids → token features (B, L, H) of the backbone's text tower."""
+    """(B, L) ids → token features (B, L, H) of the backbone's text tower. Repeated rows (the same
+    question about several images) run through the tower once."""
     tower = backbone.tower("text")
-    out = tower(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state
+    rows, inverse = unique_rows(input_ids, attention_mask)
+    out = tower(input_ids=input_ids[rows], attention_mask=attention_mask[rows])
+    return out.last_hidden_state[inverse]
+
+
+def unique_rows(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row of each distinct (ids, mask) row, index of every row's distinct row)."""
+    keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((len(uniq),), len(keys), dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys), device=keys.device), "amin")
+    return first, inverse
 
 
 def tower_dims(backbone) -> tuple[int, int, int]:

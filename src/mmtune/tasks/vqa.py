@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 from mmtune.config import validate_options
 from mmtune.data.images import BadImage, load_image
 from mmtune.errors import ConfigError
-from mmtune.models.fusion import FusionModel, build_vocab, greedy_decode, save_fusion_spec
+from mmtune.models.fusion import (
+    FusionModel,
+    build_vocab,
+    greedy_decode,
+    save_fusion_spec,
+    unique_rows,
+)
 from mmtune.vqa_metrics import normalize_answer, soft_scores, vqa_metrics
 
 
@@ -97,7 +103,8 @@ def _vqa_forward(m: FusionModel, pixel_values, input_ids, attention_mask, image_
     """Classifier logits (B_q, A), or decoder logits (B_q, T, V) for `decoder_in`."""
     if m.fusion is None:  # baseline: pooled image ⊕ pooled question → MLP
         img = m.encode_image(pixel_values, normalize=False)[image_index]
-        txt = m.encode_text(input_ids, attention_mask, normalize=False)
+        rows, inverse = unique_rows(input_ids, attention_mask)  # each distinct question once
+        txt = m.encode_text(input_ids[rows], attention_mask[rows], normalize=False)[inverse]
         return m.head[head](torch.cat([img, txt.to(img.dtype)], dim=-1))
     fused = m.fuse(m.image_tokens(pixel_values), input_ids, attention_mask, image_index)
     if decoder_in is None:  # mean over the question's tokens: each word queries the image itself
