@@ -63,16 +63,25 @@ vqa-shapes: setup
 caption-shapes: setup
 	$(BIN)/mmtune train -c configs/caption-shapes.yaml name=caption-shapes
 
+# Text-to-image on `shapes-gen`: the VQ image tokenizer, the re-ranking dual encoder, then the
+# prior over [caption ; image tokens]. Writes runs/text2image-shapes/metrics.json (vq.psnr,
+# gen.checker_acc, gen.checker_acc_no_rerank, gen.clip_score) and its report. See docs/text2image.md.
+text2image-shapes: setup
+	$(BIN)/mmtune train -c configs/vq-shapes.yaml name=vq-shapes
+	$(BIN)/mmtune train -c configs/rerank-shapes.yaml name=rerank-shapes
+	$(BIN)/mmtune train -c configs/text2image-shapes.yaml name=text2image-shapes \
+		options.vq_run=runs/vq-shapes options.reranker=runs/rerank-shapes
+
 # Serving load test (64 clients, 2,000 requests; batched vs batch size 1) → runs/bench/serve.json.
 # One torch thread: the server shares the 2 cores with its event loop and the load generator.
 bench-serve: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_serve.py
 
-# 1M × 512 unit vectors: IVF (configs/index-ivf.yaml) vs exact search → runs/bench/index.json.
-bench-index: setup
-	$(BIN)/python bench/bench_index.py
 # Soak test (5 minutes, 32 clients, mixed valid and invalid requests) → runs/bench/soak.json:
 # valid_5xx = 0, every invalid request answered with its 4xx, server RSS growth ≤ 10%.
 bench-soak: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_soak.py
 
+# 1M × 512 unit vectors: IVF (configs/index-ivf.yaml) vs exact search → runs/bench/index.json.
+bench-index: setup
+	$(BIN)/python bench/bench_index.py

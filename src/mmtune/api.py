@@ -105,7 +105,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         raise UserError(f"{run_dir} already holds a run: pick another name= or pass --resume")
     task_cls = get_task(cfg.task)
     splits = build_data(cfg)
-    model, processor = load_model(cfg.model)
+    # a task that builds its own kind of model (not a dual encoder) loads it itself
+    loader = getattr(task_cls, "load_model", None)
+    model, processor = loader(cfg) if loader else load_model(cfg.model)
     if cfg.train.loss == "siglip" and model.logit_bias is None:
         if not hasattr(model, "add_logit_bias"):
             raise UserError(

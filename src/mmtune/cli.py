@@ -21,6 +21,7 @@ PLUGIN_COMMANDS: tuple[str, ...] = (
     "mmtune.classify.cli",
     "mmtune.interpolate",
     "mmtune.commands_predict",
+    "mmtune.commands_generate",
 )
 
 

@@ -64,6 +64,11 @@ def _builtin(name: str, seed: int) -> Splits | None:
 
         parts = shapes.shapes_splits(name, seed)
         return Splits(parts["train"], parts["val"], parts["test"], name=name)
+    if name in ("shapes-gen", "shapes-gen-mini"):
+        from mmtune.data.builtin import shapes_gen
+
+        parts = shapes_gen.shapes_gen_splits(name, seed)
+        return Splits(parts["train"], parts["val"], parts["test"], name=name)
     return None
 
 

@@ -57,7 +57,12 @@ def load_run(path: str | Path):
 
     from mmtune.models.load import _read_spec
 
-    wrap = _read_spec(spec_dir).get("wrap")
+    spec = _read_spec(spec_dir)
+    if spec.get("kind") == "sd-lora":  # a diffusers pipeline with LoRA adapters
+        from mmtune.models.sd import load_sd_run
+
+        return load_sd_run(path)
+    wrap = spec.get("wrap")
     if wrap:  # a task model around the backbone (e.g. fusion heads); importing its module
         module, fn = wrap["builder"].split(":")  # also registers its towers' Auto classes
         builder = getattr(importlib.import_module(module), fn)

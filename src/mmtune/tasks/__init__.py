@@ -25,6 +25,9 @@ _REGISTRY: dict[str, str] = {
     "vqa": "mmtune.tasks.vqa:VQATask",
     "caption": "mmtune.tasks.caption:CaptionTask",
     "pretrain-fusion": "mmtune.tasks.pretrain_fusion:PretrainFusionTask",
+    "vq-autoencoder": "mmtune.tasks.vq_autoencoder:VQAutoencoderTask",
+    "text2image": "mmtune.tasks.text2image:Text2ImageTask",
+    "sd-lora": "mmtune.tasks.sd_lora:SDLoRATask",
 }
 
 

@@ -55,16 +55,19 @@ def _place(rng: np.random.Generator) -> np.ndarray:
     return np.stack(centres)
 
 
-def draw(centres: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """(75, 75, 3) uint8 scene: object k at centres[k] = (x, y), shape shapes[k] (0 circle)."""
-    img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
-    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-    for k, ((x, y), s) in enumerate(zip(centres, shapes, strict=True)):
+def draw(centres: np.ndarray, shapes: np.ndarray, size: int = IMAGE_SIZE,
+         radius: int = OBJECT_SIZE, colours=None) -> np.ndarray:  # fmt: skip
+    """(size, size, 3) uint8 scene: object k at centres[k] = (x, y), shape shapes[k] (0 circle),
+    colour RGB[colours[k]] (default: RGB[k]), half-side / radius `radius`."""
+    img = np.full((size, size, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    colours = range(len(centres)) if colours is None else colours
+    for (x, y), s, c in zip(centres, shapes, colours, strict=True):
         if s == 0:
-            mask = (xx - x) ** 2 + (yy - y) ** 2 <= OBJECT_SIZE**2
+            mask = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
         else:
-            mask = (abs(xx - x) <= OBJECT_SIZE) & (abs(yy - y) <= OBJECT_SIZE)
-        img[mask] = RGB[k]
+            mask = (abs(xx - x) <= radius) & (abs(yy - y) <= radius)
+        img[mask] = RGB[c]
     return img
 
 

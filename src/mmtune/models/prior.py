@@ -1,0 +1,164 @@
+"""The text-to-image prior: a decoder-only transformer over [caption tokens ; image tokens].
+
+Caption word pieces (a compact vocabulary, [PAD] = 0) fill a fixed-length prefix, a [BOS] token
+follows, then the image's code indices in raster order; position t predicts image token t. The
+image tokens come from a trained `VQModel`, frozen and carried inside `Text2ImageModel`, so a
+text2image run folder alone turns prompts into pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtune.models.vq import VQModel
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention + MLP, with an optional key/value cache for sampling."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, cache: list | None = None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, Dh)
+        if cache is not None:
+            if cache:  # earlier positions' keys and values
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        # a fresh (prefix) pass is causal; one new token attends to every cached position
+        causal = cache is None or k.shape[2] == t
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal and t > 1)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Prior(nn.Module):
+    """Next-image-token model; `spec` holds text_vocab, text_len, codes, tokens, dim, layers,
+    heads, dropout."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        s = spec
+        self.text_vocab, self.text_len = s["text_vocab"], s["text_len"]
+        self.codes, self.tokens = s["codes"], s["tokens"]
+        self.bos = self.text_vocab + self.codes  # embedding row of [BOS]
+        self.embed = nn.Embedding(self.text_vocab + self.codes + 1, s["dim"])
+        self.pos = nn.Parameter(torch.zeros(1, self.text_len + self.tokens, s["dim"]))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(s["dim"], s["heads"], s.get("dropout", 0.0)) for _ in range(s["layers"])
+        )
+        self.ln = nn.LayerNorm(s["dim"])
+        self.head = nn.Linear(s["dim"], self.codes)
+
+    def _inputs(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Embedding indices [text ; BOS ; codes] (codes shifted past the text vocabulary)."""
+        bos = torch.full((len(text_ids), 1), self.bos, dtype=torch.long, device=text_ids.device)
+        return torch.cat([text_ids, bos, codes + self.text_vocab], 1)
+
+    def forward(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, tokens, codes): row t predicts codes[:, t]."""
+        x = self._inputs(text_ids, codes[:, :-1])
+        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.ln(h[:, self.text_len :]))  # from [BOS] on
+
+    def loss(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the image tokens only (the caption is context, never a target)."""
+        logits = self(text_ids, codes)
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    def start(self, text_ids: torch.Tensor):
+        """Run the prefix [text ; BOS]: → (logits of image token 0, per-block caches)."""
+        caches = [[] for _ in self.blocks]
+        x = self._inputs(text_ids, text_ids.new_zeros((len(text_ids), 0)))
+        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        for blk, c in zip(self.blocks, caches, strict=True):
+            h = blk(h, c)
+        return self.head(self.ln(h[:, -1])), caches
+
+    def step(self, code: torch.Tensor, position: int, caches):
+        """Feed image token `position` (B,) → logits of token position + 1."""
+        h = self.embed(code[:, None] + self.text_vocab)
+        at = self.text_len + 1 + position  # after the text and [BOS]
+        h = h + self.pos[:, at : at + 1]
+        for blk, c in zip(self.blocks, caches, strict=True):
+            h = blk(h, c)
+        return self.head(self.ln(h[:, -1]))
+
+
+@torch.no_grad()
+def sample(prior: Prior, text_ids: torch.Tensor, null_ids: torch.Tensor | None = None,
+           guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """(B, tokens) image codes for (B, text_len) captions, drawn token by token.
+
+    With `guidance` ≠ 1 and `null_ids` (the empty caption), logits are
+    uncond + guidance · (cond − uncond) (classifier-free guidance); then divided by
+    `temperature` and, with `top_k`, restricted to the k likeliest codes.
+    """
+    b = len(text_ids)
+    guided = null_ids is not None and guidance != 1.0
+    ids = torch.cat([text_ids, null_ids.expand(b, -1)]) if guided else text_ids
+    logits, caches = prior.start(ids)
+    out = []
+    for t in range(prior.tokens):
+        logits = logits.float()
+        if guided:
+            cond, uncond = logits[:b], logits[b:]
+            logits = uncond + guidance * (cond - uncond)
+        logits = logits / max(temperature, 1e-5)
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        code = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        out.append(code)
+        if t + 1 < prior.tokens:
+            logits = prior.step(torch.cat([code, code]) if guided else code, t, caches)
+    return torch.stack(out, 1)
+
+
+class Text2ImageModel(nn.Module):
+    """The prior plus the frozen image tokenizer that turns its codes into pixels."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self._spec = dict(spec)
+        self.vq = VQModel(spec["vq"])
+        self.vq.requires_grad_(False)
+        self.prior = Prior(spec["prior"])
+
+    def spec(self) -> dict:
+        return dict(self._spec)
+
+    @property
+    def vocab_ids(self) -> list[int]:
+        """Tokenizer id of each compact text index ([PAD] first)."""
+        return self._spec["vocab_ids"]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vq.eval()  # frozen: its codebook EMA never moves
+        return self
+
+    def forward(self, fn=None, **kwargs):
+        """`model(fn, **kw)` runs fn(model, **kw); else the prior's teacher-forced loss."""
+        if fn is not None:
+            return fn(self, **kwargs)
+        return self.prior.loss(kwargs["text_ids"], kwargs["codes"])
+
+
+def rebuild(_backbone, spec: dict) -> Text2ImageModel:
+    """`load_run` builder: the run's Text2ImageModel (the configured backbone is not used)."""
+    return Text2ImageModel(spec)

@@ -1,0 +1,220 @@
+"""Text-to-image: quantiser, discriminator loss, prior, sampler, re-ranker, checker, and the three
+shipped configs plus `mmtune generate` through the CLI on tiny models."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmtune.cli import main
+from mmtune.data.builtin import shapes_gen
+from mmtune.generation import check, find_objects, rerank
+from mmtune.models.prior import Prior, sample
+from mmtune.models.vq import VectorQuantizer, VQModel, hinge_d_loss, vq_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+VQ_SPEC = {"image_size": 32, "downsample": 4, "channels": 8, "code_dim": 8, "codes": 16,
+           "disc_channels": 8}  # fmt: skip
+
+
+def _prior(**kw) -> Prior:
+    torch.manual_seed(0)
+    spec = {"text_vocab": 10, "text_len": 5, "codes": 7, "tokens": 6, "dim": 32, "layers": 2,
+            "heads": 4} | kw  # fmt: skip
+    return Prior(spec).eval()
+
+
+def test_quantiser_straight_through_and_commitment():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codes=8, dim=4, normalize=False).eval()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    q, idx, commit = vq(z)
+    nearest = torch.cdist(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), vq.embed).argmin(1)
+    assert torch.equal(idx.flatten(), nearest)
+    assert torch.allclose(q, vq.lookup(idx))  # the forward value is the code
+    assert torch.allclose(commit, F.mse_loss(z, vq.lookup(idx)))
+    (q * torch.arange(q.numel()).view_as(q)).sum().backward()
+    assert torch.equal(z.grad, torch.arange(q.numel()).view_as(q).float())  # straight through
+    z.grad = None
+    vq(z)[2].backward()  # commitment pulls z towards its (fixed) code
+    assert torch.allclose(z.grad, 2 * (z - vq.lookup(idx)).detach() / z.numel())
+
+
+def test_quantiser_ema_and_dead_code_restart():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codes=8, dim=4, decay=0.5, restart_every=3, normalize=False).train()
+    z = torch.randn(4, 4, 4, 4)
+    vq(z)  # first batch: codes start on encoder outputs
+    vq.embed[:3] = 100.0  # three codes far from every feature: never chosen
+    vq.embed_avg[:3] = 100.0 * vq.cluster_size[:3, None]
+    vq.window.zero_()
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    vq(z)
+    assert int(vq.restarts) == 0  # updates 2 of a 3-update window: no check yet
+    vq(z)  # update 3: codes 0-2 went unused all window long
+    assert int(vq.restarts) >= 3
+    for k in range(3):  # each dead code now sits on one of the batch's vectors
+        assert (flat - vq.embed[k]).abs().sum(1).min() < 1e-5
+    assert (vq.window == 0).all()  # a new window starts
+    # EMA: the code that takes every vector of a constant batch converges onto it
+    const = torch.full((2, 4, 2, 2), 0.7)
+    for _ in range(30):
+        vq(const)
+    code = vq(const)[1][0, 0, 0]
+    assert torch.allclose(vq.embed[code], torch.full((4,), 0.7), atol=1e-3)
+    unit = VectorQuantizer(codes=8, dim=4).eval()  # normalize=True: unit-norm features
+    assert torch.allclose(unit(z)[0].norm(dim=1), torch.ones(4, 4, 4), atol=1e-5)
+
+
+def test_discriminator_hinge_loss_and_gradient_separation():
+    assert hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)) == 0
+    assert hinge_d_loss(torch.full((4,), -1.0), torch.full((4,), 1.0)) == pytest.approx(4.0)
+    torch.manual_seed(0)
+    m = VQModel(VQ_SPEC).eval()  # eval: no codebook update, the same reconstruction twice
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    g_full = grads(vq_losses(m, x, adv_weight=1.0, adv_start=0, commit_weight=0.25,
+                             perceptual_weight=0.0)["loss"])  # fmt: skip
+    rec, _, _ = m.reconstruct(x)
+    d_only = grads(hinge_d_loss(m.discriminator(x)[0], m.discriminator(rec.detach())[0]))
+    for name, g in d_only.items():  # the discriminator learns from its own loss only
+        assert torch.allclose(g_full[name], g, atol=1e-6), name
+    g_no_adv = grads(vq_losses(m, x, adv_weight=0.0, adv_start=0, commit_weight=0.25,
+                               perceptual_weight=0.0)["loss"])  # fmt: skip
+    assert not torch.allclose(g_full["decoder.0.weight"], g_no_adv["decoder.0.weight"])
+    # before adv_start the generator feels no adversarial term
+    g_early = grads(vq_losses(m, x, adv_weight=1.0, adv_start=10**6, commit_weight=0.25,
+                              perceptual_weight=0.0)["loss"])  # fmt: skip
+    assert torch.allclose(g_early["decoder.0.weight"], g_no_adv["decoder.0.weight"], atol=1e-6)
+
+
+def test_prior_loss_only_on_image_tokens_and_causal():
+    p = _prior()
+    text, codes = torch.randint(10, (3, 5)), torch.randint(7, (3, 6))
+    logits = p(text, codes)
+    assert logits.shape == (3, 6, 7)  # one prediction per image token, none for the caption
+    assert torch.allclose(
+        p.loss(text, codes), F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    )
+    later = codes.clone()
+    later[:, 3] = (later[:, 3] + 1) % 7
+    assert torch.allclose(p(text, later)[:, :4], logits[:, :4], atol=1e-6)  # no peeking ahead
+    other = (text + 1) % 10
+    assert not torch.allclose(p(other, codes)[:, 0], logits[:, 0])  # conditioned on the caption
+    first, caches = p.start(text)  # the key/value cache gives the teacher-forced logits
+    steps = [first] + [p.step(codes[:, t], t, caches) for t in range(5)]
+    assert torch.allclose(torch.stack(steps, 1), logits, atol=1e-5)
+
+
+def test_sampler_guidance_and_top_k():
+    p = _prior()
+    text = torch.randint(1, 10, (2, 5))
+    null = torch.zeros((1, 5), dtype=torch.long)
+    greedy = sample(p, text, null, guidance=2.5, top_k=1)
+    # recompute: each token is the argmax of uncond + 2.5 · (cond − uncond), teacher-forced
+    cond, uncond = p(text, greedy), p(null.expand(2, -1), greedy)
+    assert torch.equal(greedy, (uncond + 2.5 * (cond - uncond)).argmax(-1))
+    assert not torch.equal(greedy, p(text, greedy).argmax(-1)) or not torch.equal(
+        greedy, sample(p, text, null, guidance=0.0, top_k=1)
+    )  # guidance changes what is drawn
+    g = torch.Generator().manual_seed(0)
+    drawn = sample(p, text.repeat(8, 1), null, guidance=2.0, temperature=1.5, top_k=2, generator=g)
+    c, u = p(text.repeat(8, 1), drawn), p(null.expand(16, -1), drawn)
+    top2 = (u + 2.0 * (c - u)).topk(2, -1).indices
+    assert (drawn[..., None] == top2).any(-1).all()  # only the two likeliest codes are drawn
+    a = sample(p, text, null, 3.0, top_k=4, generator=torch.Generator().manual_seed(1))
+    b = sample(p, text, null, 3.0, top_k=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_rerank_order():
+    assert rerank(np.array([0.1, 0.9, 0.5, 0.9]), 3) == [1, 3, 2]
+    assert rerank(np.array([0.3]), 5) == [0]
+
+
+def test_checker_recognises_rendered_scenes():
+    images, scenes = shapes_gen.generate(400, seed=123, allow_held_out=True)
+    hits = [ok for img, objs in zip(images, scenes, strict=True) for ok in check(img, objs)]
+    assert np.mean(hits) >= 0.99
+    img = shapes_gen.render([shapes_gen.Obj("red", "circle", "top left")])
+    assert check(img, "a red circle at the top left") == [True]
+    for wrong in ("a red square at the top left", "a blue circle at the top left",
+                  "a red circle at the bottom right"):  # fmt: skip
+        assert check(img, wrong) == [False], wrong
+    assert check(np.full((32, 32, 3), 255, np.uint8), "a gray square at the top right") == [False]
+    assert find_objects(np.full((32, 32, 3), 255, np.uint8)) == []
+
+
+def test_heldout_prompts_never_in_training_captions():
+    splits = shapes_gen.shapes_gen_splits("shapes-gen-mini", 0)
+    held = set(shapes_gen.HELD_OUT)
+    for r in splits["train"] + splits["val"]:
+        objs = shapes_gen.parse_caption(r.captions[0])
+        assert objs and not any((o.colour, o.shape, o.quadrant) in held for o in objs)
+    for prompt in shapes_gen.heldout_prompts():
+        assert any(
+            (o.colour, o.shape, o.quadrant) in held for o in shapes_gen.parse_caption(prompt)
+        )
+    again = shapes_gen.shapes_gen_splits("shapes-gen-mini", 0)
+    assert np.array_equal(again["train"][5].image, splits["train"][5].image)
+
+
+TINY = ["data.dataset=shapes-gen-mini", "data.batch_size=8", "data.eval_batch_size=64",
+        "train.max_steps=3", "train.warmup_steps=1", "train.progress=false", "train.log_every=1"]  # fmt: skip
+
+
+def _train(tmp_path, config, *extra):
+    name = config.removesuffix(".yaml")
+    args = ["train", "-c", str(ROOT / "configs" / config), f"output_dir={tmp_path}",
+            f"name={name}", *TINY, *extra]  # fmt: skip
+    assert main(args) == 0
+    return tmp_path / name, json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_shipped_configs_and_generate(tmp_path, capsys):
+    vq_run, m = _train(tmp_path, "vq-shapes.yaml", "options.channels=8", "options.codes=32",
+                       "options.adv_start=1", "options.perceptual_weight=0.1")  # fmt: skip
+    assert m["vq.psnr"] > 0 and 0 < m["vq.codebook_usage"] <= 1
+    assert (vq_run / "plots" / "vq_reconstructions.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(vq_run)]) == 0  # reloads the same model
+    again = {
+        ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()
+    }
+    assert float(again["vq.psnr"]) == pytest.approx(m["vq.psnr"], abs=1e-3)
+    rr_run, _ = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip")
+    t2i, m = _train(tmp_path, "text2image-shapes.yaml", f"options.vq_run={vq_run}",
+                    f"options.reranker={rr_run}", "options.dim=32", "options.layers=1",
+                    "options.candidates=2", "options.nll_samples=16")  # fmt: skip
+    for k in ("gen.checker_acc", "gen.checker_acc_no_rerank"):
+        assert 0.0 <= m[k] <= 1.0
+    assert m["gen.prompts"] == len(shapes_gen.heldout_prompts()) and m["prior.nll"] > 0
+    assert (t2i / "plots" / "samples_prompts.png").is_file()
+    assert 'alt="samples_prompts"' in (t2i / "report.html").read_text()  # the sample grid
+    capsys.readouterr()
+    out = tmp_path / "grid.png"
+    args = ["generate", "--checkpoint", str(t2i), "a red circle at the top left",
+            "a blue square at the bottom right", "-n", "3", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    scores = [float(s) for s in re.findall(r"score (-?[0-9.]+)", printed)]
+    assert len(scores) == 6
+    assert scores[:3] == sorted(scores[:3], reverse=True)  # best first
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (2 + 3 * 66, 2 + 2 * 66)
+    assert main(args[:-2] + ["--out", str(out), "--reranker", "none", "--keep", "1"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (2 + 66, 2 + 2 * 66)
+    assert main(["generate", "--checkpoint", str(rr_run), "x", "--out", str(out)]) == 2
+    assert main(["train", "-c", str(ROOT / "configs" / "text2image-shapes.yaml"),
+                 f"output_dir={tmp_path}", "name=bad", "options.vq_run=", *TINY]) == 2  # fmt: skip
