@@ -16,7 +16,7 @@ from mmtune.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from mmtune.engine import epoch_batches, lr_factor, param_groups
+from mmtune.engine import adamw, epoch_batches, lr_factor, param_groups
 from mmtune.errors import CheckpointError, UserError
 from mmtune.report import read_jsonl
 
@@ -250,6 +250,21 @@ def test_weight_decay_exclusions():
     assert "hf.logit_scale" in no_names
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert any("layer_norm" in n for n in no_names) and any(n.endswith("bias") for n in no_names)
+
+
+def test_adamw_is_fused_where_it_can_be_and_steps_like_the_default():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    fused, plain = adamw(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randn(16, 8)
+    for model, opt in ((a, fused), (b, plain)):
+        for _ in range(3):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_epoch_batches_cover_once_and_split_by_rank():

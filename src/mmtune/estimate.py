@@ -149,7 +149,9 @@ def estimate(cfg, sizes: list[int] | None = None, memory_budget: int | None = No
     sizes = sizes or _probe_sizes(target)
     model, task, records, autocast, device = _setup(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)  # the weights barely move while measuring
+    from mmtune.engine import adamw
+
+    opt = adamw(params, lr=1e-12)  # the weights barely move while measuring
     measured = []
     for b in sizes:
         m = measure_step(model, task, make_batch(task, records, b, device), opt, autocast, device)
