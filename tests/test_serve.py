@@ -212,6 +212,36 @@ def test_result_images_are_served_by_row_only(server, world):
     assert r.status_code in (404, 422) and "root:" not in r.text
 
 
+def test_result_images_inside_tar_shards_are_served(world, tmp_path):
+    """An index over a shard folder (`mmtune data shard`): each hit's image comes out of its tar
+    with its own bytes and type; once the shard is gone, a 404 — and the server stays up."""
+    from mmtune.data.formats import Record
+    from mmtune.data.shards import write_shards
+    from mmtune.embed import embed_items, image_items
+    from mmtune.retrieval import IndexConfig, build_index, read_embeddings, save_index
+
+    paths = world["paths"][:6]
+    write_shards([Record(str(p), ["x"], None, p.name) for p in paths], tmp_path / "shards", 4)
+    emb_file = tmp_path / "emb.parquet"
+    embed_items(world["model"], world["proc"], image_items(tmp_path / "shards"), emb_file,
+                progress=False, checkpoint=world["run"])  # fmt: skip
+    emb = read_embeddings(emb_file)
+    save_index(tmp_path / "index", build_index(emb.vectors, IndexConfig()), emb, IndexConfig())
+    backend = Backend.from_run(world["run"], tmp_path / "index")
+    with LiveServer(create_app(backend, ServeConfig())) as s:
+        files = {"image": ("q.png", png_bytes(paths[5]))}
+        hit = httpx.post(s.url + "/v1/search", files=files, data={"k": "1"}).json()["results"][0]
+        assert ".tar#" in hit["path"]
+        r = httpx.get(s.url + hit["image_url"])
+        assert r.status_code == 200, r.text
+        assert r.content == paths[5].read_bytes() and r.headers["content-type"] == "image/png"
+        for tar in (tmp_path / "shards").glob("*.tar"):
+            tar.unlink()
+        r = httpx.get(s.url + hit["image_url"])
+        assert r.status_code == 404 and "error" in r.json()
+        assert httpx.get(s.url + "/health/ready").status_code == 200
+
+
 def test_health_page_and_predict_route(server):
     assert httpx.get(server.url + "/health/live").json() == {"status": "live"}
     assert httpx.get(server.url + "/health/ready").status_code == 200

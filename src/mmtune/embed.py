@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tarfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,27 +77,45 @@ def shard_items(folder: str | Path) -> list[Item]:
     return items
 
 
-class _ImageSource:
+def shard_member(path: str) -> tuple[str, str] | None:
+    """(tar path, member name) when `path` is `SHARD.tar#MEMBER` of an existing shard, else None."""
+    tar_path, sep, member = str(path).rpartition("#")
+    if not sep or not tar_path.endswith(".tar") or not os.path.isfile(tar_path):
+        return None
+    return tar_path, member
+
+
+class ImageSource:
     """Opens an item's image: a file path, or `SHARD.tar#MEMBER` read from the shard (each tar is
-    indexed once and kept open while a run lasts)."""
+    indexed once and kept open while a run lasts; safe to share between threads)."""
 
     def __init__(self):
         self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
+        self._lock = threading.Lock()
+
+    def read_member(self, path: str) -> bytes:
+        """The bytes of shard member `path` (`SHARD.tar#MEMBER`); BadImage when it is missing."""
+        parts = shard_member(path)
+        if parts is None:
+            raise BadImage(path, "missing")
+        tar_path, member = parts
+        with self._lock:  # one TarFile's file position is shared by its readers
+            if tar_path not in self._tars:
+                tar = tarfile.open(tar_path, "r")  # noqa: SIM115 (kept open; closed by close())
+                self._tars[tar_path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
+            tar, members = self._tars[tar_path]
+            if member not in members:
+                raise BadImage(path, "missing")
+            data = tar.extractfile(members[member]).read()
+        if not data:
+            raise BadImage(path, "empty")
+        return data
 
     def __call__(self, path: str):
-        tar_path, sep, member = path.rpartition("#")
-        if not sep or not tar_path.endswith(".tar") or not os.path.isfile(tar_path):
+        if shard_member(path) is None:
             return path
-        if tar_path not in self._tars:
-            tar = tarfile.open(tar_path, "r")  # noqa: SIM115 (kept open; closed by close())
-            self._tars[tar_path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
-        tar, members = self._tars[tar_path]
-        if member not in members:
-            raise BadImage(path, "missing")
-        data = io.BytesIO(tar.extractfile(members[member]).read())
+        data = io.BytesIO(self.read_member(path))
         data.name = path  # named in BadImage messages
-        if not data.getbuffer().nbytes:
-            raise BadImage(path, "empty")
         return data
 
     def close(self) -> None:
@@ -264,7 +283,7 @@ def embed_items(
     model.eval()
     bar = tqdm(total=len(items), desc="embedding", disable=not progress, unit="item")
     bar.update(sum(m["end"] - m["start"] for m in done.values()))
-    dim, open_ = None, _ImageSource()
+    dim, open_ = None, ImageSource()
     try:
         for n in range(n_parts):
             if n in done:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mimetypes
+import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,12 +21,14 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from mmtune.data.images import BadImage
+from mmtune.embed import ImageSource, shard_member
 from mmtune.serve.backend import Backend
 from mmtune.serve.batcher import MicroBatcher, Overloaded
 from mmtune.serve.limits import (
@@ -63,6 +67,7 @@ class _State:
         self.text: MicroBatcher | None = None
         self.image: MicroBatcher | None = None
         self.flight: InFlightLimit | None = None
+        self.shards = ImageSource()  # reads result images kept inside tar shards
 
     def failed(self, exc: BaseException) -> None:
         self.error = f"model call failed: {exc.__class__.__name__}"
@@ -115,6 +120,7 @@ def _lifespan(st: _State, source: Backend | Callable[[], Backend]):
         await st.text.stop()
         await st.image.stop()
         st.executor.shutdown(wait=False, cancel_futures=True)
+        st.shards.close()
 
     return lifespan
 
@@ -297,7 +303,15 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
         index = backend.index
         if index is None or not 0 <= row < len(index) or index.meta["modality"][row] != "image":
             raise ApiError(404, f"no image at index row {row}")
-        path = Path(index.meta["path"][row] or "")
+        raw = index.meta["path"][row] or ""
+        if shard_member(raw):  # an image inside a tar shard (`mmtune data shard`)
+            try:
+                data = await run_in_threadpool(st.shards.read_member, raw)
+            except (BadImage, OSError, tarfile.TarError) as e:
+                raise ApiError(404, f"the image of row {row} is no longer in its shard") from e
+            kind = mimetypes.guess_type(raw.rpartition("#")[2])[0]
+            return Response(data, media_type=kind or "application/octet-stream")
+        path = Path(raw)
         if not path.is_file():
             raise ApiError(404, f"the image of row {row} is no longer on disk")
         return FileResponse(path)
