@@ -42,7 +42,7 @@ def test_logit_scale_starts_at_clip_value_and_is_clamped():
     assert float(m.scale().detach()) == 100.0
 
 
-@pytest.mark.parametrize("name", ["tiny-clip", "lit-minilm"])
+@pytest.mark.parametrize("name", ["tiny-clip", "lit-minilm", "shapes-fusion", "shapes-cells"])
 def test_save_reload_gives_identical_embeddings(tmp_path, name):
     model, proc = load_model(ModelConfig(name=name))
     model.eval()
@@ -53,8 +53,11 @@ def test_save_reload_gives_identical_embeddings(tmp_path, name):
     again.eval()
     px = torch.randn(2, 3, proc.image_size, proc.image_size)
     tok = proc2.tokenize(["a photo of the number three.", "seven"])
-    assert torch.equal(model.encode_image(px), again.encode_image(px))
-    assert torch.equal(model.encode_text(**tok), again.encode_text(**tok))
+    # equal up to the attention kernel (a preset may pick eager; a reload takes the default)
+    torch.testing.assert_close(model.encode_image(px), again.encode_image(px), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        model.encode_text(**tok), again.encode_text(**tok), rtol=0, atol=1e-6
+    )
     assert again.text_locked == model.text_locked
 
 

@@ -49,6 +49,25 @@ def test_classifier_train_eval_predict(tmp_path, capsys):
     assert capsys.readouterr().out.strip() in ANSWERS
 
 
+def test_shapes_cells_preset_trains_and_reloads(tmp_path, capsys):
+    """The preset configs/vqa-shapes.yaml ships: conv-stem cells and word embeddings as tokens;
+    its image embedding is the mean of the cells, so it differs between images."""
+    import torch
+
+    from mmtune.models import load_run
+
+    run, metrics = _train(tmp_path, "cells", "model.name=shapes-cells")
+    assert 0.0 <= metrics["vqa.acc"] <= 1.0
+    model, proc = load_run(run)
+    assert model.backbone.vision.config.num_hidden_layers == 0
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(2, 3, 75, 75))
+    assert not torch.allclose(emb[0], emb[1])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert f"{metrics['vqa.acc']:.4f}" in capsys.readouterr().out
+
+
 def test_generator_head(tmp_path, capsys):
     run, metrics = _train(tmp_path, "gen", "options.head=generator", "options.decoder_layers=1")
     assert 0.0 <= metrics["vqa.acc"] <= 1.0

@@ -373,11 +373,11 @@ def _conv_stem_classes():
         model_type = "mmtune-convstem"
 
         def __init__(self, image_size=75, channels=24, stem_layers=4, hidden_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, **kw):  # fmt: skip
+                     num_hidden_layers=2, num_attention_heads=4, pos_scale=0.5, **kw):  # fmt: skip
             super().__init__(**kw)
             self.image_size, self.channels, self.stem_layers = image_size, channels, stem_layers
             self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
-            self.num_attention_heads = num_attention_heads
+            self.num_attention_heads, self.pos_scale = num_attention_heads, pos_scale
 
     class ConvStemModel(PreTrainedModel):
         config_class = ConvStemConfig
@@ -394,7 +394,9 @@ def _conv_stem_classes():
             d = config.hidden_size
             self.proj = nn.Linear(c, d)
             self.cls = nn.Parameter(torch.zeros(1, 1, d))
-            self.pos = nn.Parameter(torch.randn(1, size * size + 1, d) * 0.5)  # as loud as content
+            # initial loudness of the position term: 0.5 ≈ as loud as content; quieter (0.05) lets
+            # cross-attention keys say what a cell holds ("red") before where it is
+            self.pos = nn.Parameter(torch.randn(1, size * size + 1, d) * config.pos_scale)
             self.blocks = nn.ModuleList(
                 Block(d, config.num_attention_heads, cross=False)
                 for _ in range(config.num_hidden_layers)
@@ -431,26 +433,37 @@ ConvStemConfig, ConvStemModel = _conv_stem_classes()
 
 
 def shapes_fusion_preset(image_size: int = 75, dim: int = 128, vision_layers: int = 2,
-                         text_layers: int = 2):  # fmt: skip
+                         text_layers: int = 2, pos_scale: float = 0.5):  # fmt: skip
     """Conv-stem vision tower (5×5 tokens for 75×75 scenes) + a small BERT on the MiniLM
-    word-piece vocabulary, both random; → (DualEncoder, Processor, defaults)."""
+    word-piece vocabulary, both random; → (DualEncoder, Processor, defaults). With
+    `vision_layers=0` the tokens are the stem's cells themselves and the image embedding is their
+    mean; with `text_layers=0` the text tokens are BERT's embeddings (word + position)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from mmtune.models.load import Processor, minilm_dir
 
     vision = ConvStemModel(ConvStemConfig(image_size=image_size, hidden_size=dim,
-                                          num_hidden_layers=vision_layers))  # fmt: skip
+                                          num_hidden_layers=vision_layers, pos_scale=pos_scale))  # fmt: skip
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     tcfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=dim, num_hidden_layers=text_layers,
                       num_attention_heads=4, intermediate_size=4 * dim, max_position_embeddings=128,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     tcfg._attn_implementation = "eager"  # 2× faster than the fused CPU kernels at this size
     text = BertModel(tcfg, add_pooling_layer=False)
-    model = DualEncoder(vision, text, dim, dim, dim, text_pooling="mean")
+    pooling = "cls" if vision_layers else "mean"  # without blocks, [CLS] would see nothing
+    model = DualEncoder(vision, text, dim, dim, dim, vision_pooling=pooling, text_pooling="mean")
     return model, Processor(tok, image_size, max_length=128), {"lock_text": False}
 
 
-FUSION_PRESETS = {"shapes-fusion": shapes_fusion_preset}
+def shapes_cells_preset():
+    """`shapes-cells`: the conv stem's cells are the image tokens (no vision blocks, position
+    term at 0.05) and word embeddings the text tokens (no text layers): the fusion encoder's
+    cross-attention reads cells that still say plainly what colour they hold, which is what lets a
+    question's colour word find its object quickly (docs/vqa.md)."""
+    return shapes_fusion_preset(vision_layers=0, text_layers=0, pos_scale=0.05)
+
+
+FUSION_PRESETS = {"shapes-fusion": shapes_fusion_preset, "shapes-cells": shapes_cells_preset}
 
 
 def build_vocab(tokenizer, texts: list[str]) -> list[int]:
