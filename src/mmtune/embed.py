@@ -93,9 +93,10 @@ class ImageSource:
         self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
         self._lock = threading.Lock()
 
-    def read_member(self, path: str) -> bytes:
-        """The bytes of shard member `path` (`SHARD.tar#MEMBER`); BadImage when it is missing."""
-        parts = shard_member(path)
+    def read_member(self, path: str, parts: tuple[str, str] | None = None) -> bytes:
+        """The bytes of shard member `path` (`SHARD.tar#MEMBER`; `parts`: its `shard_member`, when
+        the caller has it already); BadImage when it is missing."""
+        parts = parts or shard_member(path)
         if parts is None:
             raise BadImage(path, "missing")
         tar_path, member = parts
@@ -112,9 +113,10 @@ class ImageSource:
         return data
 
     def __call__(self, path: str):
-        if shard_member(path) is None:
+        parts = shard_member(path)
+        if parts is None:
             return path
-        data = io.BytesIO(self.read_member(path))
+        data = io.BytesIO(self.read_member(path, parts))
         data.name = path  # named in BadImage messages
         return data
 

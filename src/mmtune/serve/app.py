@@ -304,12 +304,13 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
         if index is None or not 0 <= row < len(index) or index.meta["modality"][row] != "image":
             raise ApiError(404, f"no image at index row {row}")
         raw = index.meta["path"][row] or ""
-        if shard_member(raw):  # an image inside a tar shard (`mmtune data shard`)
+        parts = shard_member(raw)
+        if parts:  # an image inside a tar shard (`mmtune data shard`)
             try:
-                data = await run_in_threadpool(st.shards.read_member, raw)
+                data = await run_in_threadpool(st.shards.read_member, raw, parts)
             except (BadImage, OSError, tarfile.TarError) as e:
                 raise ApiError(404, f"the image of row {row} is no longer in its shard") from e
-            kind = mimetypes.guess_type(raw.rpartition("#")[2])[0]
+            kind = mimetypes.guess_type(parts[1])[0]
             return Response(data, media_type=kind or "application/octet-stream")
         path = Path(raw)
         if not path.is_file():
