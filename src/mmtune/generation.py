@@ -16,11 +16,9 @@ from mmtune.errors import CheckpointError, UserError
 
 def compact_vocab(tokenizer, texts: list[str]) -> list[int]:
     """Tokenizer ids of the prior's text vocabulary: [PAD], [UNK], then every id the texts use."""
-    special = [tokenizer.pad_token_id, tokenizer.unk_token_id]
-    seen: set[int] = set()
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        seen.update(ids)
-    return special + sorted(seen - set(special))
+    from mmtune.models.fusion import build_vocab
+
+    return build_vocab(tokenizer, texts, specials=("pad", "unk"))
 
 
 def encode_captions(tokenizer, vocab_ids: list[int], texts: list[str], length: int) -> torch.Tensor:
@@ -35,11 +33,16 @@ def encode_captions(tokenizer, vocab_ids: list[int], texts: list[str], length: i
     return out
 
 
-def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
-    """(B, 3, S, S) normalised pixels → RGB images."""
+def unnormalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, S, S) normalised pixels → values in [0, 1], on the CPU."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    arr = ((pixels.float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    return (pixels.float().cpu() * s + m).clamp(0, 1)
+
+
+def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
+    """(B, 3, S, S) normalised pixels → RGB images."""
+    arr = (unnormalise(pixels, mean, std) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
 
 

@@ -466,11 +466,11 @@ def shapes_cells_preset():
 FUSION_PRESETS = {"shapes-fusion": shapes_fusion_preset, "shapes-cells": shapes_cells_preset}
 
 
-def build_vocab(tokenizer, texts: list[str]) -> list[int]:
-    """Compact decoder vocabulary: [PAD], [UNK], [CLS], [SEP], [MASK], then every tokenizer id the
-    texts use (sorted) — a softmax over tens of ids, not the tokenizer's 30k."""
-    special = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id,
-               tokenizer.sep_token_id, tokenizer.mask_token_id]  # fmt: skip
+def build_vocab(tokenizer, texts: list[str],
+                specials: tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")) -> list[int]:  # fmt: skip
+    """Compact decoder vocabulary: the `specials` ([PAD], [UNK], [CLS], [SEP], [MASK]), then every
+    tokenizer id the texts use (sorted) — a softmax over tens of ids, not the tokenizer's 30k."""
+    special = [getattr(tokenizer, f"{name}_token_id") for name in specials]
     special = [i for i in special if i is not None]
     seen = set()
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:

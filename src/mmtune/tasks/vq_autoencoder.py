@@ -67,9 +67,10 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def unnormalise(pixels: torch.Tensor, processor) -> torch.Tensor:
-    m = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels.float().cpu() * s + m).clamp(0, 1)
+    """Pixels in [0, 1] from the processor's normalised ones."""
+    from mmtune.generation import unnormalise as from_stats
+
+    return from_stats(pixels, processor.image_mean, processor.image_std)
 
 
 def save_vq_spec(model, processor, folder, wrap_builder: str, spec: dict) -> None:
