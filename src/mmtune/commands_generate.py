@@ -35,6 +35,7 @@ def _saved_config(run: Path):
 
 def cmd_generate(args, extra) -> int:
     from mmtune.api import configure_threads
+    from mmtune.config import validate_options
     from mmtune.generation import Reranker, grid, rerank
 
     run = Path(args.checkpoint)
@@ -44,17 +45,21 @@ def cmd_generate(args, extra) -> int:
     if args.keep is not None and args.keep < 1:
         raise UserError(f"--keep must be at least 1 (got {args.keep})")
     configure_threads()
-    opts = dict(cfg.options)
     if cfg.task == "sd-lora":
+        from mmtune.tasks.sd_lora import SDLoRAOptions
         from mmtune.tasks.sd_lora import generate_images as sd_generate
 
-        guidance = args.guidance if args.guidance is not None else opts.get("guidance", 7.5)
+        opts = validate_options(cfg, SDLoRAOptions)  # the run's options, defaults filled in
+        guidance = args.guidance if args.guidance is not None else opts.guidance
         images = sd_generate(run, list(args.prompts), args.n, args.seed, float(guidance))
     elif cfg.task == "text2image":
-        images = _vq_generate(run, cfg, args)
+        from mmtune.tasks.text2image import T2IOptions
+
+        opts = validate_options(cfg, T2IOptions)
+        images = _vq_generate(run, opts, args)
     else:
         raise UserError(f"{run} is a {cfg.task!r} run: generate needs text2image or sd-lora")
-    ranker_run = args.reranker if args.reranker is not None else opts.get("reranker")
+    ranker_run = args.reranker if args.reranker is not None else opts.reranker
     ranker = None
     if ranker_run and ranker_run != "none":
         if not Path(ranker_run).exists():
@@ -80,7 +85,7 @@ def cmd_generate(args, extra) -> int:
     return 0
 
 
-def _vq_generate(run: Path, cfg, args):
+def _vq_generate(run: Path, o, args):
     from mmtune.generation import generate_images
     from mmtune.models import load_run
     from mmtune.models.prior import Text2ImageModel
@@ -88,10 +93,9 @@ def _vq_generate(run: Path, cfg, args):
     model, proc = load_run(run)
     if not isinstance(model, Text2ImageModel):
         raise UserError(f"{run}: not a text2image model")
-    o = cfg.options
-    guidance = args.guidance if args.guidance is not None else o.get("guidance", 3.0)
-    temperature = args.temperature if args.temperature is not None else o.get("temperature", 1.0)
-    top_k = args.top_k if args.top_k is not None else o.get("top_k")
+    guidance = args.guidance if args.guidance is not None else o.guidance
+    temperature = args.temperature if args.temperature is not None else o.temperature
+    top_k = args.top_k if args.top_k is not None else o.top_k
     if temperature <= 0:
         raise UserError(f"--temperature must be positive (got {temperature})")
     return generate_images(model, proc, list(args.prompts), args.n, args.seed, float(guidance),
