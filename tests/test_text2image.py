@@ -192,6 +192,10 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
         ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()
     }
     assert float(again["vq.psnr"]) == pytest.approx(m["vq.psnr"], abs=1e-3)
+    from mmtune.models import count_parameters, load_run
+
+    vq_model, _ = load_run(vq_run)  # the figures describe the VQ model, not the config's backbone
+    assert (m["model.trainable_params"], m["model.total_params"]) == count_parameters(vq_model)
     rr_run, _ = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip")
     t2i, m = _train(tmp_path, "text2image-shapes.yaml", f"options.vq_run={vq_run}",
                     f"options.reranker={rr_run}", "options.dim=32", "options.layers=1",

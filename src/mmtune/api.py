@@ -115,8 +115,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 "checkpoint, a preset or a composed model"
             )
         model.add_logit_bias()
-    trainable, total = count_parameters(model)
-    print(f"parameters: {trainable:,} trainable / {total:,} total", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     from mmtune.checkpoint import clean_stale
@@ -125,6 +123,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = task_cls(_context(cfg, processor, splits, device))
     model = task.build_head(model)
+    trainable, total = count_parameters(model)  # the model the task trains, heads included
+    print(f"parameters: {trainable:,} trainable / {total:,} total", flush=True)
     if not (run_dir / "model").exists():
         save_spec(model, processor, run_dir / "model")
     trainer = Trainer(
