@@ -76,12 +76,15 @@ def _context(cfg, processor, splits, device) -> Context:
     return Context(cfg, processor, splits, device, autocast)
 
 
-def _metric_summary(splits: Splits) -> dict:
+def _metric_summary(splits: Splits, task) -> dict:
+    """data.skipped (by reason) and data.train/val/test: what each split holds, counted in the
+    task's own units (`task.count`, e.g. images for captioning; records by default)."""
     skipped = Counter(splits.skipped)
     out = {"data.skipped": int(sum(skipped.values()))}
     out.update({f"data.skipped.{k}": int(v) for k, v in sorted(skipped.items())})
+    count = getattr(task, "count", len)
     for name in ("train", "val", "test"):
-        out[f"data.{name}"] = len(splits.get(name))
+        out[f"data.{name}"] = count(splits.get(name) or [])
     return out
 
 
@@ -148,7 +151,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         load_weights(trainer.acc.unwrap_model(trainer.model), best / "model.safetensors")
     final_split = cfg.eval.split if splits.get(cfg.eval.split) else "val"
     metrics = trainer.evaluate(splits.get(final_split))
-    metrics.update(_metric_summary(splits))
+    metrics.update(_metric_summary(splits, task))
     metrics.update({
         "eval.split": final_split,
         "train.steps": state.step,
@@ -209,6 +212,6 @@ def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | Non
     records = splits.get(split) or splits.val
     start = time.perf_counter()
     metrics = task.evaluate(model, records)
-    metrics.update(_metric_summary(splits))
+    metrics.update(_metric_summary(splits, task))
     metrics["eval.seconds"] = round(time.perf_counter() - start, 3)
     return metrics

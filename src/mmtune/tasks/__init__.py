@@ -7,7 +7,9 @@ A task is a class built with a `Context`; the engine, CLI and server only call t
 - `collate(items) -> dict` — a batch with transformers' key names;
 - `loss(model, batch) -> dict[str, Tensor]` — named parts, `"loss"` is the total;
 - `evaluate(model, records) -> dict[str, float]` — pure metric functions from `mmtune.metrics`;
-- `predict(model, inputs) -> list[dict]` — shared by `mmtune predict`, `eval` and the server.
+- `predict(model, inputs) -> list[dict]` — shared by `mmtune predict`, `eval` and the server;
+- optional `count(records) -> int` — a split's size in the task's units for `data.train/val/test`
+  (captioning counts images, not question records); `len` by default.
 """
 
 from __future__ import annotations

@@ -50,6 +50,11 @@ def image_dataset(records, ctx) -> ImageTextDataset:
     return ImageTextDataset(image_records(records), tf, ctx.cfg.seed)
 
 
+def count_images(records) -> int:
+    """A task's `count`: images, not question records (a `shapes` scene carries 20 questions)."""
+    return len(image_records(records))
+
+
 def image_records(records) -> list[Record]:
     """One record per image (question records of one image collapse into one)."""
     seen: dict[str, Record] = {}
@@ -90,6 +95,8 @@ class CaptionTask:
             model = FusionModel(model, spec)
         save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
         return model
+
+    count = staticmethod(count_images)
 
     def dataset(self, records, train: bool):
         return image_dataset(records, self.ctx)

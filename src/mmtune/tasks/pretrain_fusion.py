@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from mmtune.config import validate_options
 from mmtune.losses import caption_group_ids, clip_loss
 from mmtune.models.fusion import FusionModel, build_vocab, save_fusion_spec
-from mmtune.tasks.caption import image_dataset, image_records
+from mmtune.tasks.caption import count_images, image_dataset, image_records
 
 
 class PretrainOptions(BaseModel):
@@ -103,6 +103,8 @@ class PretrainFusionTask:
         model = FusionModel(model, spec)
         save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
         return model
+
+    count = staticmethod(count_images)
 
     def dataset(self, records, train: bool):
         return image_dataset(records, self.ctx)
