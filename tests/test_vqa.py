@@ -200,3 +200,30 @@ def test_repeated_questions_run_through_the_text_tower_once():
     assert calls[0]["input_ids"].shape[0] == 3
     ref = model.tower("text")(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_curriculum_draws_only_its_question_types_for_its_epochs():
+    from mmtune.data.vqa_formats import QARecord
+    from mmtune.tasks.vqa import QuestionsDataset
+
+    recs = [QARecord(image=f"i{i}.png", question=f"q{i}{t}", answers=["a"], image_id=f"i{i}",
+                     question_type=t) for i in range(3) for t in ("nonrel.shape", "rel.count")]  # fmt: skip
+    recs.append(QARecord(image="j.png", question="q", answers=["a"], image_id="j",
+                         question_type="rel.closest"))  # fmt: skip
+    ds = QuestionsDataset(recs, None, seed=0, curriculum=(["nonrel"], 2))
+    for epoch, expected in [(0, {"nonrel.shape"}), (1, {"nonrel.shape"}),
+                            (2, {"nonrel.shape", "rel.count"})]:  # fmt: skip
+        ds.set_epoch(epoch)
+        drawn = {q.question_type for g in range(3) for q in ds.questions(g)}
+        assert drawn == expected, epoch
+    assert [q.question_type for q in ds.questions(3)] == ["rel.closest"]  # none match: keeps all
+
+
+def test_curriculum_types_that_match_no_question_are_refused(tmp_path, capsys):
+    args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
+            "name=cur", "data.dataset=shapes-mini", *TINY, "options.curriculum_epochs=1",
+            "options.curriculum_types=[nonrelational]"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "curriculum_types ['nonrelational'] match no training question" in err
+    assert "nonrel.shape" in err

@@ -50,6 +50,14 @@ class VQAOptions(BaseModel):
     questions_per_image: int = Field(
         0, ge=0, description="Training: questions drawn per image per epoch (0: all)."
     )
+    curriculum_types: list[str] = Field(
+        [],
+        description="Training: in the first curriculum_epochs epochs, only questions whose "
+        "question_type starts with one of these (e.g. [nonrel]) — easier questions first.",
+    )
+    curriculum_epochs: int = Field(
+        0, ge=0, description="Epochs of the curriculum_types-only phase (0: no curriculum)."
+    )
 
 
 def group_by_image(records) -> list[list]:
@@ -64,9 +72,11 @@ def group_by_image(records) -> list[list]:
 class QuestionsDataset(torch.utils.data.Dataset):
     """One item per image: its pixels and (a seeded draw of) its questions."""
 
-    def __init__(self, records, transform, seed: int, per_image: int = 0):
+    def __init__(self, records, transform, seed: int, per_image: int = 0,
+                 curriculum: tuple[list[str], int] = ([], 0)):  # fmt: skip
         self.groups, self.transform = group_by_image(records), transform
         self.seed, self.per_image, self.epoch = seed, per_image, 0
+        self.curriculum_types, self.curriculum_epochs = tuple(curriculum[0]), curriculum[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -74,11 +84,19 @@ class QuestionsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def questions(self, i: int) -> list:
+        """Image i's questions this epoch: the curriculum's types while it lasts (an image with
+        none of them keeps all), then a seeded draw of `per_image`."""
         qs = self.groups[i]
+        if self.epoch < self.curriculum_epochs:
+            qs = [q for q in qs if q.question_type.startswith(self.curriculum_types)] or qs
         rng = np.random.default_rng([self.seed, self.epoch, i])
         if self.per_image and len(qs) > self.per_image:
             qs = [qs[j] for j in sorted(rng.choice(len(qs), self.per_image, replace=False))]
+        return qs
+
+    def __getitem__(self, i: int) -> dict | None:
+        qs = self.questions(i)
         try:
             img = load_image(qs[0].image)
         except BadImage:
@@ -162,9 +180,19 @@ class VQATask:
 
     def dataset(self, records, train: bool):
         tf = self.ctx.processor.transform(augment=False)  # shifts would move left/right answers
-        return QuestionsDataset(
-            records, tf, self.cfg.seed, self.opts.questions_per_image if train else 0
-        )
+        o = self.opts
+        if not train:
+            return QuestionsDataset(records, tf, self.cfg.seed)
+        if o.curriculum_epochs and not any(
+            r.question_type.startswith(tuple(o.curriculum_types)) for r in records
+        ):
+            types = sorted({r.question_type for r in records})[:8]
+            raise ConfigError(
+                f"options.curriculum_types {o.curriculum_types} match no training question "
+                f"(question types: {types})"
+            )
+        curriculum = (o.curriculum_types, o.curriculum_epochs)
+        return QuestionsDataset(records, tf, self.cfg.seed, o.questions_per_image, curriculum)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
