@@ -46,16 +46,18 @@ bench-train: setup
 
 # VQA on the built-in Sort-of-CLEVR `shapes`: the fusion model, the no-cross-attention baseline
 # (pooled image ⊕ question → MLP), and fine-tuning after fusion pre-training vs from scratch at
-# the same fine-tuning budget. Writes runs/vqa-shapes/metrics.json (vqa.*, baseline.vqa.*,
-# pretrained.vqa.*, scratch.vqa.*) and its report. See docs/vqa.md.
+# the same fine-tuning budget (900 steps, all question types from the start). Writes
+# runs/vqa-shapes/metrics.json (vqa.*, baseline.vqa.*, pretrained.vqa.*, scratch.vqa.*) and its
+# report. See docs/vqa.md.
 VQA_FT_STEPS ?= 900
 vqa-shapes: setup
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-baseline options.fusion=concat
 	$(BIN)/mmtune train -c configs/pretrain-fusion-shapes.yaml name=pretrain-fusion-shapes
 	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-pretrained \
-		model.name=runs/pretrain-fusion-shapes train.max_steps=$(VQA_FT_STEPS)
-	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-scratch train.max_steps=$(VQA_FT_STEPS)
+		model.name=runs/pretrain-fusion-shapes train.max_steps=$(VQA_FT_STEPS) options.curriculum_epochs=0
+	$(BIN)/mmtune train -c configs/vqa-shapes.yaml name=vqa-shapes-scratch \
+		train.max_steps=$(VQA_FT_STEPS) options.curriculum_epochs=0
 	$(BIN)/mmtune compare-runs --into runs/vqa-shapes --add baseline=runs/vqa-shapes-baseline \
 		--add pretrained=runs/vqa-shapes-pretrained --add scratch=runs/vqa-shapes-scratch
 

@@ -109,7 +109,8 @@ def _vqa2_files(folder: Path, split: str, n_images=4, drop_answers=False, bad_im
 def test_vqa_v2_format(tmp_path):
     train, val = _vqa2_files(tmp_path, "train"), _vqa2_files(tmp_path, "val")
     args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
-            "name=v2", f"data.dataset={train}", f"data.val={val}", f"data.test={val}", *TINY]  # fmt: skip
+            "name=v2", f"data.dataset={train}", f"data.val={val}", f"data.test={val}", *TINY,
+            "options.curriculum_epochs=0"]  # the shapes config's curriculum names shapes' types  # fmt: skip
     args[args.index("data.batch_size=8")] = "data.batch_size=2"
     assert main(args) == 0
     m = json.loads((tmp_path / "v2" / "metrics.json").read_text())
@@ -157,7 +158,8 @@ def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
     for head in ("classifier", "generator"):
         args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
                 f"name={head}", f"data.dataset={path}", "data.val_fraction=0.25", *TINY,
-                f"options.head={head}", "options.decoder_layers=1", "data.batch_size=2"]  # fmt: skip
+                f"options.head={head}", "options.decoder_layers=1", "data.batch_size=2",
+                "options.curriculum_epochs=0"]  # fmt: skip
         assert main(args) == 0
     img = str(tmp_path / "d0.png")
     capsys.readouterr()
@@ -227,3 +229,14 @@ def test_curriculum_types_that_match_no_question_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "curriculum_types ['nonrelational'] match no training question" in err
     assert "nonrel.shape" in err
+
+
+def test_shapes_cells_text_tokens_start_out_saying_their_word():
+    from mmtune.models.fusion import shapes_cells_preset, shapes_fusion_preset
+
+    emb = shapes_cells_preset()[0].tower("text").embeddings
+    assert emb.token_type_embeddings.weight.abs().max() == 0  # constant for every token: silent
+    word, pos = emb.word_embeddings.weight.std(), emb.position_embeddings.weight.std()
+    assert 0.4 < pos / word < 0.6
+    plain = shapes_fusion_preset(vision_layers=0, text_layers=0)[0].tower("text").embeddings
+    assert plain.token_type_embeddings.weight.abs().max() > 0  # the default is BERT's own init

@@ -433,11 +433,14 @@ ConvStemConfig, ConvStemModel = _conv_stem_classes()
 
 
 def shapes_fusion_preset(image_size: int = 75, dim: int = 128, vision_layers: int = 2,
-                         text_layers: int = 2, pos_scale: float = 0.5):  # fmt: skip
+                         text_layers: int = 2, pos_scale: float = 0.5,
+                         text_pos_scale: float = 1.0):  # fmt: skip
     """Conv-stem vision tower (5×5 tokens for 75×75 scenes) + a small BERT on the MiniLM
     word-piece vocabulary, both random; → (DualEncoder, Processor, defaults). With
     `vision_layers=0` the tokens are the stem's cells themselves and the image embedding is their
-    mean; with `text_layers=0` the text tokens are BERT's embeddings (word + position)."""
+    mean; with `text_layers=0` the text tokens are BERT's embeddings (word + position).
+    `text_pos_scale` < 1 starts BERT's position embeddings quieter than its word embeddings and
+    its (constant) token-type embedding at zero, so a token starts out mostly saying its word."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from mmtune.models.load import Processor, minilm_dir
@@ -450,6 +453,10 @@ def shapes_fusion_preset(image_size: int = 75, dim: int = 128, vision_layers: in
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     tcfg._attn_implementation = "eager"  # 2× faster than the fused CPU kernels at this size
     text = BertModel(tcfg, add_pooling_layer=False)
+    if text_pos_scale != 1.0:
+        with torch.no_grad():
+            text.embeddings.position_embeddings.weight.mul_(text_pos_scale)
+            text.embeddings.token_type_embeddings.weight.zero_()
     pooling = "cls" if vision_layers else "mean"  # without blocks, [CLS] would see nothing
     model = DualEncoder(vision, text, dim, dim, dim, vision_pooling=pooling, text_pooling="mean")
     return model, Processor(tok, image_size, max_length=128), {"lock_text": False}
@@ -460,7 +467,7 @@ def shapes_cells_preset():
     term at 0.05) and word embeddings the text tokens (no text layers): the fusion encoder's
     cross-attention reads cells that still say plainly what colour they hold, which is what lets a
     question's colour word find its object quickly (docs/vqa.md)."""
-    return shapes_fusion_preset(vision_layers=0, text_layers=0, pos_scale=0.05)
+    return shapes_fusion_preset(vision_layers=0, text_layers=0, pos_scale=0.05, text_pos_scale=0.5)
 
 
 FUSION_PRESETS = {"shapes-fusion": shapes_fusion_preset, "shapes-cells": shapes_cells_preset}

@@ -189,7 +189,7 @@ class VQATask:
             types = sorted({r.question_type for r in records})[:8]
             raise ConfigError(
                 f"options.curriculum_types {o.curriculum_types} match no training question "
-                f"(question types: {types})"
+                f"(question types: {types}); set options.curriculum_epochs=0 for no curriculum"
             )
         curriculum = (o.curriculum_types, o.curriculum_epochs)
         return QuestionsDataset(records, tf, self.cfg.seed, o.questions_per_image, curriculum)
