@@ -98,8 +98,9 @@ def test_discriminator_hinge_loss_and_gradient_separation():
     assert torch.allclose(g_early["decoder.0.weight"], g_no_adv["decoder.0.weight"], atol=1e-6)
 
 
-def test_prior_loss_only_on_image_tokens_and_causal():
-    p = _prior()
+@pytest.mark.parametrize("rope2d", [False, True])
+def test_prior_loss_only_on_image_tokens_and_causal(rope2d):
+    p = _prior(rope2d=rope2d, tokens=6)
     text, codes = torch.randint(10, (3, 5)), torch.randint(7, (3, 6))
     logits = p(text, codes)
     assert logits.shape == (3, 6, 7)  # one prediction per image token, none for the caption
@@ -114,6 +115,30 @@ def test_prior_loss_only_on_image_tokens_and_causal():
     first, caches = p.start(text)  # the key/value cache gives the teacher-forced logits
     steps = [first] + [p.step(codes[:, t], t, caches) for t in range(5)]
     assert torch.allclose(torch.stack(steps, 1), logits, atol=1e-5)
+
+
+def test_rope2d_attention_sees_offsets_and_caption_lookup_sees_position():
+    from mmtune.models.prior import rope_angles, rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    rows, cols = torch.tensor([1.0, 3.0, 4.0, 6.0]), torch.tensor([2.0, 0.0, 5.0, 3.0])
+    # (1, 2) → (4, 6) is the same offset (+3, +3) as (3, 0) → (6, 3)
+    ang = rope_angles(rows, cols, 16)
+
+    def score(i, j):
+        return float(rotate(q, ang[i : i + 1]) @ rotate(k, ang[j : j + 1]).transpose(-1, -2))
+
+    assert score(0, 2) == pytest.approx(score(1, 3), abs=1e-5)
+    assert score(0, 2) != pytest.approx(score(0, 3), abs=1e-3)
+    # a caption token is not turned (angle 0), so what an image token reads from the caption
+    # depends on where that image token is
+    zero = torch.zeros(1, 8)
+    assert float(rotate(q, ang[:1]) @ rotate(k, zero).transpose(-1, -2)) != pytest.approx(
+        float(rotate(q, ang[1:2]) @ rotate(k, zero).transpose(-1, -2)), abs=1e-3
+    )
+    p = _prior(rope2d=True, tokens=16)
+    assert p.pos.shape[1] == p.text_len  # image slots carry no absolute embedding
 
 
 def test_sampler_guidance_and_top_k():

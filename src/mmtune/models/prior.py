@@ -15,6 +15,24 @@ from torch import nn
 from mmtune.models.vq import VQModel
 
 
+def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(T, head_dim // 2) rotation angles of 2-D rotary embeddings: the first half of each head's
+    channel pairs turn with the row, the second half with the column."""
+    n = head_dim // 4
+    freq = 1.0 / (16.0 ** (torch.arange(n, dtype=torch.float32) / n))
+    return torch.cat([rows[:, None] * freq, cols[:, None] * freq], 1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of (B, H, T, Dh) by (T, Dh // 2) angles (the rest untouched)."""
+    m = 2 * angles.shape[1]
+    a, rest = x[..., :m], x[..., m:]
+    x1, x2 = a[..., 0::2], a[..., 1::2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    r = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return torch.cat([r, rest], -1)
+
+
 class Block(nn.Module):
     """Pre-norm causal self-attention + MLP, with an optional key/value cache for sampling."""
 
@@ -26,10 +44,12 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, cache: list | None = None):
+    def forward(self, x, cache: list | None = None, rope: torch.Tensor | None = None):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, Dh)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             if cache:  # earlier positions' keys and values
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
@@ -53,8 +73,18 @@ class Prior(nn.Module):
         self.codes, self.tokens = s["codes"], s["tokens"]
         self.bos = self.text_vocab + self.codes  # embedding row of [BOS]
         self.embed = nn.Embedding(self.text_vocab + self.codes + 1, s["dim"])
-        self.pos = nn.Parameter(torch.zeros(1, self.text_len + self.tokens, s["dim"]))
+        # rope2d: image slots carry no absolute position embedding; their queries and keys turn
+        # with the (row, column) of the token they predict, so attention among image tokens sees
+        # only offsets and an object is drawn the same way in every quadrant
+        self.rope2d = bool(s.get("rope2d"))
+        slots = self.text_len if self.rope2d else self.text_len + self.tokens
+        self.pos = nn.Parameter(torch.zeros(1, slots, s["dim"]))
         nn.init.normal_(self.pos, std=0.02)
+        side = round(self.tokens**0.5)
+        t = torch.arange(self.text_len + self.tokens) - self.text_len
+        r = torch.where(t >= 0, t // side, 0).float()
+        c = torch.where(t >= 0, t % side, 0).float()
+        self.register_buffer("angles", rope_angles(r, c, s["dim"] // s["heads"]), persistent=False)
         self.blocks = nn.ModuleList(
             Block(s["dim"], s["heads"], s.get("dropout", 0.0)) for _ in range(s["layers"])
         )
@@ -66,12 +96,23 @@ class Prior(nn.Module):
         bos = torch.full((len(text_ids), 1), self.bos, dtype=torch.long, device=text_ids.device)
         return torch.cat([text_ids, bos, codes + self.text_vocab], 1)
 
+    def _embed(self, x: torch.Tensor, start: int):
+        """Token + position embeddings of slots start… (slot text_len + t predicts image token t),
+        and their rotary angles (None without rope2d)."""
+        h = self.embed(x)
+        end = start + x.shape[1]
+        if self.rope2d:
+            pos = self.pos[:, start : min(end, self.text_len)]
+            h = torch.cat([h[:, : pos.shape[1]] + pos, h[:, pos.shape[1] :]], 1)
+            return h, self.angles[start:end]
+        return h + self.pos[:, start:end], None
+
     def forward(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, tokens, codes): row t predicts codes[:, t]."""
         x = self._inputs(text_ids, codes[:, :-1])
-        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        h, rope = self._embed(x, 0)
         for blk in self.blocks:
-            h = blk(h)
+            h = blk(h, rope=rope)
         return self.head(self.ln(h[:, self.text_len :]))  # from [BOS] on
 
     def loss(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -83,18 +124,17 @@ class Prior(nn.Module):
         """Run the prefix [text ; BOS]: → (logits of image token 0, per-block caches)."""
         caches = [[] for _ in self.blocks]
         x = self._inputs(text_ids, text_ids.new_zeros((len(text_ids), 0)))
-        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        h, rope = self._embed(x, 0)
         for blk, c in zip(self.blocks, caches, strict=True):
-            h = blk(h, c)
+            h = blk(h, c, rope)
         return self.head(self.ln(h[:, -1])), caches
 
     def step(self, code: torch.Tensor, position: int, caches):
         """Feed image token `position` (B,) → logits of token position + 1."""
-        h = self.embed(code[:, None] + self.text_vocab)
         at = self.text_len + 1 + position  # after the text and [BOS]
-        h = h + self.pos[:, at : at + 1]
+        h, rope = self._embed(code[:, None] + self.text_vocab, at)
         for blk, c in zip(self.blocks, caches, strict=True):
-            h = blk(h, c)
+            h = blk(h, c, rope)
         return self.head(self.ln(h[:, -1]))
 
 

@@ -47,6 +47,9 @@ class T2IOptions(BaseModel):
     layers: int = Field(4, ge=1, description="Transformer blocks of the prior.")
     heads: int = Field(4, ge=1, description="Attention heads.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the prior.")
+    rope2d: bool = Field(
+        False, description="2-D rotary positions on image tokens instead of learned embeddings."
+    )
     caption_dropout: float = Field(
         0.15, ge=0, le=1, description="Probability of training on the empty caption (for CFG)."
     )
@@ -124,7 +127,7 @@ class Text2ImageTask:
         vocab = compact_vocab(tok, texts)
         prior = {"text_vocab": len(vocab), "text_len": o.text_len, "codes": vq.quantizer.codes,
                  "tokens": vq.grid**2, "dim": o.dim, "layers": o.layers, "heads": o.heads,
-                 "dropout": o.dropout}  # fmt: skip
+                 "dropout": o.dropout, "rope2d": o.rope2d}  # fmt: skip
         t2i = Text2ImageModel({"vq": vq.spec(), "prior": prior, "vocab_ids": vocab})
         t2i.vq.load_state_dict(vq.state_dict())
         save_vq_spec(model, self.ctx.processor, self.cfg.run_dir / "model",
