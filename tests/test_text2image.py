@@ -100,7 +100,7 @@ def test_discriminator_hinge_loss_and_gradient_separation():
 
 @pytest.mark.parametrize("rope2d", [False, True])
 def test_prior_loss_only_on_image_tokens_and_causal(rope2d):
-    p = _prior(rope2d=rope2d, tokens=6)
+    p = _prior(rope2d=rope2d)
     text, codes = torch.randint(10, (3, 5)), torch.randint(7, (3, 6))
     logits = p(text, codes)
     assert logits.shape == (3, 6, 7)  # one prediction per image token, none for the caption
@@ -123,7 +123,7 @@ def test_rope2d_attention_sees_offsets_and_caption_lookup_sees_position():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     rows, cols = torch.tensor([1.0, 3.0, 4.0, 6.0]), torch.tensor([2.0, 0.0, 5.0, 3.0])
-    # (1, 2) → (4, 6) is the same offset (+3, +3) as (3, 0) → (6, 3)
+    # (1, 2) → (4, 5) is the same offset (+3, +3) as (3, 0) → (6, 3)
     ang = rope_angles(rows, cols, 16)
 
     def score(i, j):

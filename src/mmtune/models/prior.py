@@ -80,11 +80,14 @@ class Prior(nn.Module):
         slots = self.text_len if self.rope2d else self.text_len + self.tokens
         self.pos = nn.Parameter(torch.zeros(1, slots, s["dim"]))
         nn.init.normal_(self.pos, std=0.02)
-        side = round(self.tokens**0.5)
-        t = torch.arange(self.text_len + self.tokens) - self.text_len
-        r = torch.where(t >= 0, t // side, 0).float()
-        c = torch.where(t >= 0, t % side, 0).float()
-        self.register_buffer("angles", rope_angles(r, c, s["dim"] // s["heads"]), persistent=False)
+        angles = None
+        if self.rope2d:
+            side = round(self.tokens**0.5)
+            t = torch.arange(self.text_len + self.tokens) - self.text_len
+            r = torch.where(t >= 0, t // side, 0).float()
+            c = torch.where(t >= 0, t % side, 0).float()
+            angles = rope_angles(r, c, s["dim"] // s["heads"])
+        self.register_buffer("angles", angles, persistent=False)  # None without rope2d
         self.blocks = nn.ModuleList(
             Block(s["dim"], s["heads"], s.get("dropout", 0.0)) for _ in range(s["layers"])
         )
