@@ -180,6 +180,44 @@ def test_checker_recognises_rendered_scenes():
     assert find_objects(np.full((32, 32, 3), 255, np.uint8)) == []
 
 
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    out = ndimage.gaussian_filter(img.astype(np.float32), (sigma, sigma, 0))
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def test_checker_recognises_smoothed_scenes_and_rejects_smears():
+    """A decoder draws soft edges: at radius 5 a disk's 1-pixel tips go, and what is left fills
+    its bounding box like a square. The shape test matches whole shapes, so blurred scenes (as a
+    tokenizer reconstructs them) are still read right; a blob like neither shape is no object."""
+    images, scenes = shapes_gen.generate(200, seed=7, allow_held_out=True)
+    for sigma in (0.5, 0.7):  # (at 0.8 the edges of red, green and blue fade past the palette)
+        hits = [ok for img, objs in zip(images, scenes, strict=True)
+                for ok in check(_blur(img, sigma), objs)]  # fmt: skip
+        assert np.mean(hits) >= 0.99, sigma
+    disk = shapes_gen.render([shapes_gen.Obj("blue", "circle", "bottom right")])
+    tips = np.argwhere((disk != 255).any(-1))
+    for y, x in tips:  # the four 1-pixel tips: the rows/columns with one coloured pixel
+        if (disk[y] != 255).any(-1).sum() == 1 or (disk[:, x] != 255).any(-1).sum() == 1:
+            disk[y, x] = 255
+    assert check(disk, "a blue circle at the bottom right") == [True]
+    assert check(disk, "a blue square at the bottom right") == [False]
+    square = shapes_gen.render([shapes_gen.Obj("gray", "square", "top right")])
+    ys, xs = np.nonzero((square != 255).any(-1))
+    for y, x in [
+        (ys.min(), xs.min()),
+        (ys.min(), xs.max()),
+        (ys.max(), xs.min()),
+        (ys.max(), xs.max()),
+    ]:
+        square[y, x] = 255  # corners rounded by a pixel: still a square
+    assert check(square, "a gray square at the top right") == [True]
+    smear = np.full((32, 32, 3), 255, np.uint8)
+    smear[2:5, 2:30] = (255, 0, 0)  # 84 red pixels in a 3×28 bar: neither shape
+    assert find_objects(smear) == []
+
+
 def test_heldout_prompts_never_in_training_captions():
     splits = shapes_gen.shapes_gen_splits("shapes-gen-mini", 0)
     held = set(shapes_gen.HELD_OUT)

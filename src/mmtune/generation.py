@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmtune.data.builtin.shapes import RGB
-from mmtune.data.builtin.shapes_gen import IMAGE_SIZE, QUADRANTS, Obj, parse_caption
+from mmtune.data.builtin.shapes import RGB, draw
+from mmtune.data.builtin.shapes_gen import IMAGE_SIZE, QUADRANTS, RADIUS, SHAPES, Obj, parse_caption
 from mmtune.errors import CheckpointError, UserError
 
 # ---------------------------------------------------------------- captions → prior inputs
@@ -108,7 +108,29 @@ PALETTE = {"white": (255, 255, 255)} | {
 }
 MAX_COLOUR_DISTANCE = 90.0  # farther from every palette colour: the pixel counts as no colour
 MIN_AREA = 30  # pixels: smaller blobs are noise (an object is 81 or 121 pixels)
-SQUARE_FILL = 0.84  # area / bounding box: a square fills 1.0 of it, a circle π/4 (0.67 at r=5)
+MIN_IOU = 0.5  # a blob overlapping neither shape of the renderer this much is not an object
+
+
+def _shape_of(mask: np.ndarray) -> str | None:
+    """ "circle" or "square": the renderer's shape (radius / half-side RADIUS) that overlaps the
+    blob `mask` best (intersection over union), placed at the blob's centroid ± 1 pixel; None when
+    neither reaches MIN_IOU.
+
+    Matching the whole shape, not the fill of the bounding box: at radius 5 a digitised disk is a
+    9×9 block with its corners cut plus a 1-pixel tip on each side, so a drawing that smooths the
+    tips away (any decoder does) fills its box like a square."""
+    ys, xs = np.nonzero(mask)
+    cx, cy = round(float(xs.mean())), round(float(ys.mean()))
+    h, w = mask.shape
+    best = {}
+    for k, name in enumerate(SHAPES):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                t = draw(np.array([[cx + dx, cy + dy]]), np.array([k]), max(h, w), RADIUS, [0])
+                t = (t != 255).any(-1)[:h, :w]
+                best[name] = max(best.get(name, 0.0), (mask & t).sum() / (mask | t).sum())
+    name = max(best, key=best.get)
+    return name if best[name] >= MIN_IOU else None
 
 
 def colour_labels(image: np.ndarray) -> np.ndarray:
@@ -122,7 +144,7 @@ def colour_labels(image: np.ndarray) -> np.ndarray:
 
 def find_objects(image: np.ndarray) -> list[Obj]:
     """Objects of a rendered (or generated) scene: per colour, each connected blob of at least
-    MIN_AREA pixels, its shape by how much of its bounding box it fills, its quadrant by its
+    MIN_AREA pixels that matches a shape of the renderer (`_shape_of`), its quadrant by its
     centroid."""
     from scipy import ndimage
 
@@ -140,8 +162,9 @@ def find_objects(image: np.ndarray) -> list[Obj]:
             ys, xs = np.nonzero(blobs == b)
             if len(ys) < MIN_AREA:
                 continue
-            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-            shape = "square" if len(ys) / box >= SQUARE_FILL else "circle"
+            shape = _shape_of(blobs == b)
+            if shape is None:
+                continue
             q = 2 * int(ys.mean() >= h / 2) + int(xs.mean() >= w / 2)
             found.append(Obj(colour, shape, QUADRANTS[q]))
     return found
