@@ -3,6 +3,7 @@ full-batch loss computed by `mmtune.losses` directly (the reference tested in te
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
@@ -106,6 +107,10 @@ def _worker(rank: int, port: int, path: str, gradcache: int | None) -> None:
         results[(loss, class_aware)] = (mean / WORLD, value.detach(), grads)
     if rank == 0:
         torch.save(results, path)
+    # the DDP wrappers hold the group: free them before it goes, so no gloo thread outlives
+    # what it uses when the process exits
+    del wrapped, model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -96,6 +96,14 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Train as configured, evaluate on the test split, write the run folder; return metrics."""
+    from mmtune.engine import close_process_group
+
+    metrics = _train(cfg, resume)
+    close_process_group()  # after a run that ended normally, on every rank
+    return metrics
+
+
+def _train(cfg: Config, resume: str | None) -> dict:
     from mmtune.engine import Trainer
     from mmtune.models import count_parameters, load_model, save_spec
     from mmtune.report import write_report

@@ -134,6 +134,15 @@ def _init_gloo(timeout: timedelta) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def close_process_group() -> None:
+    """Leave this process's torchrun group (if any) once its work is done. Left to interpreter
+    exit, gloo's worker threads can outlive the objects they use and abort the process
+    ("terminate called without an active exception") after the run has succeeded. Only for runs
+    that ended normally: after an error the other ranks may still wait in a collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _accelerator(mixed_precision: str, timeout_s: int = 600, compile: bool = False) -> Accelerator:
     """An Accelerator for this run; a second run in one process (a notebook, the tests) may use
     another precision, so the precision part of accelerate's process-wide state is reset — the
