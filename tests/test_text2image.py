@@ -228,6 +228,15 @@ def test_heldout_prompts_never_in_training_captions():
         assert any(
             (o.colour, o.shape, o.quadrant) in held for o in shapes_gen.parse_caption(prompt)
         )
+    # the seen twin set: the same layout, every combination one that training captions show
+    train_objs = {o for r in splits["train"] for o in shapes_gen.parse_caption(r.captions[0])}
+    seen = shapes_gen.seen_prompts()
+    assert len(seen) == len(shapes_gen.heldout_prompts()) == len(set(seen))
+    for prompt, held_prompt in zip(seen, shapes_gen.heldout_prompts(), strict=True):
+        objs = shapes_gen.parse_caption(prompt)
+        assert len(objs) == len(shapes_gen.parse_caption(held_prompt))
+        assert not any((o.colour, o.shape, o.quadrant) in held for o in objs)
+        assert all(o in train_objs for o in objs), prompt  # even in the 400 mini scenes
     again = shapes_gen.shapes_gen_splits("shapes-gen-mini", 0)
     assert np.array_equal(again["train"][5].image, splits["train"][5].image)
 
@@ -285,3 +294,48 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(rr_run), "x", "--out", str(out)]) == 2
     assert main(["train", "-c", str(ROOT / "configs" / "text2image-shapes.yaml"),
                  f"output_dir={tmp_path}", "name=bad", "options.vq_run=", *TINY]) == 2  # fmt: skip
+
+
+def test_twins_are_one_edit_away_and_never_held_out():
+    from dataclasses import astuple
+
+    rng = np.random.default_rng(0)
+    held, Obj = set(shapes_gen.HELD_OUT), shapes_gen.Obj
+    pair = [Obj("blue", "circle", "top right"), Obj("green", "square", "bottom left")]
+    seen_swap = False
+    for _ in range(200):
+        for scene in (pair, [Obj("green", "circle", "top right")]):
+            t = shapes_gen.twin(scene, rng)
+            assert t is not None and len(t) == len(scene) and t != scene
+            assert not any((o.colour, o.shape, o.quadrant) in held for o in t)
+            assert len({o.colour for o in t}) == len(t) == len({o.quadrant for o in t})
+            # the same words in another binding, or exactly one attribute of one object changed
+            swapped = sorted(w for o in t for w in astuple(o)) == sorted(
+                w for o in scene for w in astuple(o)
+            )
+            changed = sum(a != b for o, p in zip(t, scene, strict=True)
+                          for a, b in zip(astuple(o), astuple(p), strict=True))  # fmt: skip
+            assert swapped or changed == 1, (scene, t)
+            seen_swap |= swapped and len(scene) == 2
+    assert seen_swap
+    # "a red square at the top left": its shape edit would be the held-out red circle there
+    for _ in range(50):
+        t = shapes_gen.twin([Obj("red", "square", "top left")], rng)
+        assert t != [Obj("red", "circle", "top left")]
+    rec = shapes_gen.shapes_gen_splits("shapes-gen-mini", 0)["train"][3]
+    tw = shapes_gen.twin_record(rec, np.random.default_rng(1))
+    assert check(tw.image, tw.captions[0]) == [True] * len(shapes_gen.parse_caption(tw.captions[0]))
+    assert tw.captions[0] != rec.captions[0]
+
+
+def test_contrastive_twins_join_their_pairs_in_the_batch(tmp_path):
+    from mmtune.config import load_config
+    from mmtune.errors import ConfigError
+
+    run, m = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip", "data.twins=true")
+    assert m["train.steps"] == 3 and "retrieval.t2i.R@1" in m
+    # 3 steps of 8 pairs, each with its twin: 48 samples
+    assert m["train.samples_per_s"] * m["train.seconds"] == pytest.approx(48, rel=0.02)
+    for bad in ({"data.dataset": "digits"}, {"task": "caption"}):
+        with pytest.raises(ConfigError, match="data.twins"):
+            load_config(ROOT / "configs" / "rerank-shapes.yaml", {"data.twins": True, **bad})

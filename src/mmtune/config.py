@@ -90,6 +90,12 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Refuse images declaring more pixels (decompression bombs)."
     )
+    twins: bool = Field(
+        False,
+        description="Contrastive training on built-in shapes-gen: each pair brings into its batch "
+        "a twin, the scene one edit away (colours or shapes swapped between the objects, or one "
+        "attribute changed) with its own caption, a hard negative in both directions.",
+    )
     shift: list[str] = Field(
         default_factory=list,
         description="Extra evaluation splits (distribution shift): built-in names "
@@ -199,6 +205,10 @@ class Config(_Section):
     def _check(self) -> Config:
         if (self.model.vision is None) != (self.model.text is None):
             raise ValueError("model.vision and model.text must be given together")
+        if self.data.twins and self.task != "contrastive":
+            raise ValueError(f"data.twins is for task contrastive, not {self.task}")
+        if self.data.twins and self.data.dataset not in ("shapes-gen", "shapes-gen-mini"):
+            raise ValueError(f"data.twins needs the built-in shapes-gen, not {self.data.dataset}")
         return self
 
     @property

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mmtune.data import ImageTextDataset
+from mmtune.data import ImageTextDataset, load_image
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
@@ -18,7 +18,8 @@ from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_w
 
 def collate_pairs(items: list[dict | None], processor) -> dict:
     """Items of ImageTextDataset → {pixel_values (B,3,S,S), input_ids, attention_mask, labels}."""
-    items = [it for it in items if it is not None]
+    # an item of TwinDataset is a list: the pair and its twin
+    items = [x for it in items if it is not None for x in (it if isinstance(it, list) else [it])]
     if not items:
         return {}
     batch = {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items]))}
@@ -76,6 +77,34 @@ def zeroshot_classifier(model, classes: list[str], templates: list[str], ctx) ->
     return zeroshot_weights(embed_texts(model, texts, ctx), len(classes), len(templates))
 
 
+class TwinDataset(torch.utils.data.Dataset):
+    """`data.twins`: item i is [pair i, its twin] — the twin drawn by `make_twin(record, rng)`
+    (rng seeded by (seed, epoch, i)) and prepared like the pair; [pair i] alone when it has
+    none."""
+
+    def __init__(self, base: ImageTextDataset, make_twin):
+        self.base, self.make_twin = base, make_twin
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> list[dict] | None:
+        item = self.base[i]
+        if item is None:
+            return None
+        b = self.base
+        rng = np.random.default_rng([b.seed, b.epoch, i, 1])
+        twin = self.make_twin(b.records[i], rng)
+        if twin is None:
+            return [item]
+        pixels = b.transform(load_image(twin.image, b.max_pixels), rng)
+        return [item, {"pixel_values": pixels, "caption": twin.captions[0], "captions": twin.captions,
+                       "label": -1, "index": -1}]  # fmt: skip
+
+
 def _unwrap(model):
     return getattr(model, "module", model)
 
@@ -95,7 +124,12 @@ class ContrastiveTask:
     def dataset(self, records, train: bool):
         augment = train and self.cfg.data.augment
         tf = self.ctx.processor.transform(augment=augment)
-        return ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
+        ds = ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
+        if train and self.cfg.data.twins:
+            from mmtune.data.builtin.shapes_gen import twin_record
+
+            return TwinDataset(ds, twin_record)
+        return ds
 
     def collate(self, items):
         return collate_pairs(items, self.ctx.processor)

@@ -101,6 +101,40 @@ def sample_scene(rng: np.random.Generator, allow_held_out: bool) -> list[Obj]:
             return objs
 
 
+def twin(objects: list[Obj], rng: np.random.Generator) -> list[Obj] | None:
+    """A scene one edit away from `objects`, for a hard negative: with two objects, half the time
+    their colours or shapes swapped (the same words in another binding), else one object's shape,
+    colour or quadrant changed. Never a HELD_OUT combination; None when no edit qualifies."""
+    held = set(HELD_OUT)
+    used_c, used_q = {o.colour for o in objects}, {o.quadrant for o in objects}
+    swaps, singles = [], []
+    if len(objects) == 2:
+        a, b = objects
+        swaps.append([Obj(b.colour, a.shape, a.quadrant), Obj(a.colour, b.shape, b.quadrant)])
+        if a.shape != b.shape:
+            swaps.append([Obj(a.colour, b.shape, a.quadrant), Obj(b.colour, a.shape, b.quadrant)])
+    for k, o in enumerate(objects):
+        changed = [Obj(o.colour, SHAPES[1 - SHAPES.index(o.shape)], o.quadrant)]
+        changed += [Obj(c, o.shape, o.quadrant) for c in COLORS if c not in used_c]
+        changed += [Obj(o.colour, o.shape, q) for q in QUADRANTS if q not in used_q]
+        singles += [objects[:k] + [c] + objects[k + 1 :] for c in changed]
+    swaps, singles = ([e for e in edits if not any((o.colour, o.shape, o.quadrant) in held for o in e)]
+                      for edits in (swaps, singles))  # fmt: skip
+    pool = swaps if swaps and (not singles or rng.random() < 0.5) else singles
+    return pool[int(rng.integers(len(pool)))] if pool else None
+
+
+def twin_record(record: Record, rng: np.random.Generator) -> Record | None:
+    """`twin` of a shapes-gen record as a record of its own: the edited scene rendered (positions
+    jittered by `rng`) with its true caption; None when the caption names no object or no edit
+    qualifies."""
+    objects = parse_caption(record.captions[0]) if record.captions else []
+    other = twin(objects, rng) if objects else None
+    if other is None:
+        return None
+    return Record(image=render(other, rng), captions=[caption(other)], id=f"{record.id}-twin")
+
+
 def generate(n: int, seed: int, allow_held_out: bool) -> tuple[np.ndarray, list[list[Obj]]]:
     """n scenes: images (n, 32, 32, 3) uint8 and their objects."""
     rng = np.random.default_rng(seed)
@@ -117,6 +151,23 @@ def shapes_gen_splits(name: str = "shapes-gen", seed: int = 0) -> dict[str, list
         out[split] = [Record(image=img, captions=[caption(objs)], id=f"{split}-{i}")
                       for i, (img, objs) in enumerate(zip(images, scenes, strict=True))]  # fmt: skip
     return out
+
+
+def seen_prompts() -> list[str]:
+    """The held-out prompt set's seen twin, for choosing sampling settings without looking at the
+    held-out prompts: each HELD_OUT combination with its shape flipped (a combination training
+    captions show), alone and beside the companion of `heldout_prompts` (its shape flipped too
+    where that companion is itself held out)."""
+    prompts, pairs = [], []
+    for c, s, q in HELD_OUT:
+        own = Obj(c, SHAPES[1 - SHAPES.index(s)], q)
+        other = Obj(COLORS[(COLORS.index(c) + 1) % len(COLORS)], SHAPES[1 - SHAPES.index(s)],
+                    QUADRANTS[3 - QUADRANTS.index(q)])  # fmt: skip
+        if (other.colour, other.shape, other.quadrant) in HELD_OUT:
+            other = Obj(other.colour, SHAPES[1 - SHAPES.index(other.shape)], other.quadrant)
+        prompts.append(caption([own]))
+        pairs.append(caption([own, other]))
+    return prompts + pairs
 
 
 def heldout_prompts() -> list[str]:
