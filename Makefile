@@ -74,6 +74,11 @@ text2image-shapes: setup
 	$(BIN)/mmtune train -c configs/text2image-shapes.yaml name=text2image-shapes \
 		options.vq_run=runs/vq-shapes options.reranker=runs/rerank-shapes
 
+# Guidance sweep of that run: checker accuracy per guidance scale on seen-combination prompts (the
+# set the shipped guidance was chosen on) and on the held-out prompts → its tables/guidance_sweep.json.
+text2image-guidance: setup
+	$(BIN)/python bench/bench_guidance.py runs/text2image-shapes --guidance 1 1.5 2 3 -n 32
+
 # Serving load test (64 clients, 2,000 requests; batched vs batch size 1) → runs/bench/serve.json.
 # One torch thread: the server shares the 2 cores with its event loop and the load generator.
 bench-serve: setup
