@@ -234,7 +234,7 @@ class Text2ImageTask:
         run = self.cfg.run_dir
         (run / "plots").mkdir(exist_ok=True)
         (run / "tables").mkdir(exist_ok=True)
-        _labelled_grid(run / "plots" / "samples_prompts.png", prompts, ranked_rows)
+        _labelled_grid(run / "plots" / "samples_prompts.png", prompts, ranked_rows, GRID_COLUMNS)
         table = {"title": "Generated samples per prompt (best re-ranked candidate)",
                  "columns": ["prompt", "checker acc (all candidates)", "kept candidate correct",
                              "best re-rank score"],
@@ -249,16 +249,21 @@ class Text2ImageTask:
         return [{"images": ims} for ims in images]
 
 
-def _labelled_grid(path, prompts: list[str], rows) -> None:
+GRID_COLUMNS = 16  # the report's sample grid shows at most the 16 best candidates per prompt
+
+
+def _labelled_grid(path, prompts: list[str], rows, columns: int = GRID_COLUMNS) -> None:
     """Sample grid with each row's prompt on its left (matplotlib), for the report."""
     from matplotlib.figure import Figure
 
-    img = grid(rows, scale=2)
+    img = grid([r[:columns] for r in rows], scale=2)
     h = len(rows)
     fig = Figure(figsize=(12, 0.55 * h + 0.6))
     ax = fig.add_axes((0.36, 0.02, 0.63, 0.96 - 0.4 / (0.55 * h + 0.6)))
     ax.imshow(np.asarray(img))
     ax.set_yticks([(i + 0.5) * img.height / h for i in range(h)], prompts, fontsize=8)
     ax.set_xticks([])
-    ax.set_title("samples per prompt, re-ranked best first (left)", fontsize=10)
+    n = max(len(r) for r in rows)
+    shown = f"the best {columns} of {n}" if n > columns else "all"
+    ax.set_title(f"samples per prompt, re-ranked best first (left): {shown}", fontsize=10)
     fig.savefig(path, dpi=90)
