@@ -3,6 +3,8 @@ re-ranking candidates with an mmtune dual encoder, and the deterministic `shapes
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -111,6 +113,16 @@ MIN_AREA = 30  # pixels: smaller blobs are noise (an object is 81 or 121 pixels)
 MIN_IOU = 0.5  # a blob overlapping neither shape of the renderer this much is not an object
 
 
+@functools.lru_cache(maxsize=4096)
+def _template(shape: int, x: int, y: int, h: int, w: int) -> np.ndarray:
+    """(h, w) bool mask of the renderer's shape `shape` centred at (x, y) (read-only, cached:
+    every blob of every image is matched against the same few hundred placements)."""
+    t = (draw(np.array([[x, y]]), np.array([shape]), max(h, w), RADIUS, [0]) != 255).any(-1)
+    t = t[:h, :w]
+    t.flags.writeable = False
+    return t
+
+
 def _shape_of(mask: np.ndarray) -> str | None:
     """ "circle" or "square": the renderer's shape (radius / half-side RADIUS) that overlaps the
     blob `mask` best (intersection over union), placed at the blob's centroid ± 1 pixel; None when
@@ -126,8 +138,7 @@ def _shape_of(mask: np.ndarray) -> str | None:
     for k, name in enumerate(SHAPES):
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
-                t = draw(np.array([[cx + dx, cy + dy]]), np.array([k]), max(h, w), RADIUS, [0])
-                t = (t != 255).any(-1)[:h, :w]
+                t = _template(k, cx + dx, cy + dy, h, w)
                 best[name] = max(best.get(name, 0.0), (mask & t).sum() / (mask | t).sum())
     name = max(best, key=best.get)
     return name if best[name] >= MIN_IOU else None

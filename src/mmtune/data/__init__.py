@@ -195,8 +195,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict | None:
-        rec = self.records[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return self.item(self.records[i], np.random.default_rng([self.seed, self.epoch, i]), i)
+
+    def item(self, rec, rng: np.random.Generator, index: int) -> dict | None:
+        """The dict of `rec`, drawing from `rng`; None for a bad image."""
         try:
             img = load_image(rec.image, self.max_pixels, draft=self.transform.decode_size)
         except BadImage as e:
@@ -208,5 +210,5 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "caption": caption,
             "captions": rec.captions,
             "label": -1 if rec.label is None else rec.label,
-            "index": i,
+            "index": index,
         }

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mmtune.data import ImageTextDataset, load_image
+from mmtune.data import ImageTextDataset
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
@@ -100,9 +100,8 @@ class TwinDataset(torch.utils.data.Dataset):
         twin = self.make_twin(b.records[i], rng)
         if twin is None:
             return [item]
-        pixels = b.transform(load_image(twin.image, b.max_pixels), rng)
-        return [item, {"pixel_values": pixels, "caption": twin.captions[0], "captions": twin.captions,
-                       "label": -1, "index": -1}]  # fmt: skip
+        other = b.item(twin, rng, -1)
+        return [item] if other is None else [item, other]
 
 
 def _unwrap(model):

@@ -101,6 +101,17 @@ def sample_scene(rng: np.random.Generator, allow_held_out: bool) -> list[Obj]:
             return objs
 
 
+def other_shape(shape: str) -> str:
+    return SHAPES[1 - SHAPES.index(shape)]
+
+
+def _companion(colour: str, shape: str, quadrant: str) -> Obj:
+    """The second object of a prompt pair: the next colour, the other shape, the diagonally
+    opposite quadrant."""
+    return Obj(COLORS[(COLORS.index(colour) + 1) % len(COLORS)], other_shape(shape),
+               QUADRANTS[3 - QUADRANTS.index(quadrant)])  # fmt: skip
+
+
 def twin(objects: list[Obj], rng: np.random.Generator) -> list[Obj] | None:
     """A scene one edit away from `objects`, for a hard negative: with two objects, half the time
     their colours or shapes swapped (the same words in another binding), else one object's shape,
@@ -114,7 +125,7 @@ def twin(objects: list[Obj], rng: np.random.Generator) -> list[Obj] | None:
         if a.shape != b.shape:
             swaps.append([Obj(a.colour, b.shape, a.quadrant), Obj(b.colour, a.shape, b.quadrant)])
     for k, o in enumerate(objects):
-        changed = [Obj(o.colour, SHAPES[1 - SHAPES.index(o.shape)], o.quadrant)]
+        changed = [Obj(o.colour, other_shape(o.shape), o.quadrant)]
         changed += [Obj(c, o.shape, o.quadrant) for c in COLORS if c not in used_c]
         changed += [Obj(o.colour, o.shape, q) for q in QUADRANTS if q not in used_q]
         singles += [objects[:k] + [c] + objects[k + 1 :] for c in changed]
@@ -160,22 +171,17 @@ def seen_prompts() -> list[str]:
     where that companion is itself held out)."""
     prompts, pairs = [], []
     for c, s, q in HELD_OUT:
-        own = Obj(c, SHAPES[1 - SHAPES.index(s)], q)
-        other = Obj(COLORS[(COLORS.index(c) + 1) % len(COLORS)], SHAPES[1 - SHAPES.index(s)],
-                    QUADRANTS[3 - QUADRANTS.index(q)])  # fmt: skip
+        own, other = Obj(c, other_shape(s), q), _companion(c, s, q)
         if (other.colour, other.shape, other.quadrant) in HELD_OUT:
-            other = Obj(other.colour, SHAPES[1 - SHAPES.index(other.shape)], other.quadrant)
+            other = Obj(other.colour, other_shape(other.shape), other.quadrant)
         prompts.append(caption([own]))
         pairs.append(caption([own, other]))
     return prompts + pairs
 
 
 def heldout_prompts() -> list[str]:
-    """The fixed prompt set: every HELD_OUT combination alone, then each beside a seen object
-    (the next colour, the other shape, the diagonally opposite quadrant)."""
+    """The fixed prompt set: every HELD_OUT combination alone, then each beside its `_companion`
+    (which may itself be held out)."""
     prompts = [caption([Obj(*h)]) for h in HELD_OUT]
-    for c, s, q in HELD_OUT:
-        other = Obj(COLORS[(COLORS.index(c) + 1) % len(COLORS)], SHAPES[1 - SHAPES.index(s)],
-                    QUADRANTS[3 - QUADRANTS.index(q)])  # fmt: skip
-        prompts.append(caption([Obj(c, s, q), other]))
+    prompts += [caption([Obj(*h), _companion(*h)]) for h in HELD_OUT]
     return prompts
