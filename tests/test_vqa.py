@@ -168,7 +168,7 @@ def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
-def test_pretrain_then_finetune(tmp_path):
+def test_pretrain_then_finetune(tmp_path, capsys):
     args = ["train", "-c", str(ROOT / "configs" / "pretrain-fusion-shapes.yaml"),
             f"output_dir={tmp_path}", "name=pre", "data.dataset=shapes-mini", *TINY[:6],
             "options.fusion_layers=1", "options.fusion_dim=32"]  # fmt: skip
@@ -177,7 +177,12 @@ def test_pretrain_then_finetune(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert {"pretrain.itm_acc", "pretrain.mlm_acc", "pretrain.itc"} <= m.keys()
     spec = json.loads((run / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
-    assert set(spec["heads_spec"]) == {"itm", "mlm"}
+    assert set(spec["heads_spec"]) == {"itm", "mlm"} and spec["spatial"] is True  # the config's
+    bad = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
+           "name=bad", "data.dataset=shapes-mini", *TINY, f"model.name={run}",
+           "options.spatial=false"]  # fmt: skip
+    assert main(bad) == 2  # fine-tuning must keep the pre-trained encoder's kind
+    assert "options.spatial=False does not match the loaded fusion model" in capsys.readouterr().err
     ft, m2 = _train(tmp_path, "ft", f"model.name={run}")
     spec = json.loads((ft / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
     assert set(spec["heads_spec"]) == {"itm", "mlm", "vqa"} and 0 <= m2["vqa.acc"] <= 1
@@ -240,3 +245,81 @@ def test_shapes_cells_text_tokens_start_out_saying_their_word():
     assert 0.4 < pos / word < 0.6
     plain = shapes_fusion_preset(vision_layers=0, text_layers=0)[0].tower("text").embeddings
     assert plain.token_type_embeddings.weight.abs().max() > 0  # the default is BERT's own init
+
+
+def test_grid_positions_follow_the_cells_row_major():
+    import torch
+
+    from mmtune.models.fusion import grid_positions
+
+    pos = grid_positions(26)  # [CLS] + 5×5 cells, as the conv stem flattens them
+    assert pos[0].tolist() == [0.0, 0.0]
+    assert pos[1].tolist() == [-1.0, -1.0] and pos[5].tolist() == [1.0, -1.0]  # x along a row
+    assert pos[6].tolist() == [-1.0, -0.5] and pos[25].tolist() == [1.0, 1.0]
+    assert torch.equal(grid_positions(4), torch.tensor([[-1.0, -1.0], [1.0, -1.0],
+                                                        [-1.0, 1.0], [1.0, 1.0]]))  # fmt: skip
+    with pytest.raises(ValueError, match="square grid of image tokens, got 11"):
+        grid_positions(11)
+
+
+def test_spatial_cross_attention_looks_near_far_or_elsewhere():
+    """With content-blind queries, the spatial weights alone steer a head: a strongly negative
+    distance weight → the cell where the previous block looked, a positive one → the cells
+    furthest from it, a negative attention weight → anywhere but where it looked. The block
+    returns where each head looked and its attention."""
+    import torch
+
+    from mmtune.models.fusion import Block, grid_positions
+
+    torch.manual_seed(0)
+    blk = Block(16, 2, cross=True, spatial=True)
+    torch.nn.init.zeros_(blk.q.weight)
+    torch.nn.init.zeros_(blk.q.bias)
+    pos = grid_positions(26)
+    x, mem = torch.randn(1, 3, 16), torch.randn(1, 26, 16)
+    cells = [7, 1, 25]  # both heads of the previous block looked at tokens 7, 1 and 25
+    att = torch.zeros(1, 2, 3, 26)
+    att[0, :, [0, 1, 2], cells] = 1.0
+    before = (pos[cells].expand(1, 2, 3, 2), att)
+    with torch.no_grad():
+        _, (seen, _) = blk(x, None, mem, where=(pos, None))
+        torch.testing.assert_close(seen, pos.mean(0).expand(1, 2, 3, 2))  # no bias: uniform
+        blk.near.copy_(torch.tensor([[-5.0, 0.0], [0.0, 5.0]]))
+        _, (seen, now) = blk(x, None, mem, where=(pos, before))
+    torch.testing.assert_close(seen[0, 0], pos[cells], atol=1e-3, rtol=0)  # near
+    assert now[0, 0, [0, 1, 2], cells].min() > 0.99
+    far = seen[0, 1]
+    assert far[0].tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # (-0.5, -0.5) → (1, 1)
+    assert far[1].tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # (-1, -1) → (1, 1)
+    assert far[2].tolist() == pytest.approx([-1.0, -1.0], abs=1e-3)  # (1, 1) → (-1, -1)
+    with torch.no_grad():
+        blk.near.zero_()
+        blk.avoid.copy_(torch.tensor([[-5.0, 0.0], [0.0, 0.0]]))
+        _, (_, now) = blk(x, None, mem, where=(pos, before))
+    assert now[0, 0, [0, 1, 2], cells].max() < 1e-3  # elsewhere
+    torch.testing.assert_close(now[0, 1], torch.full((3, 26), 1 / 26))  # untouched head
+
+
+def test_spatial_fusion_trains_and_reloads(tmp_path, capsys):
+    """options.spatial: the packed (one image, many questions) and the indexed cross-attention
+    agree, and a run reloads with its spatial encoder (same accuracy from `mmtune eval`)."""
+    import torch
+
+    from mmtune.models.fusion import FusionEncoder
+
+    torch.manual_seed(0)
+    enc = FusionEncoder(8, 12, 16, 2, 2, spatial=True)
+    for blk in enc.blocks:
+        torch.nn.init.normal_(blk.near)
+    text, img = torch.randn(6, 5, 8), torch.randn(2, 26, 12)
+    index, perm = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 3, 1, 4, 2, 5])
+    packed = enc(text, torch.ones(6, 5), img, index)
+    indexed = enc(text[perm], torch.ones(6, 5), img, index[perm])
+    torch.testing.assert_close(packed[perm], indexed, atol=1e-5, rtol=1e-5)
+
+    run, metrics = _train(tmp_path, "spatial", "model.name=shapes-cells", "options.spatial=true")
+    spec = json.loads((run / "model" / "mmtune_model.json").read_text())["wrap"]["spec"]
+    assert spec["spatial"] is True
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert f"{metrics['vqa.acc']:.4f}" in capsys.readouterr().out

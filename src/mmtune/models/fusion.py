@@ -14,17 +14,37 @@ to its image row, so the vision tower and the cross-attention keys/values run on
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
 from mmtune.models.dual import DualEncoder
 
 
+class FusionOptions(BaseModel):
+    """The fusion encoder's `options:`, shared by the tasks that build one (vqa, pretrain-fusion)."""
+
+    fusion_layers: int = Field(4, ge=1, description="Depth of the fusion encoder.")
+    fusion_dim: int = Field(128, gt=0, description="Width of the fusion encoder and decoders.")
+    fusion_heads: int = Field(4, gt=0, description="Attention heads in fusion/decoder layers.")
+    spatial: bool = Field(
+        False,
+        description="Spatial cross-attention (image tokens on a square grid): each head also "
+        "reads where it looked, and can look near or far from where the previous layer looked.",
+    )
+
+    def fusion_spec(self, heads_spec: dict, fusion: str = "cross-attention") -> dict:
+        """The FusionModel spec these options describe, with the given heads."""
+        return {"dim": self.fusion_dim, "layers": self.fusion_layers, "heads": self.fusion_heads,
+                "fusion": fusion, "spatial": self.spatial, "heads_spec": heads_spec}  # fmt: skip
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention (causal or not), optional cross-attention, MLP."""
 
-    def __init__(self, dim: int, heads: int, cross: bool, causal: bool = False):
+    def __init__(self, dim: int, heads: int, cross: bool, causal: bool = False,
+                 spatial: bool = False):  # fmt: skip
         super().__init__()
-        self.heads, self.causal = heads, causal
+        self.heads, self.causal, self.spatial = heads, causal, spatial
         self.ln1, self.qkv, self.out1 = (
             nn.LayerNorm(dim),
             nn.Linear(dim, 3 * dim),
@@ -34,6 +54,10 @@ class Block(nn.Module):
         if cross:
             self.ln2, self.q = nn.LayerNorm(dim), nn.Linear(dim, dim)
             self.kv, self.out2 = nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        if spatial:  # cross-attention that knows where the image tokens are (forward)
+            self.where_out = nn.Linear(2 * heads, dim)
+            self.near = nn.Parameter(torch.zeros(heads, heads))
+            self.avoid = nn.Parameter(torch.zeros(heads, heads))
         self.ln3 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -45,63 +69,135 @@ class Block(nn.Module):
         b, h, n, d = x.shape
         return x.transpose(1, 2).reshape(b, n, h * d)
 
-    def forward(self, x, mask=None, memory=None, memory_mask=None, index=None, group=0):
+    def forward(self, x, mask=None, memory=None, memory_mask=None, index=None, group=0,
+                where=None):  # fmt: skip
         """x (B, L, D); mask (B, L) of valid keys; memory (B_m, N, D); index (B,) rows of memory.
 
         group > 0: rows come in runs of `group` per memory row (index = 0,0,…,1,1,…), so the
         queries of a run are packed into one row and attend to their memory without copying it.
+        Spatial blocks take `where` = (memory positions (N, 2), what the previous block's heads
+        looked at or None) and return (x, what this block's heads looked at): (positions
+        (B, h, L, 2), attention (B, h, L, N)).
         """
         q, k, v = self._split(self.qkv(self.ln1(x))).chunk(3, dim=-1)
         attn_mask = None
         if mask is not None:
             attn_mask = mask[:, None, None, :].bool()  # (B, 1, 1, L)
         x = x + self.out1(self._merge(attend(q, k, v, attn_mask, self.causal)))
+        looked = None
         if self.cross and memory is not None:
             k, v = self._split(self.kv(memory)).chunk(2, dim=-1)  # once per image: (B_m, h, N, d)
             q = self._split(self.q(self.ln2(x)))  # (B, h, L, d)
             m = None if memory_mask is None else memory_mask[:, None, None, :].bool()
+            bias = None
+            if self.spatial:
+                pos, before = where
+                bias = self._spatial_bias(pos, before)  # (B, h, L, N) or None
+                # the values carry each cell's position: the output then says where it looked
+                v = torch.cat([v, pos.to(v.dtype).expand(*v.shape[:2], -1, -1)], dim=-1)
+            b, h, n, _ = q.shape
             if group:
-                b, h, n, d = q.shape
-                q = q.view(b // group, group, h, n, d).transpose(1, 2).reshape(-1, h, group * n, d)
-                o = attend(q, k, v, m)
-                o = o.view(-1, h, group, n, d).transpose(1, 2).reshape(b, h, n, d)
+                bias = None if bias is None else _pack(bias, group)
+                o, att = attend(_pack(q, group), k, v, m, bias=bias, weights=True)
+                o, att = _unpack(o, group, n), _unpack(att, group, n)
             else:
                 if index is not None:
                     k, v = k[index], v[index]
                     m = None if m is None else m[index]
-                o = attend(q, k, v, m)
+                o, att = attend(q, k, v, m, bias=bias, weights=True)
+            if self.spatial:
+                o, seen = o[..., :-2], o[..., -2:]  # (B, h, L, 2): where each head looked
+                x = x + self.where_out(seen.transpose(1, 2).flatten(2))
+                looked = (seen, att)
             x = x + self.out2(self._merge(o))
-        return x + self.mlp(self.ln3(x))
+        x = x + self.mlp(self.ln3(x))
+        return (x, looked) if self.spatial else x
+
+    def _spatial_bias(self, pos: torch.Tensor, before) -> torch.Tensor | None:
+        """Attention bias (B, h, L, N) from what each head of the previous block looked at: a
+        learned mix, per head, of every cell's squared distance to where it looked (negative
+        weight: near, positive: far) and of its attention there (negative: look elsewhere — the
+        object itself is not the one closest to it)."""
+        if before is None:
+            return None
+        seen, att = before
+        d2 = ((pos[None, None, None] - seen.unsqueeze(-2).to(pos.dtype)) ** 2).sum(-1)
+        w = self.near.to(d2.dtype) * SPATIAL_SCALE
+        u = self.avoid.to(att.dtype) * SPATIAL_SCALE
+        return torch.einsum("gh,bhln->bgln", w, d2) + torch.einsum("gh,bhln->bgln", u, att)
 
 
-def attend(q, k, v, mask=None, causal: bool = False) -> torch.Tensor:
+SPATIAL_SCALE = 10.0  # the spatial weights' learning-rate multiplier: sharp within a few steps
+
+
+def _pack(t: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, h, n, X) with runs of `group` rows per image → (B/group, h, group·n, X)."""
+    b, h, n, x = t.shape
+    return t.reshape(b // group, group, h, n, x).transpose(1, 2).reshape(-1, h, group * n, x)
+
+
+def _unpack(t: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    """The inverse of `_pack`: (B/group, h, group·n, X) → (B, h, n, X)."""
+    h, x = t.shape[1], t.shape[-1]
+    return t.view(-1, h, group, n, x).transpose(1, 2).reshape(-1, h, n, x)
+
+
+def grid_positions(n: int, device=None) -> torch.Tensor:
+    """(n, 2) positions in [-1, 1]² of n image tokens on a square grid (row-major, x then y),
+    after a leading [CLS] at (0, 0) when n = s² + 1."""
+    side = int(round((n - 1) ** 0.5)) if n > 1 else 1
+    lead = n - side * side
+    if side * side == n:
+        lead = 0
+    elif lead != 1:
+        raise ValueError(f"spatial fusion needs a square grid of image tokens, got {n} tokens")
+    c = torch.linspace(-1, 1, side, device=device) if side > 1 else torch.zeros(1, device=device)
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    cells = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+    return torch.cat([torch.zeros(lead, 2, device=device), cells]) if lead else cells
+
+
+def attend(q, k, v, mask=None, causal: bool = False, bias=None, weights: bool = False):
     """Softmax attention (B, h, L, d) written out: at these sizes plain matmuls beat the fused
-    CPU kernels, whose backward is several times slower. mask: True = may attend."""
+    CPU kernels, whose backward is several times slower. mask: True = may attend; bias is added
+    to the logits; weights=True also returns the attention weights (B, h, L, N)."""
     att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, h, L, N)
+    if bias is not None:
+        att = att + bias.to(att.dtype)
     if causal:
         n = q.shape[-2]
         tri = torch.ones(n, k.shape[-2], dtype=torch.bool, device=q.device).tril()
         mask = tri if mask is None else mask & tri
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
-    return att.softmax(-1).to(v.dtype) @ v
+    att = att.softmax(-1).to(v.dtype)
+    return (att @ v, att) if weights else att @ v
 
 
 class FusionEncoder(nn.Module):
     """Text tokens (B, L, H_t) × image tokens (B_i, N, H_v) → fused text tokens (B, L, D)."""
 
-    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int):
+    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int,
+                 spatial: bool = False):  # fmt: skip
         super().__init__()
+        self.spatial = spatial
         self.text_in = nn.Sequential(nn.Linear(text_dim, dim), nn.LayerNorm(dim))
         self.image_in = nn.Sequential(nn.Linear(image_dim, dim), nn.LayerNorm(dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, cross=True) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, cross=True, spatial=spatial) for _ in range(layers)
+        )
         self.ln = nn.LayerNorm(dim)
 
     def forward(self, text, mask, image_tokens, index=None) -> torch.Tensor:
         x, mem = self.text_in(text), self.image_in(image_tokens)
         group = equal_runs(index, mem.shape[0])
+        if not self.spatial:
+            for blk in self.blocks:
+                x = blk(x, mask, mem, None, index, group)
+            return self.ln(x)
+        pos, looked = grid_positions(mem.shape[1], mem.device), None
         for blk in self.blocks:
-            x = blk(x, mask, mem, None, index, group)
+            x, looked = blk(x, mask, mem, None, index, group, where=(pos, looked))
         return self.ln(x)
 
 
@@ -214,7 +310,8 @@ class FusionModel(nn.Module):
         d, hd = spec["dim"], spec["heads"]
         self.fusion = None
         if spec["fusion"] == "cross-attention":
-            self.fusion = FusionEncoder(txt_dim, img_dim, d, spec["layers"], hd)
+            self.fusion = FusionEncoder(txt_dim, img_dim, d, spec["layers"], hd,
+                                        spatial=spec.get("spatial", False))  # fmt: skip
         self.head = nn.ModuleDict()
         for name, hs in spec["heads_spec"].items():
             self.head[name] = self._make_head(hs, d, hd, img_dim, emb_dim)

@@ -15,16 +15,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.config import validate_options
 from mmtune.losses import caption_group_ids, clip_loss
-from mmtune.models.fusion import FusionModel, build_vocab, save_fusion_spec
+from mmtune.models.fusion import FusionModel, FusionOptions, build_vocab, save_fusion_spec
 from mmtune.tasks.caption import count_images, image_dataset, image_records
 
 
-class PretrainOptions(BaseModel):
+class PretrainOptions(FusionOptions):
     """`options:` of the pretrain-fusion task."""
 
     model_config = ConfigDict(extra="forbid")
@@ -32,9 +32,6 @@ class PretrainOptions(BaseModel):
     itc_weight: float = Field(1.0, ge=0, description="λ_itc.")
     itm_weight: float = Field(1.0, ge=0, description="λ_itm.")
     mask_prob: float = Field(0.15, gt=0, lt=1, description="Fraction of caption tokens masked.")
-    fusion_layers: int = Field(4, ge=1, description="Depth of the fusion encoder.")
-    fusion_dim: int = Field(128, gt=0, description="Width of the fusion encoder.")
-    fusion_heads: int = Field(4, gt=0, description="Attention heads of the fusion encoder.")
 
 
 def mask_tokens(ids, attention_mask, tokenizer, prob: float, generator=None):
@@ -98,9 +95,7 @@ class PretrainFusionTask:
         texts = [c for r in image_records(self.ctx.splits.train) for c in r.captions]
         heads = {"itm": {"kind": "itm"},
                  "mlm": {"kind": "mlm", "vocab_ids": build_vocab(self.ctx.processor.tokenizer, texts)}}  # fmt: skip
-        spec = {"dim": o.fusion_dim, "layers": o.fusion_layers, "heads": o.fusion_heads,
-                "fusion": "cross-attention", "heads_spec": heads}  # fmt: skip
-        model = FusionModel(model, spec)
+        model = FusionModel(model, o.fusion_spec(heads))
         save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
         return model
 

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.config import validate_options
@@ -25,6 +25,7 @@ from mmtune.data.images import BadImage, load_image
 from mmtune.errors import ConfigError
 from mmtune.models.fusion import (
     FusionModel,
+    FusionOptions,
     build_vocab,
     greedy_decode,
     save_fusion_spec,
@@ -33,7 +34,7 @@ from mmtune.models.fusion import (
 from mmtune.vqa_metrics import normalize_answer, soft_scores, vqa_metrics
 
 
-class VQAOptions(BaseModel):
+class VQAOptions(FusionOptions):
     """`options:` of the vqa task."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,9 +42,6 @@ class VQAOptions(BaseModel):
     fusion: Literal["cross-attention", "concat"] = Field(
         "cross-attention", description="concat: the baseline without cross-attention."
     )
-    fusion_layers: int = Field(4, ge=1, description="Depth of the fusion encoder.")
-    fusion_dim: int = Field(128, gt=0, description="Width of the fusion encoder and decoders.")
-    fusion_heads: int = Field(4, gt=0, description="Attention heads in fusion/decoder layers.")
     decoder_layers: int = Field(2, ge=1, description="Depth of the generative answer decoder.")
     max_answers: int = Field(3129, gt=0, description="Answer vocabulary: most frequent answers.")
     answer_max_len: int = Field(8, ge=3, description="Answer decoder length in tokens.")
@@ -162,11 +160,14 @@ class VQATask:
         if isinstance(model, FusionModel):  # e.g. after fusion pre-training: keep its encoder
             if o.fusion == "concat" or model.fusion is None:
                 raise ConfigError("options.fusion must match the loaded fusion model")
+            if o.spatial != model.spec().get("spatial", False):
+                raise ConfigError(
+                    f"options.spatial={o.spatial} does not match the loaded fusion model "
+                    f"(spatial={model.spec().get('spatial', False)})"
+                )
             model.add_head(self.head_name, head)
         else:
-            spec = {"dim": o.fusion_dim, "layers": o.fusion_layers, "heads": o.fusion_heads,
-                    "fusion": o.fusion, "heads_spec": {self.head_name: head}}  # fmt: skip
-            model = FusionModel(model, spec)
+            model = FusionModel(model, o.fusion_spec({self.head_name: head}, fusion=o.fusion))
         save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
         return model
 
