@@ -13,6 +13,8 @@ to its image row, so the vision tower and the cross-attention keys/values run on
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
@@ -29,7 +31,8 @@ class FusionOptions(BaseModel):
     spatial: bool = Field(
         False,
         description="Spatial cross-attention (image tokens on a square grid): each head also "
-        "reads where it looked, and can look near or far from where the previous layer looked.",
+        "reads where it looked, and can look near, far from or away from where the previous layer "
+        "looked.",
     )
 
     def fusion_spec(self, heads_spec: dict, fusion: str = "cross-attention") -> dict:
@@ -95,16 +98,17 @@ class Block(nn.Module):
                 bias = self._spatial_bias(pos, before)  # (B, h, L, N) or None
                 # the values carry each cell's position: the output then says where it looked
                 v = torch.cat([v, pos.to(v.dtype).expand(*v.shape[:2], -1, -1)], dim=-1)
-            b, h, n, _ = q.shape
+            n = q.shape[2]
             if group:
-                bias = None if bias is None else _pack(bias, group)
-                o, att = attend(_pack(q, group), k, v, m, bias=bias, weights=True)
-                o, att = _unpack(o, group, n), _unpack(att, group, n)
-            else:
-                if index is not None:
-                    k, v = k[index], v[index]
-                    m = None if m is None else m[index]
-                o, att = attend(q, k, v, m, bias=bias, weights=True)
+                q, bias = _pack(q, group), None if bias is None else _pack(bias, group)
+            elif index is not None:
+                k, v = k[index], v[index]
+                m = None if m is None else m[index]
+            out = attend(q, k, v, m, bias=bias, weights=self.spatial)  # weights: spatial only
+            o, att = out if self.spatial else (out, None)
+            if group:
+                o = _unpack(o, group, n)
+                att = None if att is None else _unpack(att, group, n)
             if self.spatial:
                 o, seen = o[..., :-2], o[..., -2:]  # (B, h, L, 2): where each head looked
                 x = x + self.where_out(seen.transpose(1, 2).flatten(2))
@@ -145,16 +149,14 @@ def _unpack(t: torch.Tensor, group: int, n: int) -> torch.Tensor:
 def grid_positions(n: int, device=None) -> torch.Tensor:
     """(n, 2) positions in [-1, 1]² of n image tokens on a square grid (row-major, x then y),
     after a leading [CLS] at (0, 0) when n = s² + 1."""
-    side = int(round((n - 1) ** 0.5)) if n > 1 else 1
-    lead = n - side * side
-    if side * side == n:
-        lead = 0
-    elif lead != 1:
+    lead = 0 if math.isqrt(n) ** 2 == n else 1
+    side = math.isqrt(n - lead)
+    if side < 2 or side * side != n - lead:
         raise ValueError(f"spatial fusion needs a square grid of image tokens, got {n} tokens")
-    c = torch.linspace(-1, 1, side, device=device) if side > 1 else torch.zeros(1, device=device)
+    c = torch.linspace(-1, 1, side, device=device)
     ys, xs = torch.meshgrid(c, c, indexing="ij")
     cells = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
-    return torch.cat([torch.zeros(lead, 2, device=device), cells]) if lead else cells
+    return torch.cat([torch.zeros(lead, 2, device=device), cells])
 
 
 def attend(q, k, v, mask=None, causal: bool = False, bias=None, weights: bool = False):
