@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: lint + every test not marked slow, browser or distributed.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow and not browser and not distributed"
 
 format: setup
 	$(BIN)/ruff format .

@@ -29,9 +29,10 @@ def sweep(run: str, scales: list[float], n: int, seed: int = 0, reranker: str | 
     import numpy as np
 
     from mmtune.config import load_config
+    from mmtune.data.builtin.shapes_check import check
     from mmtune.data.builtin.shapes_gen import heldout_prompts, seen_prompts
-    from mmtune.generation import Reranker, check, generate_images, rerank
-    from mmtune.models import load_run
+    from mmtune.generation import Reranker, generate_images, rerank
+    from mmtune.runs import load_run
     from mmtune.tasks.text2image import T2IOptions
 
     model, proc = load_run(run)

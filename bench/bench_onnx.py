@@ -39,7 +39,7 @@ def main() -> int:
 
     from bench_serve import bench_model
     from mmtune.export import export_run
-    from mmtune.models import load_run
+    from mmtune.runs import load_run
 
     threads = int(os.environ.get("MMTUNE_THREADS", "1"))
     torch.set_num_threads(threads)

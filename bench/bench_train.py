@@ -135,7 +135,7 @@ def baseline_run(hf_model, records, tokenizer, batch: int, steps: int) -> float:
 def mmtune_run(hf_model, records, tokenizer, batch: int, steps: int) -> dict:
     """The same model and data through mmtune's Trainer: samples/s, FLOP per step, loader rate."""
     from mmtune.config import load_config
-    from mmtune.engine import Trainer
+    from mmtune.engine import Trainer, make_accelerator
     from mmtune.estimate import make_batch, step_flops
     from mmtune.models.dual import HFDualEncoder
     from mmtune.models.load import Processor
@@ -148,9 +148,10 @@ def mmtune_run(hf_model, records, tokenizer, batch: int, steps: int) -> dict:
                                  "train.progress": False, "output_dir": out})  # fmt: skip
         proc = Processor(tokenizer, IMAGE, max_length=MAX_LEN)
         model = HFDualEncoder(hf_model)
-        task = ContrastiveTask(Context(cfg, proc))
+        task = ContrastiveTask(Context(cfg))
+        task.processor = proc  # the benchmark's own model and processor, not cfg.model's
         flops = step_flops(model, task, make_batch(task, records, batch, torch.device("cpu")))
-        trainer = Trainer(cfg, task, model, records, [], out)
+        trainer = Trainer(cfg, task, model, make_accelerator(cfg, Path(out)), (records, []), out)
         start = time.perf_counter()
         trainer.fit()
         sps = steps * batch / (time.perf_counter() - start)
@@ -170,7 +171,7 @@ def gradcache_bench(batch: int = 4096, chunk: int = 256) -> dict:
     out = {}
     for name, gc in (("plain", None), ("gradcache", chunk)):
         cfg = load_config(None, {"model.name": "tiny-clip", "data.batch_size": batch,
-                                 "train.gradcache_chunk": gc})  # fmt: skip
+                                 "options.gradcache_chunk": gc})  # fmt: skip
         model, task, records, autocast, device = _setup(cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
         b = make_batch(task, records, batch, device)

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     from mmtune.embed import embed_items, image_items
-    from mmtune.models import load_run
     from mmtune.retrieval import IndexConfig, build_index, read_embeddings, save_index
+    from mmtune.runs import load_run
 
     root = tmp_path_factory.mktemp("browser")
     run = make_run(root / "run")

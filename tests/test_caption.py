@@ -28,7 +28,7 @@ def test_pairs_csv_and_predict(tmp_path, pairs_folder, capsys):
     capsys.readouterr()
     img = str(folder / rows[0][0])
     assert main(["predict", "--checkpoint", str(run), "--image", img]) == 0
-    assert main(["predict", "--checkpoint", str(run), "--image", img, "--beams", "2"]) == 0
+    assert main(["predict", "--checkpoint", str(run), "--image", img, "options.decode=beam", "options.beams=2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 

@@ -76,9 +76,9 @@ def test_wise_ft_endpoints_are_the_zero_shot_and_fine_tuned_models(comparison):
 def test_each_method_folder_reloads_as_its_reported_model(comparison):
     """The saved checkpoint of every method predicts what the comparison reported."""
     from mmtune.api import _context
-    from mmtune.classify.model import classify_logits, load_classifier
     from mmtune.config import load_config
     from mmtune.data import load_splits
+    from mmtune.models.classifier import classify_logits, load_classifier
 
     run, m = comparison
     cfg = load_config(run / "config.yaml")
@@ -131,7 +131,7 @@ def test_train_refuses_a_method_without_a_training_loop(tmp_path, capsys):
 
 
 def _tiny_classifier():
-    from mmtune.classify.model import ImageClassifier, image_side
+    from mmtune.models.classifier import ImageClassifier, image_side
     from mmtune.models.load import _tiny_clip
 
     model, proc, _ = _tiny_clip()
@@ -148,8 +148,8 @@ def test_image_side_is_the_vision_tower_and_projection():
 
 
 def test_unfreeze_top_k_trains_the_top_blocks_projection_and_head():
-    from mmtune.classify.model import set_trainable
     from mmtune.models import count_parameters
+    from mmtune.models.classifier import set_trainable
 
     clf, names = _tiny_classifier()
     set_trainable(clf, names, top_k=1)
@@ -160,8 +160,8 @@ def test_unfreeze_top_k_trains_the_top_blocks_projection_and_head():
 
 
 def test_unfreeze_patterns_and_their_errors():
-    from mmtune.classify.model import set_trainable
     from mmtune.errors import ConfigError
+    from mmtune.models.classifier import set_trainable
 
     clf, names = _tiny_classifier()
     set_trainable(clf, names, patterns=["*post_layernorm*"])

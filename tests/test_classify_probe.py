@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from mmtune.classify.linear_probe import _objective, fit_logistic, sweep
+from mmtune.models.linear_probe import _objective, fit_logistic, sweep
 
 
 def _features(n=600, d=24, c=5, seed=0):

@@ -8,10 +8,10 @@ from mmtune.errors import ConfigError
 
 
 def test_both_override_forms_and_yaml_typing():
-    got = parse_overrides(["train.lr=1e-4", "--data.batch_size", "16", "--train.class_aware=true"])
-    assert got == {"train.lr": 1e-4, "data.batch_size": 16, "train.class_aware": True}
+    got = parse_overrides(["train.lr=1e-4", "--data.batch_size", "16", "--options.class_aware=true"])
+    assert got == {"train.lr": 1e-4, "data.batch_size": 16, "options.class_aware": True}
     cfg = load_config(None, got)
-    assert cfg.train.lr == 1e-4 and cfg.data.batch_size == 16 and cfg.train.class_aware is True
+    assert cfg.train.lr == 1e-4 and cfg.data.batch_size == 16 and cfg.options["class_aware"] is True
 
 
 def test_yaml_then_overrides_win(tmp_path):
@@ -67,3 +67,14 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, {"train.lr": 3e-4, "model.freeze": ["vision.*"]})
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [("train.loss", "options.loss"), ("eval.zeroshot", "options.zeroshot"), ("data.twins", "options.twins"),
+     ("train.tensorboard", "train.report_to")],
+)
+def test_moved_keys_say_where_they_went(old, new):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {old: True})
+    assert f"'{old}' has moved" in str(e.value) and new in str(e.value) and "\n" not in str(e.value)

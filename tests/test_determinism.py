@@ -27,15 +27,14 @@ def _weights(run_dir):
 
 def _trainer(cfg):
     """The Trainer `api.train` builds, without running it."""
-    from mmtune.engine import Trainer
-    from mmtune.models import load_model
-    from mmtune.tasks import get_task
+    from mmtune.engine import Trainer, make_accelerator
+    from mmtune.tasks import Context, get_task
 
     api.set_seed(cfg.seed, cfg.train.deterministic)
     splits = api.build_data(cfg)
-    model, proc = load_model(cfg.model)
-    task = get_task(cfg.task)(api._context(cfg, proc, splits, torch.device("cpu")))
-    return Trainer(cfg, task, task.build_head(model), splits.train, splits.val, cfg.run_dir)
+    acc = make_accelerator(cfg, cfg.run_dir)
+    task = get_task(cfg.task)(Context(cfg, splits, acc.device))
+    return Trainer(cfg, task, task.build(), acc, (splits.train, splits.val), cfg.run_dir)
 
 
 def test_same_seed_twice_gives_identical_losses_and_weights(tiny_cfg):

@@ -9,8 +9,8 @@ import torch
 
 import mmtune.embed as E
 from mmtune.data.images import load_image
-from mmtune.models import load_run
 from mmtune.retrieval import read_embeddings
+from mmtune.runs import load_run
 from tests.test_serve import make_images, make_run
 
 

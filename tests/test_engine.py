@@ -91,15 +91,15 @@ class _NaNAt:
 
 
 def _trainer(cfg, bad):
-    from mmtune.engine import Trainer
-    from mmtune.models import load_model
+    from mmtune.engine import Trainer, make_accelerator
     from mmtune.tasks import Context, get_task
 
     splits = api.build_data(cfg)
-    model, proc = load_model(cfg.model)
-    task = _NaNAt(get_task("contrastive")(Context(cfg, proc, splits)), bad)
+    acc = make_accelerator(cfg, cfg.run_dir)
+    inner = get_task("contrastive")(Context(cfg, splits, acc.device))
+    model = inner.build()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, task, model, splits.train, splits.val, cfg.run_dir)
+    return Trainer(cfg, _NaNAt(inner, bad), model, acc, (splits.train, splits.val), cfg.run_dir)
 
 
 def test_nan_step_is_skipped_weights_untouched(tiny_cfg):
@@ -274,3 +274,18 @@ def test_epoch_batches_cover_once_and_split_by_rank():
     r1 = epoch_batches(10, 2, 0, 0, rank=1, world=2)
     assert len(r0) == len(r1) == 2 and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
     assert epoch_batches(10, 2, 0, 1) != full
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(tiny_cfg):
+    """train.report_to: [tensorboard] goes through accelerate's tracker into RUN/tracking/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(**{"train.report_to": ["tensorboard"], "train.eval_every": 2})
+    api.train(cfg)
+    events = list((cfg.run_dir / "tracking").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    logged = [r["loss"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses == pytest.approx(logged, rel=1e-5)  # the same figures as metrics.jsonl
+    assert "eval/zeroshot.top1" in acc.Tags()["scalars"]

@@ -16,7 +16,7 @@ from transformers import AutoModel
 
 from mmtune.data.images import load_image
 from mmtune.export import _plain, export_hf, export_run
-from mmtune.models import load_run
+from mmtune.runs import load_run
 from tests.test_serve import make_images
 
 TOL = 1e-4

@@ -62,15 +62,14 @@ def test_backward_scale_reaches_the_gradients():
 def test_task_switch_gives_the_plain_gradients(tiny_cfg):
     """`train.gradcache_chunk` in the contrastive task: tiny-clip (fp32) gradients unchanged."""
     from mmtune.api import build_data, set_seed
-    from mmtune.models import load_model
     from mmtune.tasks import Context, get_task
 
     grads = []
     for chunk in (None, 8):
-        cfg = tiny_cfg(**{"train.gradcache_chunk": chunk, "train.class_aware": True})
+        cfg = tiny_cfg(**{"options.gradcache_chunk": chunk, "options.class_aware": True})
         set_seed(0)
-        model, proc = load_model(cfg.model)
-        task = get_task("contrastive")(Context(cfg, proc, build_data(cfg)))
+        task = get_task("contrastive")(Context(cfg, build_data(cfg)))
+        model = task.build()
         ds = task.dataset(task.ctx.splits.train[:32], train=True)
         b = task.collate([ds[i] for i in range(32)])
         task.loss(model, b)["loss"].backward()

@@ -9,8 +9,9 @@ from mmtune.checkpoint import save_checkpoint
 from mmtune.cli import main
 from mmtune.errors import CheckpointError
 from mmtune.interpolate import interpolate_state
-from mmtune.models import load_run, save_spec
+from mmtune.models import save_spec
 from mmtune.models.load import _tiny_clip
+from mmtune.runs import load_run
 
 
 def _run(folder, seed, model=None):

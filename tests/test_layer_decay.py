@@ -2,10 +2,10 @@
 
 import torch
 
-from mmtune.classify.model import ImageClassifier
 from mmtune.config import ModelConfig
 from mmtune.engine import param_groups
 from mmtune.models import load_model
+from mmtune.models.classifier import ImageClassifier
 
 
 def _clf(decay):

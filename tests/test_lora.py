@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmtune.classify.model import ImageClassifier
+from mmtune.models.classifier import ImageClassifier
 from mmtune.models.load import _tiny_clip
 from mmtune.models.lora import add_lora, has_lora, merge_lora
 

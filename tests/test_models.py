@@ -146,8 +146,8 @@ def test_composed_towers_train_with_siglip_and_reload(tmp_path):
 
     from mmtune import api
     from mmtune.config import load_config
-    from mmtune.models import load_run
     from mmtune.models.load import minilm_dir
+    from mmtune.runs import load_run
 
     vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=2, intermediate_size=48), add_pooling_layer=False)  # fmt: skip
@@ -158,7 +158,7 @@ def test_composed_towers_train_with_siglip_and_reload(tmp_path):
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "bert")
     cfg = load_config(None, {
         "model.vision": str(tmp_path / "vit"), "model.text": str(tmp_path / "bert"),
-        "model.embed_dim": 8, "train.loss": "siglip", "train.max_steps": 2,
+        "model.embed_dim": 8, "options.loss": "siglip", "train.max_steps": 2,
         "data.batch_size": 16, "train.progress": False, "output_dir": str(tmp_path), "name": "c",
     })  # fmt: skip
     metrics = api.train(cfg)

@@ -74,13 +74,10 @@ def test_predict_returns_png_images(sd_run):
 
     from PIL import Image
 
-    from mmtune.config import load_config
     from mmtune.errors import DataError
-    from mmtune.tasks import Context
-    from mmtune.tasks.sd_lora import SDLoRATask, load_sd_run
+    from mmtune.runs import open_run
 
-    model, proc = load_sd_run(sd_run)
-    task = SDLoRATask(Context(load_config(str(sd_run / "config.yaml")), proc))
+    task, model = open_run(sd_run)
     (out,) = task.predict(model, [{"prompt": "a three.", "n": 2, "steps": 2}])
     images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in out["images"]]
     assert out["prompt"] == "a three." and [im.size for im in images] == [(32, 32)] * 2
@@ -109,8 +106,7 @@ def test_clip_score_with_an_mmtune_dual_encoder(sd_run, tmp_path):
     from mmtune.config import load_config
     from mmtune.data.builtin.digits import digits_splits
     from mmtune.models import load_model, save_spec
-    from mmtune.tasks import Context
-    from mmtune.tasks.sd_lora import SDLoRATask, load_sd_run
+    from mmtune.runs import open_run
 
     clip_cfg = load_config(None, {"model.name": "tiny-clip"})
     clip, clip_proc = load_model(clip_cfg.model)  # an untrained dual-encoder run
@@ -118,17 +114,16 @@ def test_clip_score_with_an_mmtune_dual_encoder(sd_run, tmp_path):
     save_checkpoint(tmp_path / "clip" / "checkpoints" / "last", clip)
     opts = {"clip_checkpoint": str(tmp_path / "clip"), "clip_prompts": 2, "clip_steps": 2}
     cfg = load_config(str(sd_run / "config.yaml"), {f"options.{k}": v for k, v in opts.items()})
-    model, proc = load_sd_run(sd_run)
-    task = SDLoRATask(Context(cfg, proc))
+    task, model = open_run(sd_run, cfg)
     records = digits_splits()["test"][:4]
-    m = task.evaluate(model, records)
-    assert 0 <= m["sd.clip_score"] <= 100 and m == task.evaluate(model, records)
+    m = task.evaluate(model, records).metrics
+    assert 0 <= m["sd.clip_score"] <= 100 and m == task.evaluate(model, records).metrics
 
 
 def test_training_changes_only_adapters_lowers_loss_and_reloads(tmp_path):
     from mmtune.api import build_data
     from mmtune.config import load_config, parse_overrides
-    from mmtune.engine import Trainer
+    from mmtune.engine import Trainer, make_accelerator
     from mmtune.tasks import Context
     from mmtune.tasks.sd_lora import SDLoRATask, load_base, load_sd_run
 
@@ -146,14 +141,13 @@ def test_training_changes_only_adapters_lowers_loss_and_reloads(tmp_path):
     )
     splits = build_data(cfg)
     batch = splits.train[:4]  # the fixed batch: trained on and scored with fixed noise
-    model, proc = SDLoRATask.load_model(cfg)
-    task = SDLoRATask(Context(cfg, proc, splits))
-    model = task.build_head(model)
+    task = SDLoRATask(Context(cfg, splits))
+    model = task.build()
     base_before = _base_tensors(model)
     loss_before = task.denoise_loss(model, batch)
     assert task.denoise_loss(model, batch) == loss_before  # fixed seeds and timesteps
 
-    Trainer(cfg, task, model, batch, [], cfg.run_dir).fit()
+    Trainer(cfg, task, model, make_accelerator(cfg, cfg.run_dir), (batch, []), cfg.run_dir).fit()
     model.eval()
     base_after = _base_tensors(model)
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
@@ -239,8 +233,9 @@ def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(
 )  # fmt: skip
 def test_bad_options_are_config_errors(tmp_path, override, message):
     from mmtune.config import load_config, parse_overrides
+    from mmtune.tasks import Context
     from mmtune.tasks.sd_lora import SDLoRATask
 
     cfg = load_config(CONFIG, {"output_dir": str(tmp_path), **parse_overrides([override])})
     with pytest.raises(ConfigError, match=message):
-        SDLoRATask.load_model(cfg)
+        SDLoRATask(Context(cfg)).build()

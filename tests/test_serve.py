@@ -64,8 +64,8 @@ def make_images(folder: Path, n: int) -> list[Path]:
 def world(tmp_path_factory):
     """A run, 30 images, their embeddings and an exact index."""
     from mmtune.embed import embed_items, image_items
-    from mmtune.models import load_run
     from mmtune.retrieval import IndexConfig, build_index, read_embeddings, save_index
+    from mmtune.runs import load_run
 
     root = tmp_path_factory.mktemp("serve")
     run = make_run(root / "run")

@@ -154,7 +154,7 @@ def test_shard_trained_run_matches_folder_trained_run(tiny_cfg, tmp_path):
     folder = tmp_path / "shards"
     write_shards(digits_splits(0)["train"], folder, samples_per_shard=300)
     common = {"data.batch_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
-              "train.warmup_steps": 5, "train.class_aware": True, "train.log_every": 50}  # fmt: skip
+              "train.warmup_steps": 5, "options.class_aware": True, "train.log_every": 50}  # fmt: skip
     plain = api.train(tiny_cfg(name="folder", **common))["zeroshot.top1"]
     shards = api.train(tiny_cfg(name="sharded", **common, **{"data.shards": str(folder)}))
     assert plain > 0.5 and shards["zeroshot.top1"] > 0.5  # chance is 0.1

@@ -13,7 +13,8 @@ from PIL import Image
 
 from mmtune.cli import main
 from mmtune.data.builtin import shapes_gen
-from mmtune.generation import check, find_objects, rerank
+from mmtune.data.builtin.shapes_check import check, find_objects
+from mmtune.generation import rerank
 from mmtune.models.prior import Prior, sample
 from mmtune.models.vq import VectorQuantizer, VQModel, hinge_d_loss, vq_losses
 
@@ -264,7 +265,8 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
         ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()
     }
     assert float(again["vq.psnr"]) == pytest.approx(m["vq.psnr"], abs=1e-3)
-    from mmtune.models import count_parameters, load_run
+    from mmtune.models import count_parameters
+    from mmtune.runs import load_run
 
     vq_model, _ = load_run(vq_run)  # the figures describe the VQ model, not the config's backbone
     assert (m["model.trainable_params"], m["model.total_params"]) == count_parameters(vq_model)
@@ -332,10 +334,13 @@ def test_contrastive_twins_join_their_pairs_in_the_batch(tmp_path):
     from mmtune.config import load_config
     from mmtune.errors import ConfigError
 
-    run, m = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip", "data.twins=true")
+    run, m = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip", "options.twins=true")
     assert m["train.steps"] == 3 and "retrieval.t2i.R@1" in m
     # 3 steps of 8 pairs, each with its twin: 48 samples
     assert m["train.samples_per_s"] * m["train.seconds"] == pytest.approx(48, rel=0.02)
+    from mmtune.tasks import Context, get_task
+
     for bad in ({"data.dataset": "digits"}, {"task": "caption"}):
-        with pytest.raises(ConfigError, match="data.twins"):
-            load_config(ROOT / "configs" / "rerank-shapes.yaml", {"data.twins": True, **bad})
+        cfg = load_config(ROOT / "configs" / "rerank-shapes.yaml", {"options.twins": True, **bad})
+        with pytest.raises(ConfigError, match="options.twins"):  # the task refuses its own option
+            get_task(cfg.task)(Context(cfg))

@@ -54,7 +54,7 @@ def test_shapes_cells_preset_trains_and_reloads(tmp_path, capsys):
     its image embedding is the mean of the cells, so it differs between images."""
     import torch
 
-    from mmtune.models import load_run
+    from mmtune.runs import load_run
 
     run, metrics = _train(tmp_path, "cells", "model.name=shapes-cells")
     assert 0.0 <= metrics["vqa.acc"] <= 1.0

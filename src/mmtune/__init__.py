@@ -20,7 +20,7 @@ _LAZY = {
     "evaluate": "mmtune.api",
     "build_data": "mmtune.api",
     "load_model": "mmtune.models",
-    "load_run": "mmtune.models",
+    "load_run": "mmtune.runs",
 }
 
 __all__ = ["__version__", *_LAZY]

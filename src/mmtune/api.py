@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from mmtune.config import Config, load_config, save_config
+from mmtune.config import Config, save_config
 from mmtune.data import Splits, load_splits, screen
 from mmtune.errors import CheckpointError, UserError
-from mmtune.precision import effective_precision
-from mmtune.tasks import Context, get_task
+from mmtune.tasks import Context, Evaluation, get_task
 
 log = logging.getLogger("mmtune")
 
@@ -64,34 +63,33 @@ def fingerprint(records, cfg: Config) -> str:
     return h.hexdigest()[:16]
 
 
-def _context(cfg, processor, splits, device) -> Context:
-    precision = effective_precision(cfg.train.precision, device.type)
-    autocast = None
-    if precision != "fp32":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype)
-
-    return Context(cfg, processor, splits, device, autocast)
-
-
 def _metric_summary(splits: Splits, task) -> dict:
     """data.skipped (by reason) and data.train/val/test: what each split holds, counted in the
     task's own units (`task.count`, e.g. images for captioning; records by default)."""
     skipped = Counter(splits.skipped)
     out = {"data.skipped": int(sum(skipped.values()))}
     out.update({f"data.skipped.{k}": int(v) for k, v in sorted(skipped.items())})
-    count = getattr(task, "count", len)
     for name in ("train", "val", "test"):
-        out[f"data.{name}"] = count(splits.get(name) or [])
+        out[f"data.{name}"] = task.count(splits.get(name) or [])
     return out
 
 
-def write_metrics(run_dir: Path, metrics: dict) -> None:
-    from mmtune.engine import _finite_json
+def write_artifacts(run_dir: Path, evaluation: Evaluation) -> None:
+    """A task's tables (tables/NAME.json) and images (plots/NAME.png) in the run folder."""
+    if evaluation.tables:
+        (run_dir / "tables").mkdir(parents=True, exist_ok=True)
+    for name, table in evaluation.tables.items():
+        (run_dir / "tables" / f"{name}.json").write_text(json.dumps(table, indent=1) + "\n")
+    if evaluation.images:
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+    for name, image in evaluation.images.items():
+        image.save(run_dir / "plots" / f"{name}.png")
 
-    (run_dir / "metrics.json").write_text(json.dumps(_finite_json(metrics), indent=2) + "\n")
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    from mmtune.engine import finite_json
+
+    (run_dir / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2) + "\n")
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
@@ -104,9 +102,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
 
 def _train(cfg: Config, resume: str | None) -> dict:
-    from mmtune.engine import Trainer
-    from mmtune.models import count_parameters, load_model, save_spec
+    from mmtune.engine import Trainer, make_accelerator
+    from mmtune.models import count_parameters
     from mmtune.report import write_report
+    from mmtune.runs import record_task
 
     configure_threads()
     set_seed(cfg.seed, cfg.train.deterministic)
@@ -116,36 +115,25 @@ def _train(cfg: Config, resume: str | None) -> dict:
         raise UserError(f"{run_dir} already holds a run: pick another name= or pass --resume")
     task_cls = get_task(cfg.task)
     splits = build_data(cfg)
-    # a task that builds its own kind of model (not a dual encoder) loads it itself
-    loader = getattr(task_cls, "load_model", None)
-    model, processor = loader(cfg) if loader else load_model(cfg.model)
-    if cfg.train.loss == "siglip" and model.logit_bias is None:
-        if not hasattr(model, "add_logit_bias"):
-            raise UserError(
-                f"train.loss=siglip needs a logit bias, which {cfg.model.name} lacks: use a SigLIP "
-                "checkpoint, a preset or a composed model"
-            )
-        model.add_logit_bias()
+    acc = make_accelerator(cfg, run_dir)
+    task = task_cls(Context(cfg, splits, acc.device))
+    model = task.build()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     from mmtune.checkpoint import clean_stale
 
     clean_stale(run_dir / "checkpoints")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task = task_cls(_context(cfg, processor, splits, device))
-    model = task.build_head(model)
     trainable, total = count_parameters(model)  # the model the task trains, heads included
     print(f"parameters: {trainable:,} trainable / {total:,} total", flush=True)
-    if not (run_dir / "model").exists():
-        save_spec(model, processor, run_dir / "model")
-    trainer = Trainer(
-        cfg, task, model, splits.train, splits.val, run_dir, fingerprint(splits.train, cfg)
-    )
-    task.ctx.device = trainer.acc.device
+    if acc.is_main_process:
+        task.save(model, run_dir / "model")
+        record_task(run_dir / "model", task.name)
+    data = (splits.train, splits.val)
+    trainer = Trainer(cfg, task, model, acc, data, run_dir, fingerprint(splits.train, cfg))
     if resume_dir is not None:
         trainer.resume(resume_dir)
     state = trainer.fit()
-    if not trainer.acc.is_main_process:
+    if not acc.is_main_process:
         return {}
     if state.step < trainer.total_steps:
         print(
@@ -154,11 +142,11 @@ def _train(cfg: Config, resume: str | None) -> dict:
         return {"train.steps": state.step}
     best = run_dir / "checkpoints" / "best"
     if cfg.train.eval_every and best.exists():
-        from mmtune.models.load import load_weights
-
-        load_weights(trainer.acc.unwrap_model(trainer.model), best / "model.safetensors")
+        task.load_weights(model, best / "model.safetensors")
     final_split = cfg.eval.split if splits.get(cfg.eval.split) else "val"
-    metrics = trainer.evaluate(splits.get(final_split))
+    evaluation = trainer.evaluate(splits.get(final_split))
+    write_artifacts(run_dir, evaluation)
+    metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
     metrics.update({
         "eval.split": final_split,
@@ -189,37 +177,21 @@ def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
     return ckpt.verify(p)
 
 
-def _load_for_eval(checkpoint: Path, cfg: Config, splits: Splits, device):
-    """A run's model as its task trained it: a classifier run rebuilds its head (and LoRA)."""
-    from mmtune.models import load_run, resolve_checkpoint
-    from mmtune.models.load import _read_spec
-
-    spec_dir, _ = resolve_checkpoint(checkpoint)
-    if "classify" in _read_spec(spec_dir):
-        from mmtune.classify.model import load_classifier
-
-        ctx = _context(cfg, None, splits, device)
-        model, processor, _ = load_classifier(checkpoint, ctx)
-        return model, processor
-    return load_run(checkpoint)
-
-
 def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None) -> dict:
     """Evaluate a run (or checkpoint folder) on a split of the configured data."""
+    from mmtune.runs import open_run, resolve_checkpoint, run_config
+
     checkpoint = Path(checkpoint)
-    if cfg is None:
-        saved = checkpoint / "config.yaml"
-        cfg = load_config(saved if saved.is_file() else None)
+    cfg = cfg or run_config(resolve_checkpoint(checkpoint)[0])
     configure_threads()
     splits = build_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = _load_for_eval(checkpoint, cfg, splits, device)
-    model.to(device)
-    task = get_task(cfg.task)(_context(cfg, processor, splits, device))
+    task, model = open_run(checkpoint, cfg, splits, device)
     split = split or cfg.eval.split
     records = splits.get(split) or splits.val
     start = time.perf_counter()
-    metrics = task.evaluate(model, records)
+    with torch.no_grad():
+        metrics = dict(task.evaluate(model, records).metrics)
     metrics.update(_metric_summary(splits, task))
     metrics["eval.seconds"] = round(time.perf_counter() - start, 3)
     return metrics

@@ -90,12 +90,6 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Refuse images declaring more pixels (decompression bombs)."
     )
-    twins: bool = Field(
-        False,
-        description="Contrastive training on built-in shapes-gen: each pair brings into its batch "
-        "a twin, the scene one edit away (colours or shapes swapped between the objects, or one "
-        "attribute changed) with its own caption, a hard negative in both directions.",
-    )
     shift: list[str] = Field(
         default_factory=list,
         description="Extra evaluation splits (distribution shift): built-in names "
@@ -128,10 +122,6 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision; bf16 is fast on recent CPUs."
     )
-    loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss.")
-    class_aware: bool = Field(
-        False, description="Pairs with the same label/caption are positives, not negatives."
-    )
     stop_after_steps: int | None = Field(
         None,
         gt=0,
@@ -153,20 +143,13 @@ class TrainConfig(_Section):
     max_nonfinite: int = Field(
         5, gt=0, description="With `skip`, stop after this many consecutive bad steps."
     )
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's) that also receive the logged metrics; "
+        "tensorboard writes into the run folder's `tracking/`.",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     deterministic: bool = Field(False, description="torch deterministic algorithms (resume tests).")
-    gather_features: bool = Field(
-        True,
-        description="With several processes, compute the contrastive loss over the global batch "
-        "(features all-gathered with gradients) rather than each process's own rows.",
-    )
-    gradcache_chunk: int | None = Field(
-        None,
-        gt=0,
-        description="Gradient caching: embed the batch this many rows at a time and back-propagate "
-        "chunk by chunk; same gradients as the full batch, memory of one chunk. null disables.",
-    )
     compile: bool = Field(False, description="torch.compile the model (inductor).")
     dist_timeout_s: int = Field(
         600,
@@ -178,13 +161,15 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     split: Literal["val", "test"] = Field("test", description="Split for the final evaluation.")
-    zeroshot: bool = Field(True, description="Zero-shot classification (needs labels).")
-    retrieval: bool = Field(True, description="Image-text retrieval Recall@K.")
-    templates: Literal["eval", "train"] = Field(
-        "eval", description="Prompt templates for zero-shot: held-out `eval` ones or `train`."
+    metric: str | None = Field(
+        None,
+        description="Validation figure that picks the `best` checkpoint; null: the task's own "
+        "(e.g. `zeroshot.top1` for contrastive, `val.loss` for tasks without a score).",
     )
-    metric: str = Field(
-        "zeroshot.top1", description="Figure that picks the `best` checkpoint (higher is better)."
+    mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Whether a higher or lower `metric` is better; null: the task's declaration "
+        "for its own metric, else higher unless the name ends in `loss`.",
     )
 
 
@@ -205,10 +190,6 @@ class Config(_Section):
     def _check(self) -> Config:
         if (self.model.vision is None) != (self.model.text is None):
             raise ValueError("model.vision and model.text must be given together")
-        if self.data.twins and self.task != "contrastive":
-            raise ValueError(f"data.twins is for task contrastive, not {self.task}")
-        if self.data.twins and self.data.dataset not in ("shapes-gen", "shapes-gen-mini"):
-            raise ValueError(f"data.twins needs the built-in shapes-gen, not {self.data.dataset}")
         return self
 
     @property
@@ -310,11 +291,33 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+# Keys that moved into a task's options: the old spelling is a one-line error naming the new one.
+MOVED = {
+    "train.loss": "options.loss (task contrastive)",
+    "train.class_aware": "options.class_aware (task contrastive)",
+    "train.gather_features": "options.gather_features (task contrastive)",
+    "train.gradcache_chunk": "options.gradcache_chunk (task contrastive)",
+    "eval.zeroshot": "options.zeroshot (task contrastive)",
+    "eval.retrieval": "options.retrieval (task contrastive)",
+    "eval.templates": "options.templates (tasks contrastive and classify)",
+    "data.twins": "options.twins (task contrastive)",
+    "train.tensorboard": "train.report_to: [tensorboard]",
+}
+
+
+def _refuse_moved(tree: dict) -> None:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"config key '{old}' has moved: write {new}")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or defaults), apply dotted overrides, validate; ConfigError on mistakes."""
     tree = read_yaml_mapping(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
+    _refuse_moved(tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

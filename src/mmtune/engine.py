@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mmtune import checkpoint as ckpt
 from mmtune.errors import CheckpointError, UserError
 from mmtune.precision import effective_precision
+from mmtune.tasks import TrainStep, selection_metric
 
 log = logging.getLogger("mmtune.engine")
 
@@ -44,13 +45,13 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, scales=None) -> list[dict]:
     """AdamW groups: no decay on biases, norms, embeddings, 1-d tensors and the logit scale/bias.
 
-    A model with `lr_scales() -> {parameter name: multiplier}` (layer-wise learning-rate decay)
-    gets one group per (decay, multiplier); each group's `lr_scale` multiplies `train.lr`.
+    `scales` ({parameter name: multiplier}, e.g. the task's layer-wise learning-rate decay) gives
+    one group per (decay, multiplier); each group's `lr_scale` multiplies `train.lr`.
     """
-    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    scales = scales or {}
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -95,14 +96,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank=0, world=
     return out
 
 
-def _finite_json(d: dict) -> dict:
+def finite_json(d: dict) -> dict:
     # metrics.jsonl must stay valid JSON: NaN/inf become null
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(_finite_json(record)) + "\n")
+        f.write(json.dumps(finite_json(record)) + "\n")
 
 
 def _rng_state() -> dict:
@@ -143,22 +144,31 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _accelerator(mixed_precision: str, timeout_s: int = 600, compile: bool = False) -> Accelerator:
-    """An Accelerator for this run; a second run in one process (a notebook, the tests) may use
-    another precision, so the precision part of accelerate's process-wide state is reset — the
-    distributed part (process group, ranks) is kept."""
+def make_accelerator(cfg, run_dir: Path) -> Accelerator:
+    """The run's Accelerator (precision, processes, trackers). A second run in one process (a
+    notebook, the tests) may use another precision, so the precision part of accelerate's
+    process-wide state is reset — the distributed part (process group, ranks) is kept."""
     from accelerate.state import AcceleratorState
 
+    t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a GPU; use bf16 on CPU")
+    precision = effective_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu")
     AcceleratorState._reset_state(reset_partial_state=False)
     # a lost rank fails the run after the timeout instead of hanging it
-    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))
     cpu = not torch.cuda.is_available()
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        _init_gloo(timedelta(seconds=timeout_s))
+        _init_gloo(timedelta(seconds=t.dist_timeout_s))
     # cpu=True on a machine without GPUs: torchrun's processes then form a gloo group
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[pg],
-                       cpu=cpu,
-                       dynamo_backend="inductor" if compile else "no")  # fmt: skip
+    return Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        kwargs_handlers=[pg],
+        cpu=cpu,
+        dynamo_backend="inductor" if t.compile else "no",
+        log_with=list(t.report_to) or None,
+        project_dir=str(run_dir / "tracking"),
+    )
 
 
 class _RankFilter(logging.Filter):
@@ -197,20 +207,15 @@ def _train_data(cfg, task, records, rank: int, world: int):
 class Trainer:
     """Holds the run's accelerator, model, optimizer and state; `fit()` is the loop."""
 
-    def __init__(self, cfg, task, model, train_records, val_records, run_dir, fingerprint=""):
-        self.cfg, self.task, self.run_dir = cfg, task, Path(run_dir)
-        self.train_records, self.val_records = train_records, val_records
+    def __init__(self, cfg, task, model, acc, data, run_dir, fingerprint=""):
+        """`model` is the task's bare model; `data` = (train records, val records)."""
+        self.cfg, self.task, self.acc, self.run_dir = cfg, task, acc, Path(run_dir)
+        self.train_records, self.val_records = data
         self.fingerprint = fingerprint
         t = cfg.train
-        if t.precision == "fp16" and not torch.cuda.is_available():
-            raise UserError("train.precision=fp16 needs a GPU; use bf16 on CPU")
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision = effective_precision(t.precision, device_type)
-        precision = "no" if self.precision == "fp32" else self.precision
-        self.acc = _accelerator(precision, t.dist_timeout_s, t.compile)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.world, self.rank = acc.num_processes, acc.process_index
         _rank_aware_logging(self.rank, self.world)
-        self.train_ds = _train_data(cfg, task, train_records, self.rank, self.world)
+        self.train_ds = _train_data(cfg, task, self.train_records, self.rank, self.world)
         per_epoch = len(self.train_ds) // (cfg.data.batch_size * self.world) // t.grad_accum
         if per_epoch == 0:
             raise UserError(
@@ -219,22 +224,26 @@ class Trainer:
             )
         self.steps_per_epoch = per_epoch
         self.total_steps = t.max_steps or math.ceil(t.epochs * per_epoch)
-        if cfg.model.patch_dropout:
-            for m in model.modules():
-                if hasattr(m, "set_patch_dropout"):
-                    m.set_patch_dropout(cfg.model.patch_dropout)
-        groups = param_groups(model, t.weight_decay)
+        groups = param_groups(model, t.weight_decay, task.lr_scales(model))
         for g in groups:
             g["lr"] = t.lr * g["lr_scale"]
         opt = adamw(groups, lr=t.lr, betas=t.betas)
-        self.model, self.opt = self.acc.prepare(model, opt)
+        self.inner, self.step_module = model, TrainStep(task, model)
+        if task.syncs_own_gradients:  # it averages its gradients itself: no DDP wrapper
+            self.model, self.opt = self.step_module.to(acc.device), acc.prepare(opt)
+        else:
+            self.model, self.opt = acc.prepare(self.step_module, opt)
         if self.world > 1:
-            log.info("%d processes: %s", self.world, self.acc.distributed_type.value)
+            log.info("%d processes: %s", self.world, acc.distributed_type.value)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.min_lr_ratio)
         )
         self.state = TrainState()
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metric, self.higher_is_better = selection_metric(cfg, task)
+        self._fallback_warned = False
+        if t.report_to:
+            acc.init_trackers(cfg.name, config=_flat_config(cfg))
 
     # ------------------------------------------------------------ checkpoints
 
@@ -250,9 +259,7 @@ class Trainer:
             keep = self.cfg.train.keep_last
             if name == "last" and keep > 1:
                 ckpt.retire_last(self.ckpt_dir, self.state.step)
-            ckpt.save_checkpoint(
-                self.ckpt_dir / name, self.acc.unwrap_model(self.model), trainer_state, meta
-            )
+            ckpt.save_checkpoint(self.ckpt_dir / name, self.inner, trainer_state, meta)
             if name == "last":
                 ckpt.prune_steps(self.ckpt_dir, keep - 1)
         self.acc.wait_for_everyone()
@@ -267,9 +274,7 @@ class Trainer:
                 f"{folder}: saved for other data or batch size (fingerprint differs); refusing to "
                 "resume, since samples would be skipped or repeated — start a new run instead"
             )
-        from mmtune.models.load import load_weights
-
-        load_weights(self.acc.unwrap_model(self.model), folder / "model.safetensors")
+        self.task.load_weights(self.inner, folder / "model.safetensors")
         st = ckpt.load_trainer_state(folder)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -298,58 +303,48 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _bad_loss(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.acc.device)
-        return bool(self.acc.reduce(bad, "sum") > 0)  # every rank takes the same decision
+    def _nonfinite(self, flag: torch.Tensor) -> bool:
+        # one device sync per optimizer step; every rank takes the same decision
+        return bool(self.acc.reduce(flag, "sum") > 0)
 
     def fit(self) -> TrainState:
-        cfg, t, st = self.cfg, self.cfg.train, self.state
+        t, st = self.cfg.train, self.state
         accum = t.grad_accum
         bar = tqdm(total=self.total_steps, initial=st.step, desc="train", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15,
                    disable=not (t.progress and self.acc.is_main_process))  # fmt: skip
         self.model.train()
-        micro, window_loss, window_samples, t_window = 0, 0.0, 0, time.perf_counter()
-        bad_step = False
+        micro, window = 0, _Window()
+        bad = torch.zeros((), device=self.acc.device)
         while st.step < self.total_steps and st.step != t.stop_after_steps:
             for batch in self._loader(st.epoch, st.batch):
                 st.batch += 1
                 if not batch:
                     continue
-                batch = self._to_device(batch)
                 with self.acc.autocast():
-                    parts = self.task.loss(self.model, batch)
+                    parts = self.model(self._to_device(batch))
                 loss = parts["loss"]
-                if self._bad_loss(loss):
-                    bad_step = True
-                else:
-                    self.acc.backward(loss / accum)
-                    window_loss += float(loss.detach()) / accum
-                n = len(batch["pixel_values"]) if "pixel_values" in batch else cfg.data.batch_size
-                window_samples += n * self.world
+                # a non-finite loss poisons this step's gradients: the step is dropped whole below
+                bad = bad + (~torch.isfinite(loss.detach())).float()
+                self.acc.backward(loss / accum)
+                window.add(parts, accum, self.world)
                 micro += 1
                 if micro % accum:
                     continue
-                self._optimizer_step(bad_step)
-                bad_step = False
+                self._optimizer_step(self._nonfinite(bad))
+                bad = torch.zeros((), device=self.acc.device)
                 bar.update(1)
                 if st.step % t.log_every == 0 or st.step == self.total_steps:
-                    dt = time.perf_counter() - t_window
-                    st.train_seconds += dt
-                    st.samples += window_samples
-                    sps = window_samples / max(dt, 1e-9)
                     steps_in_window = (st.step - 1) % t.log_every + 1
-                    self.log({"kind": "train", "loss": window_loss / steps_in_window,
-                              "lr": self.sched.get_last_lr()[0], "samples_per_s": sps,
-                              "logit_scale": float(parts.get("logit_scale", torch.nan))})  # fmt: skip
-                    bar.set_postfix(loss=f"{window_loss / steps_in_window:.4f}", sps=f"{sps:.0f}")
-                    window_loss, window_samples, t_window = 0.0, 0, time.perf_counter()
+                    record = window.close(st, steps_in_window, self.sched.get_last_lr()[0])
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.0f}")
                 if t.eval_every and st.step % t.eval_every == 0 and st.step < self.total_steps:
                     self.evaluate_and_save()
-                    t_window = time.perf_counter()
+                    window.start = time.perf_counter()  # evaluation time is not training time
                 elif t.save_every and st.step % t.save_every == 0:
                     self.save("last")
-                    t_window = time.perf_counter()
+                    window.start = time.perf_counter()
                 if st.step >= self.total_steps or st.step == t.stop_after_steps:
                     break
             else:
@@ -357,11 +352,12 @@ class Trainer:
         bar.close()
         if st.step < self.total_steps:
             self.save("last")  # a session ended early: resumable, not finished
-            return st
-        if t.eval_every:
+        elif t.eval_every:
             self.evaluate_and_save()
         else:
             self.save("last")
+        if t.report_to:
+            self.acc.end_training()
         return st
 
     def _optimizer_step(self, bad: bool) -> None:
@@ -389,10 +385,13 @@ class Trainer:
 
     def evaluate_and_save(self) -> dict:
         """Evaluate on the validation split; save `last`, and `best` when the metric improved."""
-        metrics = self.evaluate(self.val_records) if self.val_records else {}
+        metrics = self.evaluate(self.val_records).metrics if self.val_records else {}
+        if self.val_records and self.metric not in metrics:
+            metrics["val.loss"] = self.validation_loss(self.val_records)
         self.log({"kind": "eval", **metrics})
-        value = metrics.get(self.cfg.eval.metric)
-        improved = value is not None and (self.state.best is None or value > self.state.best)
+        value = self._selection_value(metrics)
+        better = (lambda a, b: a > b) if self.higher_is_better else (lambda a, b: a < b)
+        improved = value is not None and (self.state.best is None or better(value, self.state.best))
         if improved:
             self.state.best = value
         self.save("last")
@@ -401,17 +400,83 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def evaluate(self, records) -> dict:
+    def _selection_value(self, metrics: dict) -> float | None:
+        """The selection metric, or the validation loss (said once) when this data lacks it."""
+        if self.metric in metrics or "val.loss" not in metrics:
+            return metrics.get(self.metric)
+        if not self._fallback_warned and self.acc.is_main_process:
+            log.warning("eval.metric %s cannot be computed on this data: best is chosen by val.loss "
+                        "(lower is better)", self.metric)  # fmt: skip
+        self._fallback_warned = True
+        self.metric, self.higher_is_better = "val.loss", False
+        return metrics["val.loss"]
+
+    def evaluate(self, records):
+        """The task's `Evaluation` of the model on `records`."""
         self.model.eval()
-        model = self.acc.unwrap_model(self.model)
         with torch.no_grad():
-            return self.task.evaluate(model, records)
+            return self.task.evaluate(self.inner, records)
+
+    @torch.no_grad()
+    def validation_loss(self, records) -> float:
+        """The training loss on `records` (eval mode, no augmentation), averaged over samples."""
+        self.model.eval()
+        ds = self.task.dataset(records, train=False)
+        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, collate_fn=self.task.collate)
+        total, n = torch.zeros((), dtype=torch.float64), 0
+        for batch in loader:
+            if batch:
+                with self.acc.autocast():
+                    parts = self.step_module(self._to_device(batch))
+                total += parts["loss"].double().cpu() * int(parts["samples"])
+                n += int(parts["samples"])
+        return float(total / max(n, 1))
 
     def log(self, record: dict) -> None:
+        st = self.state
+        if self.cfg.train.report_to:
+            scalars = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, int | float)}
+            self.acc.log(scalars, step=st.step)
         if self.acc.is_main_process:
-            st = self.state
             epoch = st.epoch + st.batch / max(1, self.steps_per_epoch * self.cfg.train.grad_accum)
             full = {"kind": record.pop("kind"), "step": st.step, "epoch": round(epoch, 4)}
-            append_jsonl(
-                self.run_dir / "metrics.jsonl", {**full, "time": st.train_seconds, **record}
-            )
+            append_jsonl(self.run_dir / "metrics.jsonl", {**full, "time": st.train_seconds, **record})
+
+
+class _Window:
+    """Running sums between two log lines, kept on the device (no sync per micro-step)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss, self.samples, self.last = None, 0, {}
+        self.start = time.perf_counter()
+
+    def add(self, parts: dict, accum: int, world: int) -> None:
+        loss = parts["loss"].detach() / accum
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.samples += int(parts["samples"]) * world
+        self.last = {k: v for k, v in parts.items() if k not in ("loss", "samples")}
+
+    def close(self, st: TrainState, steps: int, lr: float) -> dict:
+        """The train log record of this window; the state's time and sample count advance."""
+        dt = time.perf_counter() - self.start
+        st.train_seconds += dt
+        st.samples += self.samples
+        record = {"kind": "train", "loss": float(self.loss) / steps, "lr": lr,
+                  "samples_per_s": self.samples / max(dt, 1e-9)}  # fmt: skip
+        record.update({k: float(v) for k, v in self.last.items()})  # the task's scalars, last value
+        self.restart()
+        return record
+
+
+def _flat_config(cfg) -> dict:
+    """The config as flat `section.key` scalars (what trackers' hyper-parameter tables take)."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items() if isinstance(v, int | float | str | bool)})
+        else:
+            out[section] = values
+    return out

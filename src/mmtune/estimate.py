@@ -9,7 +9,6 @@ profiler's allocation events. It is measured at three small batch sizes and fitt
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -102,24 +101,19 @@ def step_flops(model, task, batch) -> int:
 
 def _setup(cfg):
     """(model, task, records, autocast, device) for a config, as `mmtune train` builds them."""
-    from mmtune.api import _context, set_seed
+    from mmtune.api import set_seed
     from mmtune.data import load_splits, screen
-    from mmtune.models import load_model
-    from mmtune.tasks import get_task
+    from mmtune.tasks import Context, get_task
 
     set_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     splits = load_splits(cfg.data, cfg.seed)
     records, _ = screen(splits.train[:2048], "skip", cfg.data.max_image_pixels, 1.0)
-    model, processor = load_model(cfg.model)
-    ctx = _context(cfg, processor, splits, device)
+    ctx = Context(cfg, splits, device)
     task = get_task(cfg.task)(ctx)
-    model = task.build_head(model).to(device)
-    if cfg.model.patch_dropout:
-        model.set_patch_dropout(cfg.model.patch_dropout)
+    model = task.build().to(device)
     model.train()
-    autocast = ctx.autocast or contextlib.nullcontext
-    return model, task, records, autocast, device
+    return model, task, records, ctx.autocast, device
 
 
 def make_batch(task, records, batch_size: int, device) -> dict:
@@ -189,7 +183,7 @@ def loss_bytes_per_pair(cfg, model, records, task, device, n: int = 1024) -> flo
     scale = torch.tensor(10.0, device=device, requires_grad=True)
 
     def fn():
-        if cfg.train.loss == "siglip":
+        if cfg.options.get("loss") == "siglip":
             siglip_loss(img, txt, scale, torch.tensor(-10.0, device=device)).backward()
         else:
             clip_loss(img, txt, scale).backward()

@@ -241,7 +241,7 @@ def export_onnx(model, processor, out: Path) -> float:
 
 
 def _card(run: Path, fmt: str, model, max_diff: float, merged: int) -> str:
-    from mmtune.models import resolve_checkpoint
+    from mmtune.runs import resolve_checkpoint
 
     spec_dir, ckpt = resolve_checkpoint(run)
     cfg_file = run / "config.yaml"
@@ -297,12 +297,14 @@ Largest difference to the PyTorch model's embeddings on a probe batch: **{max_di
 
 def export_run(run: str | Path, out: str | Path, fmt: str = "hf", tolerance: float = 1e-4) -> dict:
     """Export a run / checkpoint folder to `out` as `hf` or `onnx`; returns what was measured."""
-    from mmtune.models import load_run
+    from mmtune.runs import open_run
 
-    if fmt not in ("hf", "onnx"):
-        raise UserError(f"unknown export format {fmt!r}: use hf or onnx")
     run = Path(run)
-    model, processor = load_run(run)
+    task, model = open_run(run)
+    if fmt not in task.exports:
+        offered = ", ".join(task.exports) or "none"
+        raise UserError(f"{run} is a {task.name} run, which exports as: {offered} (not {fmt})")
+    processor = task.processor
     model, merged = _plain(model)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -26,12 +26,6 @@ from mmtune.distributed import average_gradients, is_distributed
 LossFn = Callable[[Tensor, Tensor, Tensor, Tensor | None, slice], Tensor]
 
 
-def _unwrap(model):
-    # the chunks bypass DDP's reducer (it expects one forward per backward): gradients are
-    # averaged by `average_gradients` at the end instead
-    return getattr(model, "module", model)
-
-
 def _full(x: Tensor) -> Tensor:
     # the loss runs in float32 (or the model's float64); half-precision embeddings are upcast
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -58,7 +52,9 @@ class _GradCache:
     """The three passes over one batch; `first()` gives the loss, `second(g)` the gradients."""
 
     def __init__(self, model, batch: dict, chunk: int, loss_fn: LossFn):
-        self.model, self.loss_fn = _unwrap(model), loss_fn
+        # the bare model: the task declares `syncs_own_gradients`, so no DDP reducer expects one
+        # forward per backward; gradients are averaged by `average_gradients` at the end instead
+        self.model, self.loss_fn = model, loss_fn
         px = batch["pixel_values"]
         self.device = px.device
         self.inputs = (px, batch["input_ids"], batch["attention_mask"])

@@ -9,7 +9,6 @@ from mmtune.models.dual import DualEncoder, HFDualEncoder, tower_blocks
 from mmtune.models.freeze import apply_freezing, count_parameters, freeze_patterns, freeze_tower
 from mmtune.models.load import (
     PRESETS,
-    SPEC_FILE,
     Processor,
     build_from_spec,
     load_weights,
@@ -27,51 +26,10 @@ __all__ = [
     "freeze_patterns",
     "freeze_tower",
     "load_model",
-    "load_run",
+    "load_weights",
     "save_spec",
     "tower_blocks",
 ]
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(spec folder, checkpoint folder) for a run folder (best, else last) or a checkpoint folder."""
-    from mmtune.checkpoint import is_complete
-
-    p = Path(path)
-    if (p / SPEC_FILE).is_file() and (p / "model.safetensors").is_file():
-        return p, p  # an exported / self-contained model folder
-    if (p / "model" / SPEC_FILE).is_file():
-        for name in ("best", "last"):
-            if is_complete(p / "checkpoints" / name):
-                return p / "model", p / "checkpoints" / name
-        raise CheckpointError(f"no valid checkpoint in {p / 'checkpoints'}")
-    if is_complete(p) and (p.parent.parent / "model" / SPEC_FILE).is_file():
-        return p.parent.parent / "model", p
-    raise CheckpointError(f"no valid checkpoint at {p}")
-
-
-def load_run(path: str | Path):
-    """(model, processor) from a run folder or one of its checkpoints, weights loaded."""
-    spec_dir, ckpt = resolve_checkpoint(path)
-    import importlib
-
-    from mmtune.models.load import _read_spec
-
-    spec = _read_spec(spec_dir)
-    if spec.get("kind") == "sd-lora":  # a diffusers pipeline with LoRA adapters
-        from mmtune.models.sd import load_sd_run
-
-        return load_sd_run(path)
-    wrap = spec.get("wrap")
-    if wrap:  # a task model around the backbone (e.g. fusion heads); importing its module
-        module, fn = wrap["builder"].split(":")  # also registers its towers' Auto classes
-        builder = getattr(importlib.import_module(module), fn)
-    model, proc, _ = build_from_spec(spec_dir)
-    if wrap:
-        model = builder(model, wrap["spec"])
-    load_weights(model, ckpt / "model.safetensors")
-    model.eval()
-    return model, proc
 
 
 def _refuse_remote_code(name: str, trust_remote_code: bool) -> None:
@@ -171,9 +129,11 @@ def load_model(model_cfg):
     elif model_cfg.name in _fusion_presets():
         model, proc, defaults = _fusion_presets()[model_cfg.name]()
     elif Path(model_cfg.name).exists() and not (Path(model_cfg.name) / "config.json").is_file():
-        model, proc = load_run(model_cfg.name)
+        from mmtune.runs import load_run, read_spec, resolve_checkpoint
+
+        model, proc = load_run(model_cfg.name)  # the run's task rebuilds its model
         spec_dir, _ = resolve_checkpoint(model_cfg.name)
-        defaults = {"lock_text": bool(L._read_spec(spec_dir).get("lock_text"))}
+        defaults = {"lock_text": bool(read_spec(spec_dir).get("lock_text"))}
     else:
         model, proc, defaults = _from_hf(model_cfg.name, model_cfg.trust_remote_code)
     apply_freezing(model, model_cfg, defaults)
@@ -182,4 +142,6 @@ def load_model(model_cfg):
             tower = model.tower(name)
             if hasattr(tower, "gradient_checkpointing_enable"):
                 tower.gradient_checkpointing_enable()
+    if model_cfg.patch_dropout:  # training only: the towers see every patch in eval mode
+        model.set_patch_dropout(model_cfg.patch_dropout)
     return model, proc

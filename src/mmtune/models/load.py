@@ -11,8 +11,8 @@ import torch
 from mmtune.data.images import ImageTransform
 from mmtune.errors import CheckpointError
 from mmtune.models.dual import DualEncoder, HFDualEncoder
+from mmtune.runs import SPEC_FILE, read_spec
 
-SPEC_FILE = "mmtune_model.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -152,37 +152,57 @@ def save_spec(model, processor: Processor, folder: str | Path, extra: dict | Non
     return folder
 
 
+def save_processor(processor: Processor, folder: str | Path, spec: dict) -> None:
+    """A model folder without towers (e.g. a VQ tokenizer): preprocessing, tokenizer and `spec`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if processor.tokenizer is not None:
+        processor.tokenizer.save_pretrained(folder / "tokenizer")
+    full = {"preprocess": _preprocess_spec(processor), **spec}
+    (folder / SPEC_FILE).write_text(json.dumps(full, indent=2))
+
+
+def load_processor(folder: str | Path) -> tuple[Processor, dict]:
+    """(Processor, spec) of a model folder: preprocessing and its tokenizer, when it has one."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    spec = read_spec(folder)
+    tok_dir = folder / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else None
+    pre = spec["preprocess"]
+    mean, std = tuple(pre["image_mean"]), tuple(pre["image_std"])
+    return Processor(tok, pre["image_size"], mean, std, pre["max_length"], pre["padding"]), spec
+
+
+def load_tokenizer(name: str):
+    """The tokenizer `model.name` would bring, without building its model: a preset's (the
+    MiniLM word pieces), a run's, or a transformers checkpoint's."""
+    from transformers import AutoTokenizer
+
+    from mmtune.models.fusion import FUSION_PRESETS
+
+    if name in PRESETS or name in FUSION_PRESETS:
+        return AutoTokenizer.from_pretrained(minilm_dir())  # every built-in preset's vocabulary
+    if (Path(name) / "model" / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(Path(name) / "model" / "tokenizer")
+    return AutoTokenizer.from_pretrained(name)
+
+
 def tower_kwargs(config) -> dict:
     """Towers are pooled by mmtune (cls/mean): BERT/ViT-style poolers would be dead weights."""
     return {"add_pooling_layer": False} if config.model_type in ("vit", "bert", "roberta") else {}
 
 
-def _read_spec(folder: Path) -> dict:
-    f = folder / SPEC_FILE
-    if not f.is_file():
-        raise CheckpointError(f"{folder}: not an mmtune model folder ({SPEC_FILE} missing)")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: corrupt ({e.msg})") from None
-
-
 def build_from_spec(folder: str | Path):
     """Random-initialised model + processor from a spec folder (weights are loaded separately)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
+    from mmtune.models import convstem
+
+    convstem.register()  # mmtune's own tower, named in a config.json like any transformers model
     folder = Path(folder)
-    spec = _read_spec(folder)
-    tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    pre = spec["preprocess"]
-    proc = Processor(
-        tok,
-        pre["image_size"],
-        tuple(pre["image_mean"]),
-        tuple(pre["image_std"]),
-        pre["max_length"],
-        pre["padding"],
-    )
+    proc, spec = load_processor(folder)
     if spec["kind"] == "hf":
         model = HFDualEncoder(AutoModel.from_config(AutoConfig.from_pretrained(folder / "hf")))
     else:

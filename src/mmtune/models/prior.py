@@ -195,13 +195,6 @@ class Text2ImageModel(nn.Module):
         self.vq.eval()  # frozen: its codebook EMA never moves
         return self
 
-    def forward(self, fn=None, **kwargs):
-        """`model(fn, **kw)` runs fn(model, **kw); else the prior's teacher-forced loss."""
-        if fn is not None:
-            return fn(self, **kwargs)
-        return self.prior.loss(kwargs["text_ids"], kwargs["codes"])
-
-
-def rebuild(_backbone, spec: dict) -> Text2ImageModel:
-    """`load_run` builder: the run's Text2ImageModel (the configured backbone is not used)."""
-    return Text2ImageModel(spec)
+    def forward(self, text_ids, codes):
+        """The prior's teacher-forced loss of image codes (B, T) given caption ids (B, L)."""
+        return self.prior.loss(text_ids, codes)

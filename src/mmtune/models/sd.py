@@ -293,7 +293,7 @@ def processor_for(model: SDLoRAModel, resolution: int):
 def save_sd_spec(model: SDLoRAModel, opts, resolution: int, folder: Path) -> None:
     """What rebuilds the run's model: the base reference, the adapted layers (`opts`: rank,
     alpha, dropout of the task options), the resolution."""
-    from mmtune.models.load import SPEC_FILE
+    from mmtune.runs import SPEC_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -313,11 +313,22 @@ def save_sd_spec(model: SDLoRAModel, opts, resolution: int, folder: Path) -> Non
 
 def load_sd_run(path: str | Path):
     """(model with its trained LoRA, processor) from a sd-lora run folder or checkpoint folder."""
-    from mmtune.models import resolve_checkpoint
-    from mmtune.models.load import _read_spec, load_weights
+    from mmtune.models.load import load_weights
+    from mmtune.runs import resolve_checkpoint
 
     spec_dir, ckpt = resolve_checkpoint(path)
-    spec = _read_spec(spec_dir)
+    model, processor = rebuild_sd(spec_dir)
+    load_weights(model, ckpt / "model.safetensors")
+    return model.eval(), processor
+
+
+def rebuild_sd(spec_dir: Path):
+    """(base model with the run's adapters, processor) of a sd-lora model folder; the adapters'
+    weights are not loaded."""
+    from mmtune.runs import read_spec
+
+    spec = read_spec(spec_dir)
+    path = spec_dir
     if spec.get("kind") != SPEC_KIND:
         raise CheckpointError(f"{path}: not a sd-lora run")
     recorded = spec.get("base_files") or {}
@@ -329,6 +340,4 @@ def load_sd_run(path: str | Path):
     model = load_base(spec["base"])
     lora = spec["lora"]
     add_unet_lora(model, lora["rank"], lora["alpha"], lora["dropout"], names=lora["layers"])
-    load_weights(model, ckpt / "model.safetensors")
-    model.eval()
     return model, processor_for(model, int(spec["resolution"]))

@@ -191,11 +191,9 @@ class VQModel(nn.Module):
         scale = float(self._spec.get("disc_lr_scale", 1.0))
         return {n: scale for n, _ in self.named_parameters() if n.startswith("discriminator.")}
 
-    def forward(self, fn=None, **kwargs):
-        """`model(fn, **kw)` runs fn(model, **kw) (one forward DDP sees); else reconstruct."""
-        if fn is not None:
-            return fn(self, **kwargs)
-        return self.reconstruct(kwargs["pixel_values"])
+    def forward(self, pixel_values):
+        """→ (reconstruction, code indices (B, h, w), commitment loss)."""
+        return self.reconstruct(pixel_values)
 
     def reconstruct(self, x):
         """→ (reconstruction, code indices (B, h, w), commitment loss)."""
@@ -235,7 +233,7 @@ def adaptive_weight(rec_loss, adv_loss, last_layer: torch.Tensor, limit: float =
 
 def vq_losses(model: VQModel, pixel_values, adv_weight: float, adv_start: int,
               commit_weight: float, perceptual_weight: float) -> dict[str, torch.Tensor]:  # fmt: skip
-    """One step's losses (run inside `model(vq_losses, …)`): L1 + β·commitment
+    """One step's losses: L1 + β·commitment
     + λ·adversarial (after `adv_start` steps; λ = adv_weight × the adaptive weight) + optional
     discriminator-feature perceptual term,
     plus the discriminator's hinge loss on detached reconstructions. The generator terms never
@@ -265,8 +263,3 @@ def vq_losses(model: VQModel, pixel_values, adv_weight: float, adv_start: int,
     out["loss"] = total + d_loss
     out["codes_used"] = torch.tensor(float(idx.unique().numel()))
     return out
-
-
-def rebuild(_backbone, spec: dict) -> VQModel:
-    """`load_run` builder: the run's VQModel (the backbone the config named is not used)."""
-    return VQModel(spec)

@@ -127,7 +127,9 @@ def _lifespan(st: _State, source: Backend | Callable[[], Backend]):
 
 async def _call(st: _State, batcher: MicroBatcher, items: list) -> list:
     """Items through a batcher, bounded by the request timeout (504) and queue (429)."""
-    st.ready()
+    if st.ready().dim is None:
+        raise ApiError(404, "this run's task does not embed images and texts (no /v1/embed, "
+                       "/v1/classify or /v1/search); see /v1/predict/<task>")  # fmt: skip
     try:
         return await asyncio.wait_for(batcher.submit(items), st.cfg.request_timeout_s)
     except Overloaded as e:
@@ -317,19 +319,18 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
             raise ApiError(404, f"the image of row {row} is no longer on disk")
         return FileResponse(path)
 
-    for name in cfg.tasks:
-        _predict_route(app, st, name, auth)
+    _predict_route(app, st, auth)
 
 
-def _predict_route(app: FastAPI, st: _State, name: str, auth) -> None:
+def _predict_route(app: FastAPI, st: _State, auth) -> None:
     """POST /v1/predict/<task>: an 'image' upload + 'inputs' (a JSON object) → task.predict."""
 
-    @app.post(f"/v1/predict/{name}", name=f"predict_{name}")
-    async def predict(request: Request):
+    @app.post("/v1/predict/{name}", name="predict")
+    async def predict(name: str, request: Request):
         auth(request)
         backend = st.ready()
         if name not in backend.tasks:
-            raise ApiError(404, f"task {name!r} is not served")
+            raise ApiError(404, f"task {name!r} is not served (served: {sorted(backend.tasks)})")
         form = await _form(request, {"image", "inputs"})
         try:
             inputs = json.loads(form.get("inputs") or "{}")

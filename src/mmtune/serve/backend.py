@@ -20,13 +20,16 @@ log = logging.getLogger("mmtune.serve")
 class Backend:
     """Model, processor, optional `VectorIndex` and task objects (for `predict` routes)."""
 
-    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = ""):
+    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = "",
+                 embeds: bool = True):  # fmt: skip
+        """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
+        verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search."""
         self.model, self.processor, self.index = model.eval(), processor, index
         self.tasks = tasks or {}
         self.name = name
         self.device = next(model.parameters()).device
         self._transform = processor.transform()
-        self.dim = int(self.embed_texts(["x"]).shape[1])
+        self.dim = int(self.embed_texts(["x"]).shape[1]) if embeds else None
         if index is not None and index.dim != self.dim:
             raise CheckpointError(
                 f"the index holds {index.dim}-d vectors but the model embeds {self.dim}-d: "
@@ -34,23 +37,17 @@ class Backend:
             )
 
     @classmethod
-    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=("contrastive",)):
-        """Load a run / checkpoint / exported model folder, the index, and the named tasks."""
-        from mmtune.config import load_config
-        from mmtune.models import load_run
+    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=None):
+        """Load a run / checkpoint / exported model folder and the index; the run's task serves
+        what its `routes` declare (its `predict` unless `task_names` leaves it out)."""
         from mmtune.retrieval import VectorIndex
-        from mmtune.tasks import Context, get_task
+        from mmtune.runs import open_run
 
-        model, proc = load_run(checkpoint)
+        task, model = open_run(checkpoint)
         index = VectorIndex.load(index_dir) if index_dir else None
-        saved = Path(checkpoint) / "config.yaml"
-        cfg = load_config(saved if saved.is_file() else None)
-        tasks = {}
-        for name in task_names:
-            task = get_task(name)(Context(cfg, proc))
-            if hasattr(task, "predict"):
-                tasks[name] = task
-        return cls(model, proc, index, tasks, name=str(checkpoint))
+        wanted = "predict" in task.routes and (task_names is None or task.name in task_names)
+        tasks = {task.name: task} if wanted else {}
+        return cls(model, task.processor, index, tasks, str(checkpoint), "embed" in task.routes)
 
     def scale(self) -> float:
         return float(self.model.scale().detach())

@@ -40,9 +40,10 @@ class ServeConfig(BaseModel):
     max_labels: int = Field(64, gt=0, description="Candidate labels per /v1/classify request.")
     max_k: int = Field(100, gt=0, description="Largest k per /v1/search request.")
     max_text_chars: int = Field(2000, gt=0, description="Longest text accepted.")
-    tasks: list[str] = Field(
-        default_factory=lambda: ["contrastive"],
-        description="Tasks whose `predict` is served at POST /v1/predict/<task>.",
+    tasks: list[str] | None = Field(
+        None,
+        description="Tasks whose `predict` is served at POST /v1/predict/<task>; null: the served "
+        "run's own task (when it predicts).",
     )
     api_key_env: str | None = Field(
         None, description="Name of an environment variable holding a Bearer key for /v1/*."

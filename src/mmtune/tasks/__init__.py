@@ -1,25 +1,23 @@
-"""Tasks: the unit of extension, registered by name.
-
-A task is a class built with a `Context`; the engine, CLI and server only call these members:
-
-- `build_head(model) -> nn.Module` — the trainable module (the backbone itself, or with a head);
-- `dataset(records, train) -> torch Dataset` — items for `collate`;
-- `collate(items) -> dict` — a batch with transformers' key names;
-- `loss(model, batch) -> dict[str, Tensor]` — named parts, `"loss"` is the total;
-- `evaluate(model, records) -> dict[str, float]` — pure metric functions from `mmtune.metrics`;
-- `predict(model, inputs) -> list[dict]` — shared by `mmtune predict`, `eval` and the server;
-- optional `count(records) -> int` — a split's size in the task's units for `data.train/val/test`
-  (captioning counts images, not question records); `len` by default.
-"""
+"""Tasks: the unit of extension, registered by name (the contract is in `mmtune.tasks.base`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+import importlib
 
 from mmtune.errors import ConfigError
+from mmtune.tasks.base import Context, Evaluation, NoOptions, Task, TrainStep, selection_metric
+
+__all__ = [
+    "Context",
+    "Evaluation",
+    "NoOptions",
+    "Task",
+    "TrainStep",
+    "get_task",
+    "register",
+    "selection_metric",
+    "task_names",
+]
 
 _REGISTRY: dict[str, str] = {
     "contrastive": "mmtune.tasks.contrastive:ContrastiveTask",
@@ -33,35 +31,47 @@ _REGISTRY: dict[str, str] = {
 }
 
 
-@dataclass
-class Context:
-    """What a task needs besides the model: config, processor, class names, templates, device."""
-
-    cfg: Any
-    processor: Any
-    splits: Any = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    autocast: Any = None  # a context-manager factory for mixed precision at evaluation
-
-    @property
-    def classes(self) -> list[str] | None:
-        return None if self.splits is None else self.splits.classes
-
-
 def register(name: str, target: str) -> None:
-    """Register `module:Class` under a task name."""
+    """Register `module:Class` (a `Task` subclass) under a task name."""
     _REGISTRY[name] = target
 
 
+def _plugins() -> None:
+    """Tasks other packages declare under the `mmtune.tasks` entry-point group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="mmtune.tasks"):
+        _REGISTRY.setdefault(ep.name, ep.value)
+
+
 def task_names() -> list[str]:
+    _plugins()
     return sorted(_REGISTRY)
 
 
-def get_task(name: str):
-    """The task class registered under `name`."""
-    import importlib
-
+def get_task(name: str) -> type[Task]:
+    """The task class registered under `name` (or declared by a package's entry point)."""
+    if name not in _REGISTRY:
+        _plugins()
     if name not in _REGISTRY:
         raise ConfigError(f"config key 'task': unknown task {name!r} (tasks: {task_names()})")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def infer_legacy_task(spec: dict) -> str:
+    """The task that wrote a model spec of an mmtune from before runs named their task."""
+    wrap = (spec.get("wrap") or {}).get("builder", "")
+    heads = set(((spec.get("wrap") or {}).get("spec") or {}).get("heads_spec", {}))
+    if spec.get("kind") == "sd-lora":
+        return "sd-lora"
+    if "classify" in spec:
+        return "classify"
+    if wrap.endswith("vq:rebuild"):
+        return "vq-autoencoder"
+    if wrap.endswith("prior:rebuild"):
+        return "text2image"
+    for head, task in (("vqa", "vqa"), ("answer", "vqa"), ("caption", "caption"), ("itm", "pretrain-fusion")):
+        if head in heads:
+            return task
+    return "contrastive"

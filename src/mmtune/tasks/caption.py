@@ -8,7 +8,7 @@ Data: any records with captions (pairs files, COCO captions JSON, caption folder
 
 from __future__ import annotations
 
-import contextlib
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.caption_metrics import caption_metrics
-from mmtune.config import validate_options
 from mmtune.data import ImageTextDataset, Record
 from mmtune.data.images import load_image
 from mmtune.errors import ConfigError
@@ -27,8 +26,10 @@ from mmtune.models.fusion import (
     beam_search,
     build_vocab,
     greedy_decode,
+    load_fusion_spec,
     save_fusion_spec,
 )
+from mmtune.tasks.base import Evaluation, Task
 
 
 class CaptionOptions(BaseModel):
@@ -44,10 +45,9 @@ class CaptionOptions(BaseModel):
     meteor: bool = Field(False, description="Also compute METEOR (needs Java; slower).")
 
 
-def image_dataset(records, ctx) -> ImageTextDataset:
+def image_dataset(records, processor, seed: int) -> ImageTextDataset:
     """One item per image with its captions (questions collapsed), the eval transform."""
-    tf = ctx.processor.transform(augment=False)
-    return ImageTextDataset(image_records(records), tf, ctx.cfg.seed)
+    return ImageTextDataset(image_records(records), processor.transform(augment=False), seed)
 
 
 def count_images(records) -> int:
@@ -65,47 +65,55 @@ def image_records(records) -> list[Record]:
     return list(seen.values())
 
 
-def _caption_forward(m: FusionModel, pixel_values, decoder_in):
+def _caption_logits(m: FusionModel, pixel_values, decoder_in):
     """Next-token logits (B, T, V) of the caption decoder over the image's patch tokens."""
     return m.head["caption"](decoder_in, m.image_tokens(pixel_values))
 
 
-class CaptionTask:
+class CaptionTask(Task):
     """Describe an image in words."""
 
     name = "caption"
+    Options = CaptionOptions
+    metric, higher_is_better = "caption.bleu4", True
+    routes = ("predict",)
 
-    def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, CaptionOptions)
+    def build(self):
+        from mmtune.models import load_model
 
-    def build_head(self, model):
+        model, self.processor = load_model(self.cfg.model)
         o = self.opts
         train = image_records(self.ctx.splits.train if self.ctx.splits else [])
         if not train:
             raise ConfigError("task caption needs training records with captions")
         texts = [c for r in train for c in r.captions]
-        head = {"kind": "decoder", "vocab_ids": build_vocab(self.ctx.processor.tokenizer, texts),
+        head = {"kind": "decoder", "vocab_ids": build_vocab(self.processor.tokenizer, texts),
                 "layers": o.decoder_layers, "max_len": o.max_len, "memory": "image"}  # fmt: skip
         if isinstance(model, FusionModel):
             model.add_head("caption", head)
-        else:
-            spec = {"dim": o.dim, "layers": 0, "heads": o.heads, "fusion": "none",
-                    "heads_spec": {"caption": head}}  # fmt: skip
-            model = FusionModel(model, spec)
-        save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
+            return model
+        spec = {"dim": o.dim, "layers": 0, "heads": o.heads, "fusion": "none", "heads_spec": {"caption": head}}
+        return FusionModel(model, spec)
+
+    def save(self, model, folder: Path) -> None:
+        save_fusion_spec(model, self.processor, folder)
+
+    def load(self, folder: Path):
+        model, self.processor = load_fusion_spec(folder)
         return model
 
-    count = staticmethod(count_images)
+    def count(self, records) -> int:
+        return count_images(records)
+
 
     def dataset(self, records, train: bool):
-        return image_dataset(records, self.ctx)
+        return image_dataset(records, self.processor, self.cfg.seed)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
         if not items:
             return {}
-        enc = self.ctx.processor.tokenizer(
+        enc = self.processor.tokenizer(
             [it["caption"] for it in items], padding="longest", truncation=True,
             max_length=self.opts.max_len, return_tensors="pt",
         )  # fmt: skip
@@ -116,21 +124,18 @@ class CaptionTask:
         }
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
-        decoder = getattr(model, "module", model).head["caption"]
-        ids = decoder.to_compact(batch["caption_ids"])  # [PAD] is compact 0
-        logits = model(_caption_forward, pixel_values=batch["pixel_values"], decoder_in=ids[:, :-1])
+        ids = model.head["caption"].to_compact(batch["caption_ids"])  # [PAD] is compact 0
+        logits = _caption_logits(model, batch["pixel_values"], ids[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), ignore_index=0)
-        return {"loss": loss}
+        return {"loss": loss, "samples": len(ids)}
 
     @torch.no_grad()
     def generate(self, model, pixel_values) -> list[str]:
         """Captions for (B, 3, S, S) pixels, decoded as options.decode says."""
-        model = getattr(model, "module", model)
         if "caption" not in model.head:
             raise ConfigError("the model has no caption head: train it with task caption")
-        tok, dec = self.ctx.processor.tokenizer, model.head["caption"]
-        ctx = self.ctx.autocast() if self.ctx.autocast else contextlib.nullcontext()
-        with ctx:
+        tok, dec = self.processor.tokenizer, model.head["caption"]
+        with self.ctx.autocast():
             mem = model.image_tokens(pixel_values.to(self.ctx.device))
             special = {"bos": tok.cls_token_id, "eos": tok.sep_token_id}
             if self.opts.decode == "beam":
@@ -139,10 +144,10 @@ class CaptionTask:
                 out = greedy_decode(dec, mem, **special)
         return [tok.decode(ids).strip() for ids in out]
 
-    def evaluate(self, model, records) -> dict[str, float]:
+    def evaluate(self, model, records) -> Evaluation:
         ds = self.dataset(records, train=False)
         if not len(ds):
-            return {}
+            return Evaluation({})
         loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0,
                             collate_fn=self.collate)  # fmt: skip
         hyps, refs = [], []
@@ -150,10 +155,16 @@ class CaptionTask:
             hyps += self.generate(model, batch["pixel_values"])
             refs += batch["references"]
         m = caption_metrics(hyps, refs, with_meteor=self.opts.meteor)
-        return {f"caption.{k}": v for k, v in m.items()}
+        return Evaluation({f"caption.{k}": v for k, v in m.items()})
+
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"image": load_image(r.image)} for r in image_records(records)]
+
+    def format_prediction(self, output: dict) -> str:
+        return output["caption"]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"image": PIL/path} → {"caption"}."""
-        tf = self.ctx.processor.transform()
+        tf = self.processor.transform()
         px = torch.from_numpy(np.stack([tf(load_image(inp["image"])) for inp in inputs]))
         return [{"caption": c} for c in self.generate(model, px)]

@@ -8,31 +8,36 @@ embeddings × the logit scale, over normalised image embeddings.
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmtune.classify import METHODS, TRAINED
-from mmtune.classify.data import check_classes, prompt_records, shift_splits
-from mmtune.classify.model import (
+from mmtune.config import validate_options
+from mmtune.data import ImageTextDataset
+from mmtune.data.classes import check_classes, prompt_records, shift_splits
+from mmtune.data.images import load_image
+from mmtune.errors import ConfigError
+from mmtune.losses import clip_loss
+from mmtune.metrics import classification_metrics
+from mmtune.models.classifier import (
     ImageClassifier,
     classify_logits,
     image_side,
+    rebuild_classifier,
     require_image_tower,
     save_classifier_spec,
     set_trainable,
     zeroshot_head,
 )
-from mmtune.config import validate_options
-from mmtune.data import ImageTextDataset
-from mmtune.errors import ConfigError
-from mmtune.losses import clip_loss
-from mmtune.metrics import classification_metrics
 from mmtune.models.freeze import count_parameters
+from mmtune.tasks.base import Evaluation, Task
 from mmtune.tasks.contrastive import collate_pairs
+
+METHODS = ("zeroshot", "linear-probe", "finetune", "lora", "lp-ft", "flyp", "wise-ft")
+TRAINED = ("finetune", "lora", "lp-ft", "flyp")  # through the training loop
 
 Method = Literal["zeroshot", "linear-probe", "finetune", "lora", "lp-ft", "flyp", "wise-ft"]
 
@@ -77,6 +82,9 @@ class ClassifyOptions(BaseModel):
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
         description="WiSE-FT mixing coefficients α to evaluate.",
     )
+    templates: Literal["eval", "train"] = Field(
+        "eval", description="Prompt templates of the zero-shot head: held-out `eval` ones or `train`."
+    )
 
 
 def classify_options(cfg) -> ClassifyOptions:
@@ -89,78 +97,96 @@ def classify_options(cfg) -> ClassifyOptions:
     return opts
 
 
-class ClassifyTask:
+class ClassifyTask(Task):
     """Cross-entropy on a linear head over image embeddings (or FLYP's contrastive loss)."""
 
     name = "classify"
+    Options = ClassifyOptions
+    metric, higher_is_better = "top1", True
+    routes = ("predict",)
 
     def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
+        super().__init__(ctx)
         self.opts = classify_options(ctx.cfg)
-        self.classes = check_classes(ctx.splits)
+        self.classes = check_classes(ctx.splits) if ctx.splits is not None else None
+        self.info: dict[str, Any] = {}
         self._shift: dict | None = None
 
     @property
     def templates(self) -> list[str]:
         sp = self.ctx.splits
-        return sp.eval_templates if self.cfg.eval.templates == "eval" else sp.train_templates
+        return sp.eval_templates if self.opts.templates == "eval" else sp.train_templates
 
-    # ------------------------------------------------------------ the trained module
+    # ------------------------------------------------------------ the model's life
 
-    def build_head(self, model):
+    def build(self):
+        from mmtune.models import load_model
+
         method = self.opts.method
         if method not in TRAINED:
             raise ConfigError(
                 f"options.method={method} trains nothing by gradient, so `mmtune train` cannot "
                 "run it: run `mmtune classify --config CONFIG` (it runs options.compare)"
             )
+        model, self.processor = load_model(self.cfg.model)
         require_image_tower(model, self.cfg.model.name)
-        ctx = dataclasses.replace(self.ctx, device=next(model.parameters()).device)
-        info: dict[str, Any] = {
-            "method": method,
-            "classes": self.classes,
-            "templates": self.templates,
-        }
+        self.info = {"method": method, "classes": self.classes, "templates": self.templates}
         if method == "flyp":
-            info.update(head="zeroshot", trainable_params=count_parameters(model)[0])
-            save_classifier_spec(model, ctx.processor, self.cfg.run_dir / "model", info)
+            self.info.update(head="zeroshot", trainable_params=count_parameters(model)[0])
             return model  # trained contrastively, evaluated with a zero-shot head
-        info["head"] = "linear"
-        clf = ImageClassifier(model, zeroshot_head(model, self.classes, self.templates, ctx))
+        clf = ImageClassifier(model, self._zeroshot(model))
         clf.layer_decay = self.opts.layer_decay
         if method == "lp-ft":
-            clf.set_head(*self._probe_head(clf, ctx))
+            clf.set_head(*self._probe_head(clf))
         if method == "lora":
             from mmtune.models.lora import add_lora
 
             o = self.opts
-            add_lora(clf, model.tower("vision"), o.lora_r, o.lora_alpha, o.lora_dropout,
-                     o.lora_targets)  # fmt: skip
+            add_lora(clf, model.tower("vision"), o.lora_r, o.lora_alpha, o.lora_dropout, o.lora_targets)
             clf.head.requires_grad_(True)
-            info["lora"] = {"r": o.lora_r, "alpha": o.lora_alpha, "targets": o.lora_targets}
+            self.info["lora"] = {"r": o.lora_r, "alpha": o.lora_alpha, "targets": o.lora_targets}
         else:
-            names = image_side(model, ctx.processor.image_size)
+            names = image_side(model, self.processor.image_size)
             set_trainable(clf, names, self.opts.unfreeze_top_k, self.opts.unfreeze)
-        info["trainable_params"] = count_parameters(clf)[0]
-        save_classifier_spec(model, ctx.processor, self.cfg.run_dir / "model", info)
+        self.info.update(head="linear", dim=clf.head.in_features, trainable_params=count_parameters(clf)[0])
         return clf
 
-    def _probe_head(self, clf, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    def save(self, model, folder: Path) -> None:
+        backbone = model.backbone if isinstance(model, ImageClassifier) else model
+        save_classifier_spec(backbone, self.processor, folder, self.info)
+
+    def load(self, folder: Path):
+        model, self.processor, self.info = rebuild_classifier(folder)
+        if self.classes is None:
+            self.classes = self.info.get("classes")
+        return model
+
+    def _zeroshot(self, backbone) -> torch.Tensor:
+        """The zero-shot head (C, D) of the task's classes and templates, on the model's device."""
+        ctx = self.ctx
+        templates = self.info.get("templates") or self.templates
+        device = next(backbone.parameters()).device
+        head_ctx = ctx if device == ctx.device else type(ctx)(ctx.cfg, ctx.splits, device)
+        return zeroshot_head(backbone, self.classes, templates, head_ctx, self.processor)
+
+    def _probe_head(self, clf) -> tuple[torch.Tensor, torch.Tensor]:
         """LP-FT's start: the head of `options.init_head`, or a linear probe fitted here."""
         if self.opts.init_head:
             from mmtune.checkpoint import read_safetensors
-            from mmtune.models import resolve_checkpoint
+            from mmtune.runs import resolve_checkpoint
 
             _, ckpt = resolve_checkpoint(self.opts.init_head)
             state = read_safetensors(ckpt / "model.safetensors")
             if "head.weight" not in state or state["head.weight"].shape != clf.head.weight.shape:
                 raise ConfigError(f"options.init_head: {self.opts.init_head} has no matching head")
             return state["head.weight"], state["head.bias"]
-        from mmtune.classify.linear_probe import C_GRID, sweep
+        from mmtune.models.linear_probe import C_GRID, sweep
         from mmtune.tasks.contrastive import embed_images
 
         sp = self.ctx.splits
-        x = {s: embed_images(clf.backbone, sp.get(s), ctx) for s in ("train", "val")}
+        device = next(clf.parameters()).device
+        ctx = type(self.ctx)(self.cfg, sp, device)
+        x = {s: embed_images(clf.backbone, sp.get(s), ctx, self.processor) for s in ("train", "val")}
         y = {s: torch.tensor([r.label for r in sp.get(s)]) for s in ("train", "val")}
         grid = tuple(self.opts.probe_c_grid or C_GRID)
         res = sweep(x["train"], y["train"], x["val"], y["val"], len(self.classes), grid)
@@ -171,12 +197,12 @@ class ClassifyTask:
     def dataset(self, records, train: bool):
         if self.opts.method == "flyp":
             records = prompt_records(records, self.classes, self.ctx.splits.train_templates)
-        tf = self.ctx.processor.transform(augment=train and self.cfg.data.augment)
+        tf = self.processor.transform(augment=train and self.cfg.data.augment)
         return ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
 
     def collate(self, items):
         if self.opts.method == "flyp":
-            return collate_pairs(items, self.ctx.processor)
+            return collate_pairs(items, self.processor)
         items = [it for it in items if it is not None]
         if not items:
             return {}
@@ -189,47 +215,51 @@ class ClassifyTask:
             img, txt = out["image_emb"].float(), out["text_emb"].float()
             # many images share a class prompt: same-label pairs are positives, not negatives
             loss = clip_loss(img, txt, out["logit_scale"], batch["labels"].to(img.device))
-            return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+            return {"loss": loss, "samples": len(img), "logit_scale": out["logit_scale"].detach()}
         logits = model(batch["pixel_values"]).float()  # (B, C)
-        return {"loss": F.cross_entropy(logits, batch["labels"])}
+        return {"loss": F.cross_entropy(logits, batch["labels"]), "samples": len(logits)}
+
+    def lr_scales(self, model) -> dict[str, float]:
+        return model.lr_scales() if isinstance(model, ImageClassifier) else {}
 
     # ------------------------------------------------------------ evaluation
 
     def classifier(self, model) -> ImageClassifier:
         """The model as a classifier: itself, or a dual encoder with its zero-shot head (FLYP)."""
-        model = getattr(model, "module", model)
         if isinstance(model, ImageClassifier):
             return model
-        ctx = dataclasses.replace(self.ctx, device=next(model.parameters()).device)
-        return ImageClassifier(model, zeroshot_head(model, self.classes, self.templates, ctx))
+        return ImageClassifier(model, self._zeroshot(model))
 
-    def evaluate(self, model, records) -> dict[str, float]:
+    def evaluate(self, model, records) -> Evaluation:
         """top1, top5, mean per-class recall; on the final split also every `data.shift` split."""
         clf = self.classifier(model)
-        metrics = split_metrics(clf, records, self.ctx)
+        metrics = split_metrics(clf, records, self.ctx, self.processor)
         if records is self.ctx.splits.get(self.cfg.eval.split) and self.cfg.data.shift:
             if self._shift is None:
                 self._shift = shift_splits(self.cfg.data, self.classes)
-            metrics.update(shift_metrics(clf, self._shift, self.ctx))
-        return metrics
+            metrics.update(shift_metrics(clf, self._shift, self.ctx, self.processor))
+        return Evaluation(metrics)
+
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"image": load_image(r.image)} for r in records]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"image": PIL} → {"labels": classes, "probs": [...]}."""
         clf = self.classifier(model)
-        px = self.ctx.processor.images([inp["image"] for inp in inputs]).to(self.ctx.device)
+        px = self.processor.images([inp["image"] for inp in inputs]).to(self.ctx.device)
         with torch.no_grad():
             probs = clf.eval()(px).float().softmax(-1).cpu()
         return [{"labels": list(self.classes), "probs": p.tolist()} for p in probs]
 
 
-def split_metrics(clf, records, ctx) -> dict[str, float]:
-    logits = classify_logits(clf, records, ctx)
+def split_metrics(clf, records, ctx, processor) -> dict[str, float]:
+    logits = classify_logits(clf, records, ctx, processor)
     return classification_metrics(logits, torch.tensor([r.label for r in records]))
 
 
-def shift_metrics(clf, shift: dict, ctx) -> dict[str, float]:
+def shift_metrics(clf, shift: dict, ctx, processor) -> dict[str, float]:
     """`shift.{metric}`: the mean over shift splits; per split `shift.{name}.{metric}` if several."""
-    per = {name: split_metrics(clf, recs, ctx) for name, recs in shift.items()}
+    per = {name: split_metrics(clf, recs, ctx, processor) for name, recs in shift.items()}
     out = {}
     for key in next(iter(per.values())):
         out[f"shift.{key}"] = sum(m[key] for m in per.values()) / len(per)

@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.data import ImageTextDataset
+from mmtune.data.images import load_image
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
+from mmtune.errors import ConfigError, UserError
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
 from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_weights
+from mmtune.tasks.base import Evaluation, Task
+
+
+class ContrastiveOptions(BaseModel):
+    """`options:` of the contrastive task."""
+
+    model_config = ConfigDict(extra="forbid")
+    loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss.")
+    class_aware: bool = Field(
+        False, description="Pairs with the same label/caption are positives, not negatives."
+    )
+    gather_features: bool = Field(
+        True,
+        description="With several processes, compute the loss over the global batch (features "
+        "all-gathered with gradients) rather than each process's own rows.",
+    )
+    gradcache_chunk: int | None = Field(
+        None,
+        gt=0,
+        description="Gradient caching: embed the batch this many rows at a time and back-propagate "
+        "chunk by chunk; same gradients as the full batch, memory of one chunk. null disables.",
+    )
+    zeroshot: bool = Field(True, description="Evaluate zero-shot classification (needs labels).")
+    retrieval: bool = Field(True, description="Evaluate image-text retrieval Recall@K.")
+    templates: Literal["eval", "train"] = Field(
+        "eval", description="Prompt templates for zero-shot: held-out `eval` ones or `train`."
+    )
+    twins: bool = Field(
+        False,
+        description="On built-in shapes-gen: each pair brings into its batch a twin, the scene one "
+        "edit away (colours or shapes swapped between the objects, or one attribute changed) with "
+        "its own caption, a hard negative in both directions.",
+    )
 
 
 def collate_pairs(items: list[dict | None], processor) -> dict:
@@ -37,14 +74,10 @@ def caption_hash_ids(captions) -> torch.Tensor:
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests])
 
 
-def _autocast(ctx):
-    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def embed_images(model, records, ctx, batch_size: int | None = None) -> torch.Tensor:
+def embed_images(model, records, ctx, processor, batch_size: int | None = None) -> torch.Tensor:
     """Normalised image embeddings (N, D) of records, in order, with the eval transform."""
-    ds = ImageTextDataset(records, ctx.processor.transform(), seed=ctx.cfg.seed)
+    ds = ImageTextDataset(records, processor.transform(), seed=ctx.cfg.seed)
     bs = batch_size or ctx.cfg.data.eval_batch_size
     loader = DataLoader(ds, batch_size=bs, collate_fn=lambda x: x, num_workers=0)
     out = []
@@ -52,29 +85,26 @@ def embed_images(model, records, ctx, batch_size: int | None = None) -> torch.Te
         if any(it is None for it in items):
             raise ValueError("a bad image reached evaluation; screen records first")
         px = torch.from_numpy(np.stack([it["pixel_values"] for it in items])).to(ctx.device)
-        with _autocast(ctx):
+        with ctx.autocast():
             out.append(model.encode_image(px).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 1)
 
 
 @torch.no_grad()
-def embed_texts(model, texts: list[str], ctx, batch_size: int = 256) -> torch.Tensor:
+def embed_texts(model, texts: list[str], ctx, processor, batch_size: int = 256) -> torch.Tensor:
     """Normalised text embeddings (N, D), in order."""
     out = []
     for i in range(0, len(texts), batch_size):
-        tok = {
-            k: v.to(ctx.device)
-            for k, v in ctx.processor.tokenize(texts[i : i + batch_size]).items()
-        }
-        with _autocast(ctx):
+        tok = {k: v.to(ctx.device) for k, v in processor.tokenize(texts[i : i + batch_size]).items()}
+        with ctx.autocast():
             out.append(model.encode_text(**tok).float().cpu())
     return torch.cat(out)
 
 
-def zeroshot_classifier(model, classes: list[str], templates: list[str], ctx) -> torch.Tensor:
+def zeroshot_classifier(model, classes, templates, ctx, processor) -> torch.Tensor:
     """(C, D) class weights: the mean embedding of every template filled with the class name."""
     texts = [t.format(c) for c in classes for t in templates]
-    return zeroshot_weights(embed_texts(model, texts, ctx), len(classes), len(templates))
+    return zeroshot_weights(embed_texts(model, texts, ctx, processor), len(classes), len(templates))
 
 
 class TwinDataset(torch.utils.data.Dataset):
@@ -104,96 +134,135 @@ class TwinDataset(torch.utils.data.Dataset):
         return [item] if other is None else [item, other]
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
-class ContrastiveTask:
+class ContrastiveTask(Task):
     """Train a dual encoder so matching image–caption pairs score higher than the rest."""
 
     name = "contrastive"
+    Options = ContrastiveOptions
+    metric, higher_is_better = "zeroshot.top1", True
+    routes = ("embed", "predict")
+    exports = ("hf", "onnx")
 
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.cfg = ctx.cfg
+        super().__init__(ctx)
+        if self.opts.twins and self.cfg.data.dataset not in ("shapes-gen", "shapes-gen-mini"):
+            raise ConfigError(f"options.twins needs the built-in shapes-gen, not {self.cfg.data.dataset}")
+        # gradient caching back-propagates chunk by chunk and averages gradients itself
+        self.syncs_own_gradients = bool(self.opts.gradcache_chunk)
 
-    def build_head(self, model):
-        return model  # the loss acts on the backbone's own embeddings
+    # ------------------------------------------------------------ the model's life
+
+    def build(self):
+        from mmtune.models import load_model
+
+        model, self.processor = load_model(self.cfg.model)
+        if self.opts.loss == "siglip" and model.logit_bias is None:
+            add_bias = getattr(type(model), "add_logit_bias", None)
+            if add_bias is None:
+                raise UserError(
+                    f"options.loss=siglip needs a logit bias, which {self.cfg.model.name} lacks: use "
+                    "a SigLIP checkpoint, a preset or a composed model"
+                )
+            model.add_logit_bias()
+        return model
+
+    def save(self, model, folder: Path) -> None:
+        from mmtune.models.load import save_spec
+
+        save_spec(model, self.processor, folder)
+
+    def load(self, folder: Path):
+        from mmtune.models.load import build_from_spec
+
+        model, self.processor, _ = build_from_spec(folder)
+        return model
+
+    # ------------------------------------------------------------ data
 
     def dataset(self, records, train: bool):
         augment = train and self.cfg.data.augment
-        tf = self.ctx.processor.transform(augment=augment)
+        tf = self.processor.transform(augment=augment)
         ds = ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
-        if train and self.cfg.data.twins:
+        if train and self.opts.twins:
             from mmtune.data.builtin.shapes_gen import twin_record
 
             return TwinDataset(ds, twin_record)
         return ds
 
     def collate(self, items):
-        return collate_pairs(items, self.ctx.processor)
+        return collate_pairs(items, self.processor)
 
-    def loss(self, model, batch) -> dict[str, torch.Tensor]:
-        t = self.cfg.train
+    # ------------------------------------------------------------ training
+
+    def loss(self, model, batch) -> dict:
+        o = self.opts
         groups = self._group_ids(batch)
-        if t.loss == "siglip" and _unwrap(model).logit_bias is None:
-            raise ValueError("train.loss=siglip needs a model with a logit bias")
+        if o.loss == "siglip" and model.logit_bias is None:
+            raise ValueError("options.loss=siglip needs a model with a logit bias")
 
         def loss_fn(img, txt, scale, bias, rows=slice(None)):
             # this process's rows against every process's columns (when gathering)
-            if t.loss == "siglip":
-                return siglip_loss_rows(img, txt, scale, bias, groups, rows, t.gather_features)
-            return clip_loss_rows(img, txt, scale, groups, rows, t.gather_features)
+            if o.loss == "siglip":
+                return siglip_loss_rows(img, txt, scale, bias, groups, rows, o.gather_features)
+            return clip_loss_rows(img, txt, scale, groups, rows, o.gather_features)
 
-        if t.gradcache_chunk and t.gradcache_chunk < len(batch["pixel_values"]):
-            loss = gradcache_loss(model, batch, t.gradcache_chunk, loss_fn)
-            return {"loss": loss, "logit_scale": _unwrap(model).scale().detach()}
+        n = len(batch["pixel_values"])
+        if o.gradcache_chunk and o.gradcache_chunk < n:
+            loss = gradcache_loss(model, batch, o.gradcache_chunk, loss_fn)
+            return {"loss": loss, "samples": n, "logit_scale": model.scale().detach()}
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         img, txt = out["image_emb"].float(), out["text_emb"].float()
         loss = loss_fn(img, txt, out["logit_scale"], out["logit_bias"])
-        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        return {"loss": loss, "samples": n, "logit_scale": out["logit_scale"].detach()}
 
     def _group_ids(self, batch) -> torch.Tensor | None:
         """Class-aware positives: labels, else equal captions (hashed: equal on every rank)."""
-        if not self.cfg.train.class_aware:
+        if not self.opts.class_aware:
             return None
         labels = batch["labels"]
         if bool((labels >= 0).all()):
             return labels.to(batch["pixel_values"].device)
-        if is_distributed() and self.cfg.train.gather_features:
+        if is_distributed() and self.opts.gather_features:
             groups = caption_hash_ids(batch["captions"])
         else:
             groups = caption_group_ids(batch["captions"])
         return groups.to(batch["pixel_values"].device)
 
-    def evaluate(self, model, records) -> dict[str, float]:
-        model = _unwrap(model)
-        ctx, cfg = self.ctx, self.cfg
-        img = embed_images(model, records, ctx)
+    # ------------------------------------------------------------ evaluation and use
+
+    @property
+    def templates(self) -> list[str]:
+        sp = self.ctx.splits
+        return sp.eval_templates if self.opts.templates == "eval" else sp.train_templates
+
+    def evaluate(self, model, records) -> Evaluation:
+        ctx, o, proc = self.ctx, self.opts, self.processor
+        img = embed_images(model, records, ctx, proc)
         metrics: dict[str, float] = {}
         labels = [r.label for r in records]
-        if cfg.eval.zeroshot and ctx.classes and all(lb is not None for lb in labels):
-            sp = ctx.splits
-            templates = sp.eval_templates if cfg.eval.templates == "eval" else sp.train_templates
-            w = zeroshot_classifier(model, ctx.classes, templates, ctx)
+        if o.zeroshot and ctx.classes and all(lb is not None for lb in labels):
+            w = zeroshot_classifier(model, ctx.classes, self.templates, ctx, proc)
             zs = classification_metrics(img @ w.T, torch.tensor(labels))
             metrics.update({f"zeroshot.{k}": v for k, v in zs.items()})
-        if cfg.eval.retrieval and any(r.captions for r in records):
+        if o.retrieval and any(r.captions for r in records):
             texts, text_groups, image_groups = caption_groups(records)
-            txt = embed_texts(model, texts, ctx)
+            txt = embed_texts(model, texts, ctx, proc)
             rt = retrieval_metrics(img, txt, text_groups, image_groups=image_groups)
             metrics.update({f"retrieval.{k}": v for k, v in rt.items()})
-        return metrics
+        return Evaluation(metrics)
+
+    def predict_inputs(self, records) -> list[dict]:
+        labels = [c for r in records for c in r.captions[:1]] or ["a photo."]
+        return [{"image": load_image(r.image), "labels": labels} for r in records]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"image": PIL, "labels": [...]} → zero-shot probabilities over the labels."""
-        model = _unwrap(model)
         out = []
         for inp in inputs:
-            px = self.ctx.processor.images([inp["image"]]).to(self.ctx.device)
+            px = self.processor.images([inp["image"]]).to(self.ctx.device)
             with torch.no_grad():
                 img = model.encode_image(px).float().cpu()
-            txt = embed_texts(model, list(inp["labels"]), self.ctx)
+            txt = embed_texts(model, list(inp["labels"]), self.ctx, self.processor)
             probs = (model.scale().float().cpu() * img @ txt.T).softmax(-1)[0]
             out.append({"labels": list(inp["labels"]), "probs": probs.tolist()})
         return out

@@ -12,15 +12,23 @@ The trained run is a `model.name` for `task: vqa` (its fusion encoder is kept, a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch.utils.data import DataLoader
 
-from mmtune.config import validate_options
 from mmtune.losses import caption_group_ids, clip_loss
-from mmtune.models.fusion import FusionModel, FusionOptions, build_vocab, save_fusion_spec
+from mmtune.models.fusion import (
+    FusionModel,
+    FusionOptions,
+    build_vocab,
+    load_fusion_spec,
+    save_fusion_spec,
+)
+from mmtune.tasks.base import Evaluation, Task
 from mmtune.tasks.caption import count_images, image_dataset, image_records
 
 
@@ -80,29 +88,37 @@ def _pretrain_forward(m: FusionModel, pixel_values, input_ids, attention_mask, m
     return out
 
 
-class PretrainFusionTask:
+class PretrainFusionTask(Task):
     """Pre-train the fusion encoder (and the dual encoder under it) on image–caption pairs."""
 
     name = "pretrain-fusion"
+    Options = PretrainOptions
+    metric, higher_is_better = "pretrain.itm_acc", True
 
     def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, PretrainOptions)
+        super().__init__(ctx)
         self._rng = torch.Generator().manual_seed(ctx.cfg.seed)
 
-    def build_head(self, model):
-        o = self.opts
+    def build(self):
+        from mmtune.models import load_model
+
+        model, self.processor = load_model(self.cfg.model)
         texts = [c for r in image_records(self.ctx.splits.train) for c in r.captions]
-        heads = {"itm": {"kind": "itm"},
-                 "mlm": {"kind": "mlm", "vocab_ids": build_vocab(self.ctx.processor.tokenizer, texts)}}  # fmt: skip
-        model = FusionModel(model, o.fusion_spec(heads))
-        save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
+        mlm = {"kind": "mlm", "vocab_ids": build_vocab(self.processor.tokenizer, texts)}
+        return FusionModel(model, self.opts.fusion_spec({"itm": {"kind": "itm"}, "mlm": mlm}))
+
+    def save(self, model, folder: Path) -> None:
+        save_fusion_spec(model, self.processor, folder)
+
+    def load(self, folder: Path):
+        model, self.processor = load_fusion_spec(folder)
         return model
 
-    count = staticmethod(count_images)
+    def count(self, records) -> int:
+        return count_images(records)
 
     def dataset(self, records, train: bool):
-        return image_dataset(records, self.ctx)
+        return image_dataset(records, self.processor, self.cfg.seed)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
@@ -110,8 +126,8 @@ class PretrainFusionTask:
             return {}
         caps = [it["caption"] for it in items]
         batch = {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items]))}
-        batch.update(self.ctx.processor.tokenize(caps))
-        tok = self.ctx.processor.tokenizer
+        batch.update(self.processor.tokenize(caps))
+        tok = self.processor.tokenizer
         batch["masked_ids"], batch["mlm_labels"] = mask_tokens(
             batch["input_ids"], batch["attention_mask"], tok, self.opts.mask_prob, self._rng
         )
@@ -120,10 +136,10 @@ class PretrainFusionTask:
 
     def _parts(self, model, batch) -> dict[str, torch.Tensor]:
         keys = ("pixel_values", "input_ids", "attention_mask", "masked_ids", "groups")
-        out = model(_pretrain_forward, **{k: batch[k] for k in keys})
+        out = _pretrain_forward(model, **{k: batch[k] for k in keys})
         b = len(batch["input_ids"])
         itm_labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(out["itc"].device)
-        mlm = getattr(model, "module", model).head["mlm"]
+        mlm = model.head["mlm"]
         labels = batch["mlm_labels"]
         compact = torch.where(labels >= 0, _compact(mlm, labels), torch.full_like(labels, -100))
         logits = out["mlm_logits"].float()
@@ -138,10 +154,10 @@ class PretrainFusionTask:
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         p, o = self._parts(model, batch), self.opts
         total = o.mlm_weight * p["mlm"] + o.itc_weight * p["itc"] + o.itm_weight * p["itm"]
-        return {"loss": total, **{k: v.detach() for k, v in p.items()}}
+        return {"loss": total, "samples": len(batch["input_ids"]), **{k: v.detach() for k, v in p.items()}}
 
     @torch.no_grad()
-    def evaluate(self, model, records) -> dict[str, float]:
+    def evaluate(self, model, records) -> Evaluation:
         """Mean losses and MLM / ITM accuracies over batches of the split."""
         ds = self.dataset(records, train=False)
         loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, collate_fn=self.collate)
@@ -154,10 +170,7 @@ class PretrainFusionTask:
             for k, v in self._parts(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
-        return {f"pretrain.{k}": v / max(1, n) for k, v in sums.items()}
-
-    def predict(self, model, inputs: list[dict]) -> list[dict]:
-        raise NotImplementedError("pretrain-fusion has no predictions: fine-tune with task vqa")
+        return Evaluation({f"pretrain.{k}": v / max(1, n) for k, v in sums.items()})
 
 
 def _compact(mlm_head, labels: torch.Tensor) -> torch.Tensor:

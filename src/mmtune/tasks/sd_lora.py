@@ -4,32 +4,32 @@ The model (base pipeline, `tiny-sd` preset, LoRA, run spec) lives in `mmtune.mod
 and text encoder stay frozen. Loss: the standard noise-prediction MSE (DDPM schedule, uniform
 random timesteps, latents scaled by the VAE's scaling factor); `v_prediction` schedulers regress
 the velocity. Captions are dropped to "" with probability `options.caption_dropout`, so sampling
-can use classifier-free guidance. `generate_images` samples from a run with a
-`StableDiffusionPipeline`.
+can use classifier-free guidance. `generate` (and `generate_images` for a run folder) samples
+with a `StableDiffusionPipeline`.
 """
 
 from __future__ import annotations
 
-import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmtune.config import validate_options
 from mmtune.data import ImageTextDataset
 from mmtune.errors import ConfigError, DataError
 from mmtune.models.sd import (
     DEFAULT_TARGETS,
-    PRESET,
     SDLoRAModel,
     add_unet_lora,
     load_base,
     load_sd_run,
     processor_for,
+    rebuild_sd,
     save_sd_spec,
 )
+from mmtune.tasks.base import Evaluation, Task
 
 
 class SDLoRAOptions(BaseModel):
@@ -98,37 +98,31 @@ def _with_captions(records) -> list:
 # ---------------------------------------------------------------- the task
 
 
-class SDLoRATask:
-    """Fine-tune a text-to-image diffusion model with LoRA; generate with `generate_images`."""
+class SDLoRATask(Task):
+    """Fine-tune a text-to-image diffusion model with LoRA; generate with `generate`."""
 
     name = "sd-lora"
+    Options = SDLoRAOptions
+    metric, higher_is_better = "sd.denoise_loss", False
+    routes = ("predict",)
 
-    def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, SDLoRAOptions)
+    def build(self):
+        """The base pipeline of `model.name` with fresh adapters on its UNet."""
+        model = load_base(self.cfg.model.name)
+        o = self.opts
+        add_unet_lora(model, o.rank, o.alpha, o.dropout, o.targets)
+        self.processor = processor_for(model, o.resolution or model.native_resolution)
+        return model
 
-    @staticmethod
-    def load_model(cfg):
-        """(base model with fresh adapters, processor) for `model.name` — the engine's loader."""
-        opts = validate_options(cfg, SDLoRAOptions)
-        model = load_base(cfg.model.name)
-        add_unet_lora(model, opts.rank, opts.alpha, opts.dropout, opts.targets)
-        return model, processor_for(model, opts.resolution or model.native_resolution)
+    def save(self, model, folder: Path) -> None:
+        save_sd_spec(model, self.opts, self.processor.image_size, folder)
 
-    def build_head(self, model):
-        if not isinstance(model, SDLoRAModel):
-            raise ConfigError(
-                f"task sd-lora needs model.name: '{PRESET}' or a diffusers pipeline folder"
-            )
-        if not model.lora_layers:
-            add_unet_lora(model, self.opts.rank, self.opts.alpha, self.opts.dropout,
-                          self.opts.targets)  # fmt: skip
-        size = self.ctx.processor.image_size
-        save_sd_spec(model, self.opts, size, self.cfg.run_dir / "model")
+    def load(self, folder: Path):
+        model, self.processor = rebuild_sd(folder)
         return model
 
     def dataset(self, records, train: bool):
-        tf = self.ctx.processor.transform(augment=bool(train and self.cfg.data.augment))
+        tf = self.processor.transform(augment=bool(train and self.cfg.data.augment))
         drop = self.opts.caption_dropout if train else 0.0
         return _CaptionDropDataset(_with_captions(records), tf, self.cfg.seed, drop)
 
@@ -136,7 +130,7 @@ class SDLoRATask:
         items = [it for it in items if it is not None]
         if not items:
             return {}
-        tok = self.ctx.processor.tokenizer
+        tok = self.processor.tokenizer
         ids = tok([it["caption"] for it in items], padding="max_length", truncation=True,
                   max_length=tok.model_max_length, return_tensors="pt")["input_ids"]  # fmt: skip
         return {
@@ -146,7 +140,7 @@ class SDLoRATask:
 
     def loss(self, model, batch, generator=None, timesteps=None) -> dict[str, torch.Tensor]:
         """Noise-prediction MSE; `generator`/`timesteps` fix the noise for evaluation."""
-        m = getattr(model, "module", model)
+        m = model
         sched = m.noise_scheduler()
         latents = m.encode_images(batch["pixel_values"], generator).float()
         cond = m.encode_text(batch["input_ids"])
@@ -162,14 +156,14 @@ class SDLoRATask:
         else:
             target = noise
         pred = model(noisy, timesteps, cond.to(noisy.dtype))
-        return {"loss": F.mse_loss(pred.float(), target.float())}
+        return {"loss": F.mse_loss(pred.float(), target.float()), "samples": b}
 
     @torch.no_grad()
     def denoise_loss(self, model, records) -> float:
         """Mean noise-prediction loss over records with fixed noise and evenly spread timesteps."""
         from torch.utils.data import DataLoader
 
-        m = getattr(model, "module", model)
+        m = model
         ds = self.dataset(records[: self.opts.eval_samples], train=False)
         loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0,
                             collate_fn=self.collate)  # fmt: skip
@@ -177,7 +171,6 @@ class SDLoRATask:
         device = next(m.unet.parameters()).device
         g = torch.Generator(device=device).manual_seed(self.opts.eval_seed)
         total, count, offset = 0.0, 0, 0
-        ctx = self.ctx.autocast() if self.ctx.autocast else contextlib.nullcontext()
         for batch in loader:
             if not batch:
                 continue
@@ -185,28 +178,27 @@ class SDLoRATask:
             # timestep of the i-th record: fixed by its position, spread over the schedule
             idx = torch.arange(offset, offset + b)
             t = (idx * 9973 + 17) % n_t
-            with ctx:
+            with self.ctx.autocast():
                 loss = self.loss(m, batch, generator=g, timesteps=t.to(device))["loss"]
             total, count, offset = total + float(loss) * b, count + b, offset + b
         return total / max(count, 1)
 
-    def evaluate(self, model, records) -> dict[str, float]:
+    def evaluate(self, model, records) -> Evaluation:
         records = _with_captions(records)
         if not records:
-            return {}
-        loss = self.denoise_loss(model, records)
-        out = {"sd.denoise_loss": loss, "sd.neg_denoise_loss": -loss}
+            return Evaluation({})
+        out = {"sd.denoise_loss": self.denoise_loss(model, records)}
         if self.opts.clip_checkpoint:
             out["sd.clip_score"] = self.clip_score(model, records)
-        return out
+        return Evaluation(out)
 
     def clip_score(self, model, records) -> float:
         """100 × mean max(cos, 0) between generated images and their prompts (an mmtune run)."""
-        from mmtune.models import load_run
+        from mmtune.runs import load_run
 
         prompts = [r.captions[0] for r in records[: self.opts.clip_prompts]]
-        m = getattr(model, "module", model)
-        size, o = self.ctx.processor.image_size, self.opts
+        m = model
+        size, o = self.processor.image_size, self.opts
         generated = _sample(m, size, prompts, 1, self.cfg.seed, o.guidance, o.clip_steps)
         images = [ims[0] for ims in generated]
         clip, proc = load_run(self.opts.clip_checkpoint)
@@ -215,12 +207,15 @@ class SDLoRATask:
             txt = clip.encode_text(**proc.tokenize(prompts))
         return float(100 * (img * txt).sum(-1).clamp(min=0).mean())
 
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"prompt": r.captions[0], "n": 1, "steps": 2} for r in _with_captions(records)]
+
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"prompt", "n"?, "seed"?, "steps"?} → {"prompt", "images": [base64 PNG]}."""
         import base64
         import io
 
-        m = getattr(model, "module", model)
+        m = model
         out = []
         for inp in inputs:
             prompt = inp.get("prompt")
@@ -230,7 +225,7 @@ class SDLoRATask:
             if not (1 <= n <= 64 and 1 <= steps <= 1000):
                 raise DataError(f"n must be 1..64 and steps 1..1000 (got n={n}, steps={steps})")
             seed = int(inp.get("seed", self.cfg.seed))
-            size = self.ctx.processor.image_size
+            size = self.processor.image_size
             images = _sample(m, size, [prompt], n, seed, self.opts.guidance, steps)[0]
             encoded = []
             for im in images:
@@ -239,6 +234,17 @@ class SDLoRATask:
                 encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
             out.append({"prompt": prompt, "images": encoded})
         return out
+
+
+    def generate(self, model, prompts: list[str], n: int, seed: int, settings: dict) -> list[list]:
+        """n PIL images per prompt (DDIM); settings: guidance, steps (None: the run's / 20)."""
+        guidance = settings.get("guidance")
+        guidance = self.opts.guidance if guidance is None else guidance
+        steps = settings.get("steps") or 20
+        return _sample(model, self.processor.image_size, prompts, n, seed, float(guidance), steps)
+
+    def default_reranker(self) -> str | None:
+        return self.opts.reranker
 
 
 # ---------------------------------------------------------------- generation

@@ -13,27 +13,31 @@ dual encoder `options.reranker`; `gen.clip_score` = 100 · mean cosine of the ke
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmtune.config import validate_options
+from mmtune.data.builtin.shapes_check import check
 from mmtune.errors import ConfigError
 from mmtune.generation import (
     Reranker,
-    check,
     compact_vocab,
     encode_captions,
     generate_images,
     grid,
     rerank,
 )
+from mmtune.models.load import load_processor, save_processor
 from mmtune.models.prior import Text2ImageModel
-from mmtune.tasks.vq_autoencoder import reconstruction_metrics, save_vq_spec
+from mmtune.models.vq import VQModel
+from mmtune.tasks.base import Evaluation, Task
+from mmtune.tasks.vq_autoencoder import reconstruction_metrics
 
 
 class T2IOptions(BaseModel):
@@ -96,21 +100,23 @@ def _pixels_collate(items):
             "caption": [it["caption"] for it in items]}  # fmt: skip
 
 
-class Text2ImageTask:
+class Text2ImageTask(Task):
     """Generate images from captions with a VQ prior."""
 
     name = "text2image"
+    Options = T2IOptions
+    metric, higher_is_better = "gen.checker_acc", True
+    routes = ("predict",)
 
     def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, T2IOptions)
-        self._vq = self._vocab = None  # training codes' tokenizer and vocabulary (build_head)
+        super().__init__(ctx)
+        self._vq = self._vocab = None  # training codes' tokenizer and vocabulary (build)
 
     # ------------------------------------------------------------ model
 
-    def build_head(self, model):
-        from mmtune.models import load_run
-        from mmtune.models.vq import VQModel
+    def build(self):
+        from mmtune.models.load import load_tokenizer
+        from mmtune.runs import load_run
 
         o = self.opts
         if not o.vq_run:
@@ -122,24 +128,31 @@ class Text2ImageTask:
         texts = [c for r in train for c in r.captions]
         if not texts:
             raise ConfigError("task text2image needs training records with captions")
-        tok = self.ctx.processor.tokenizer
-        self.ctx.processor = dataclasses.replace(vq_proc, tokenizer=tok)
+        tok = load_tokenizer(self.cfg.model.name)  # captions are word pieces of model.name's vocabulary
+        self.processor = dataclasses.replace(vq_proc, tokenizer=tok)
         vocab = compact_vocab(tok, texts)
         prior = {"text_vocab": len(vocab), "text_len": o.text_len, "codes": vq.quantizer.codes,
                  "tokens": vq.grid**2, "dim": o.dim, "layers": o.layers, "heads": o.heads,
                  "dropout": o.dropout, "rope2d": o.rope2d}  # fmt: skip
         t2i = Text2ImageModel({"vq": vq.spec(), "prior": prior, "vocab_ids": vocab})
         t2i.vq.load_state_dict(vq.state_dict())
-        save_vq_spec(model, self.ctx.processor, self.cfg.run_dir / "model",
-                     "mmtune.models.prior:rebuild", t2i.spec())  # fmt: skip
         self._vq, self._vocab = t2i.vq, vocab
         return t2i
+
+    def save(self, model, folder: Path) -> None:
+        save_processor(self.processor, folder, {"text2image": model.spec()})
+
+    def load(self, folder: Path):
+        self.processor, spec = load_processor(folder)
+        model = Text2ImageModel(spec.get("text2image") or spec["wrap"]["spec"])  # `wrap`: earlier runs
+        self._vq, self._vocab = model.vq, model.vocab_ids
+        return model
 
     @torch.no_grad()
     def encode_records(self, vq, records, desc="encoding images") -> tuple[torch.Tensor, list[str]]:
         """(codes (n, tokens), first captions) of records' images."""
         vq.eval()
-        loader = DataLoader(_vq_dataset(records, self.ctx.processor, self.cfg.seed),
+        loader = DataLoader(_vq_dataset(records, self.processor, self.cfg.seed),
                             batch_size=self.cfg.data.eval_batch_size, collate_fn=_pixels_collate)  # fmt: skip
         codes, caps = [], []
         device = next(vq.parameters()).device
@@ -150,11 +163,11 @@ class Text2ImageTask:
         return (torch.cat(codes) if codes else torch.zeros((0, tokens), dtype=torch.long)), caps
 
     def _text_ids(self, vocab_ids, texts):
-        return encode_captions(self.ctx.processor.tokenizer, vocab_ids, texts, self.opts.text_len)
+        return encode_captions(self.processor.tokenizer, vocab_ids, texts, self.opts.text_len)
 
     def dataset(self, records, train: bool):
         if self._vq is None:
-            raise ConfigError("text2image: build_head must run before dataset")
+            raise ConfigError("text2image: build or load the model before reading data")
         vocab = self._vocab
         codes, caps = self.encode_records(self._vq, records)
         p = self.opts.caption_dropout if train else 0.0
@@ -168,7 +181,7 @@ class Text2ImageTask:
                 "codes": torch.stack([it["codes"] for it in items])}  # fmt: skip
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
-        return {"loss": model(text_ids=batch["text_ids"], codes=batch["codes"])}
+        return {"loss": model(batch["text_ids"], batch["codes"]), "samples": len(batch["codes"])}
 
     # ------------------------------------------------------------ evaluation
 
@@ -179,12 +192,9 @@ class Text2ImageTask:
 
         return heldout_prompts()
 
-    def evaluate(self, model, records) -> dict[str, float]:
-        model = getattr(model, "module", model)
-        if not isinstance(model, Text2ImageModel):
-            raise ConfigError("task text2image needs a text2image run")
+    def evaluate(self, model, records) -> Evaluation:
         model.eval()
-        proc, o = self.ctx.processor, self.opts
+        proc, o = self.processor, self.opts
         metrics: dict[str, float] = {}
         if records:
             loader = DataLoader(_vq_dataset(records, proc, self.cfg.seed), collate_fn=_pixels_collate,
@@ -198,13 +208,14 @@ class Text2ImageTask:
                 nll = [float(model.prior.loss(ids[i : i + 256], codes[i : i + 256])) * len(codes[i : i + 256])
                        for i in range(0, len(codes), 256)]  # fmt: skip
                 metrics["prior.nll"] = sum(nll) / len(codes)
-        metrics.update(self.generation_metrics(model))
-        return metrics
+        evaluation = self.generation_metrics(model)
+        evaluation.metrics = {**metrics, **evaluation.metrics}
+        return evaluation
 
-    def generation_metrics(self, model) -> dict[str, float]:
+    def generation_metrics(self, model) -> Evaluation:
         """Checker accuracy with and without re-ranking, CLIP-score; grids and a table."""
         o, prompts = self.opts, self.prompts()
-        images = generate_images(model, self.ctx.processor, prompts, o.candidates, self.cfg.seed,
+        images = generate_images(model, self.processor, prompts, o.candidates, self.cfg.seed,
                                  o.guidance, o.temperature, o.top_k)  # fmt: skip
         ranker = Reranker(o.reranker) if o.reranker else None
         rows, ranked_rows, n_ok, kept_ok, kept_n, clip = [], [], 0, 0, 0, []
@@ -226,25 +237,32 @@ class Text2ImageTask:
                "gen.checker_acc": kept_ok / max(kept_n, 1), "gen.prompts": len(prompts)}  # fmt: skip
         if clip:
             out["gen.clip_score"] = float(np.mean(clip))
-        if self.cfg.run_dir.exists():
-            self._write_report_parts(prompts, ranked_rows, rows)
-        return out
-
-    def _write_report_parts(self, prompts, ranked_rows, rows) -> None:
-        run = self.cfg.run_dir
-        (run / "plots").mkdir(exist_ok=True)
-        (run / "tables").mkdir(exist_ok=True)
-        _labelled_grid(run / "plots" / "samples_prompts.png", prompts, ranked_rows, GRID_COLUMNS)
         table = {"title": "Generated samples per prompt (best re-ranked candidate)",
                  "columns": ["prompt", "checker acc (all candidates)", "kept candidate correct",
                              "best re-rank score"],
                  "rows": rows}  # fmt: skip
-        (run / "tables" / "gen_prompts.json").write_text(json.dumps(table, indent=1))
+        samples = _labelled_grid(prompts, ranked_rows, GRID_COLUMNS)
+        return Evaluation(out, tables={"gen_prompts": table}, images={"samples_prompts": samples})
+
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"prompt": r.captions[0]} for r in records if r.captions]
+
+    def generate(self, model, prompts: list[str], n: int, seed: int, settings: dict) -> list[list]:
+        """n PIL images per prompt; settings: guidance, temperature, top_k (None: the run's)."""
+        o = self.opts
+        pick = {k: o.model_dump()[k] if settings.get(k) is None else settings[k] for k in ("guidance", "temperature", "top_k")}
+        if pick["temperature"] <= 0:
+            raise ConfigError(f"temperature must be positive (got {pick['temperature']})")
+        return generate_images(model, self.processor, prompts, n, seed, float(pick["guidance"]),
+                               float(pick["temperature"]), pick["top_k"])  # fmt: skip
+
+    def default_reranker(self) -> str | None:
+        return self.opts.reranker
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"prompt": str} → {"images": [PIL × options.candidates]}."""
         o = self.opts
-        images = generate_images(model, self.ctx.processor, [i["prompt"] for i in inputs],
+        images = generate_images(model, self.processor, [i["prompt"] for i in inputs],
                                  o.candidates, self.cfg.seed, o.guidance, o.temperature, o.top_k)  # fmt: skip
         return [{"images": ims} for ims in images]
 
@@ -252,8 +270,8 @@ class Text2ImageTask:
 GRID_COLUMNS = 16  # the report's sample grid shows at most the 16 best candidates per prompt
 
 
-def _labelled_grid(path, prompts: list[str], rows, columns: int = GRID_COLUMNS) -> None:
-    """Sample grid with each row's prompt on its left (matplotlib), for the report."""
+def _labelled_grid(prompts: list[str], rows, columns: int = GRID_COLUMNS):
+    """Sample grid with each row's prompt on its left (matplotlib), as a PIL image for the report."""
     from matplotlib.figure import Figure
 
     img = grid([r[:columns] for r in rows], scale=2)
@@ -266,4 +284,7 @@ def _labelled_grid(path, prompts: list[str], rows, columns: int = GRID_COLUMNS) 
     n = max(len(r) for r in rows)
     shown = f"the best {columns} of {n}" if n > columns else "all"
     ax.set_title(f"samples per prompt, re-ranked best first (left): {shown}", fontsize=10)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
+    buf.seek(0)
+    return Image.open(buf)

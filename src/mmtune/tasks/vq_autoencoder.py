@@ -1,8 +1,8 @@
 """Image tokenizer training (`task: vq-autoencoder`): a VQ autoencoder with L1 + adversarial
 losses (`mmtune.models.vq`).
 
-The model is built from `options` (the configured `model.name` only lends its tokenizer to the
-run folder). The discriminator trains in the same optimizer step on its own hinge loss, in its
+The model is built from `options` (`model.name` is not used: the tokenizer reads pixels only).
+The discriminator trains in the same optimizer step on its own hinge loss, in its
 own parameter group (`options.disc_lr_scale`); the generator's adversarial term starts after
 `options.adv_start` steps. Evaluation: reconstruction PSNR (dB, per image on [0, 1] pixels,
 averaged), L1, codebook usage and perplexity, and a reconstruction strip in `plots/`.
@@ -10,8 +10,8 @@ averaged), L1, codebook usage and perplexity, and a reconstruction strip in `plo
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmtune.config import validate_options
 from mmtune.data import ImageTextDataset
 from mmtune.data.images import load_image
 from mmtune.errors import ConfigError
+from mmtune.models.load import Processor, load_processor, save_processor
 from mmtune.models.vq import VQModel, vq_losses
+from mmtune.tasks.base import Evaluation, Task
 
 
 class VQOptions(BaseModel):
@@ -73,14 +74,6 @@ def unnormalise(pixels: torch.Tensor, processor) -> torch.Tensor:
     return from_stats(pixels, processor.image_mean, processor.image_std)
 
 
-def save_vq_spec(model, processor, folder, wrap_builder: str, spec: dict) -> None:
-    """The configured backbone's spec (tokenizer, preprocessing) + the task model's, so
-    `load_run` rebuilds the task model."""
-    from mmtune.models.load import save_spec
-
-    save_spec(model, processor, folder, extra={"wrap": {"builder": wrap_builder, "spec": spec}})
-
-
 @torch.no_grad()
 def reconstruction_metrics(vq: VQModel, loader, processor, desc: str = "reconstructing"):
     """→ ({vq.psnr, vq.l1, vq.codebook_usage, vq.perplexity}, first originals, reconstructions)."""
@@ -108,27 +101,26 @@ def reconstruction_metrics(vq: VQModel, loader, processor, desc: str = "reconstr
     return metrics, first
 
 
-def save_strip(path, originals: torch.Tensor, recons: torch.Tensor) -> None:
-    """Originals above, reconstructions below, as one PNG."""
+def strip(originals: torch.Tensor, recons: torch.Tensor):
+    """Originals above, reconstructions below, as one PIL image."""
     from mmtune.generation import grid, to_pil
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [to_pil(t, (0, 0, 0), (1, 1, 1)) for t in (originals, recons)]
-    grid(rows, scale=3).save(path)
+    return grid(rows, scale=3)
 
 
-class VQAutoencoderTask:
+class VQAutoencoderTask(Task):
     """Train an image tokenizer; evaluate reconstruction."""
 
     name = "vq-autoencoder"
+    Options = VQOptions
+    metric, higher_is_better = "vq.psnr", True
+    routes = ("predict",)
 
     def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, VQOptions)
+        super().__init__(ctx)
         if self.opts.image_size % self.opts.downsample:
             raise ConfigError("options.image_size must be a multiple of options.downsample")
-        if ctx.processor is not None and ctx.processor.image_size != self.opts.image_size:
-            ctx.processor = dataclasses.replace(ctx.processor, image_size=self.opts.image_size)
 
     def spec(self) -> dict:
         o = self.opts
@@ -136,14 +128,22 @@ class VQAutoencoderTask:
                 "codes", "decay", "restart_every", "normalize", "disc_channels", "disc_layers",
                 "disc_lr_scale")}  # fmt: skip
 
-    def build_head(self, model):
-        vq = VQModel(self.spec())
-        save_vq_spec(model, self.ctx.processor, self.cfg.run_dir / "model",
-                     "mmtune.models.vq:rebuild", vq.spec())  # fmt: skip
-        return vq
+    def build(self):
+        self.processor = Processor(None, self.opts.image_size)  # pixels only: no text
+        return VQModel(self.spec())
+
+    def save(self, model, folder: Path) -> None:
+        save_processor(self.processor, folder, {"vq": model.spec()})
+
+    def load(self, folder: Path):
+        self.processor, spec = load_processor(folder)
+        return VQModel(spec.get("vq") or spec["wrap"]["spec"])  # `wrap`: runs of earlier versions
+
+    def lr_scales(self, model) -> dict[str, float]:
+        return model.lr_scales()
 
     def dataset(self, records, train: bool):
-        return ImageTextDataset(records, self.ctx.processor.transform(augment=False), self.cfg.seed)
+        return ImageTextDataset(records, self.processor.transform(augment=False), self.cfg.seed)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
@@ -153,32 +153,30 @@ class VQAutoencoderTask:
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         o = self.opts
-        return model(vq_losses, pixel_values=batch["pixel_values"], adv_weight=o.adv_weight,
-                     adv_start=o.adv_start, commit_weight=o.commit_weight,
-                     perceptual_weight=o.perceptual_weight)  # fmt: skip
+        out = vq_losses(model, batch["pixel_values"], o.adv_weight, o.adv_start, o.commit_weight, o.perceptual_weight)
+        return {**out, "samples": len(batch["pixel_values"])}
 
     def _loader(self, records):
         return DataLoader(self.dataset(records, train=False), collate_fn=self.collate,
                           batch_size=self.cfg.data.eval_batch_size, num_workers=0)  # fmt: skip
 
-    def evaluate(self, model, records) -> dict[str, float]:
-        model = getattr(model, "module", model)
-        if not isinstance(model, VQModel):
-            raise ConfigError("task vq-autoencoder needs a vq-autoencoder run")
+    def evaluate(self, model, records) -> Evaluation:
         if not records:
-            return {}
-        metrics, first = reconstruction_metrics(model, self._loader(records), self.ctx.processor)
-        if first is not None and self.cfg.run_dir.exists():
-            save_strip(self.cfg.run_dir / "plots" / "vq_reconstructions.png", *first)
-        return metrics
+            return Evaluation({})
+        metrics, first = reconstruction_metrics(model, self._loader(records), self.processor)
+        images = {} if first is None else {"vq_reconstructions": strip(*first)}
+        return Evaluation(metrics, images=images)
+
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"image": load_image(r.image)} for r in records]
 
     @torch.no_grad()
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"image": PIL/path} → {"codes": [[…]], "psnr": dB of the reconstruction}."""
-        tf = self.ctx.processor.transform()
+        tf = self.processor.transform()
         px = torch.from_numpy(np.stack([tf(load_image(inp["image"])) for inp in inputs]))
         rec, idx, _ = model.reconstruct(px)
-        p = psnr(unnormalise(rec, self.ctx.processor), unnormalise(px, self.ctx.processor))
+        p = psnr(unnormalise(rec, self.processor), unnormalise(px, self.processor))
         g = int(math.isqrt(idx[0].numel()))
         return [
             {"codes": i.view(g, g).tolist(), "psnr": float(v)} for i, v in zip(idx, p, strict=True)

@@ -10,8 +10,8 @@ Metric: the official VQA accuracy (`mmtune.vqa_metrics`), overall, per question 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch.utils.data import DataLoader
 
-from mmtune.config import validate_options
 from mmtune.data.images import BadImage, load_image
 from mmtune.errors import ConfigError
 from mmtune.models.fusion import (
@@ -28,9 +27,11 @@ from mmtune.models.fusion import (
     FusionOptions,
     build_vocab,
     greedy_decode,
+    load_fusion_spec,
     save_fusion_spec,
     unique_rows,
 )
+from mmtune.tasks.base import Evaluation, Task
 from mmtune.vqa_metrics import normalize_answer, soft_scores, vqa_metrics
 
 
@@ -129,21 +130,33 @@ def _vqa_forward(m: FusionModel, pixel_values, input_ids, attention_mask, image_
     return m.head[head](decoder_in, fused, attention_mask)
 
 
-class VQATask:
+class VQATask(Task):
     """Answer questions about images; one image's questions share its image encoding."""
 
     name = "vqa"
+    Options = VQAOptions
+    metric, higher_is_better = "vqa.acc", True
+    routes = ("predict",)
 
     def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.cfg
-        self.opts = validate_options(ctx.cfg, VQAOptions)
+        super().__init__(ctx)
         self.head_name = "vqa" if self.opts.head == "classifier" else "answer"
         self.answer_index: dict[str, int] | None = None
 
     # ------------------------------------------------------------ model
 
-    def build_head(self, model):
-        o, tok = self.opts, self.ctx.processor.tokenizer
+    def save(self, model, folder: Path) -> None:
+        save_fusion_spec(model, self.processor, folder)
+
+    def load(self, folder: Path):
+        model, self.processor = load_fusion_spec(folder)
+        return model
+
+    def build(self):
+        from mmtune.models import load_model
+
+        model, self.processor = load_model(self.cfg.model)
+        o, tok = self.opts, self.processor.tokenizer
         train = self.ctx.splits.train if self.ctx.splits else []
         if train and not all(hasattr(r, "question") for r in train):
             raise ConfigError("task vqa needs question records (VQA v2, VQA JSONL or shapes)")
@@ -168,11 +181,9 @@ class VQATask:
             model.add_head(self.head_name, head)
         else:
             model = FusionModel(model, o.fusion_spec({self.head_name: head}, fusion=o.fusion))
-        save_fusion_spec(model, self.ctx.processor, self.cfg.run_dir / "model")
         return model
 
     def _head_spec(self, model) -> dict:
-        model = getattr(model, "module", model)
         if not isinstance(model, FusionModel) or self.head_name not in model.head:
             raise ConfigError(f"the model has no '{self.head_name}' head: train it with task vqa")
         return model.spec()["heads_spec"][self.head_name]
@@ -180,7 +191,7 @@ class VQATask:
     # ------------------------------------------------------------ data
 
     def dataset(self, records, train: bool):
-        tf = self.ctx.processor.transform(augment=False)  # shifts would move left/right answers
+        tf = self.processor.transform(augment=False)  # shifts would move left/right answers
         o = self.opts
         if not train:
             return QuestionsDataset(records, tf, self.cfg.seed)
@@ -204,7 +215,7 @@ class VQATask:
         batch["image_index"] = torch.tensor(
             [i for i, it in enumerate(items) for _ in it["records"]], dtype=torch.long
         )
-        batch.update(encode_questions(self.ctx.processor, recs))
+        batch.update(encode_questions(self.processor, recs))
         batch["records"] = recs
         return batch
 
@@ -225,21 +236,20 @@ class VQATask:
                 for a, s in soft_scores(r.answers).items():
                     if a in self.answer_index:
                         target[i, self.answer_index[a]] = s
-            logits = model(_vqa_forward, **self._inputs(batch), head=self.head_name).float()
+            logits = _vqa_forward(model, **self._inputs(batch), head=self.head_name).float()
             target = target.to(logits.device)
             # summed over answers, averaged over questions (the VQA v2 convention)
             loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(recs)
-            return {"loss": loss}
+            return {"loss": loss, "samples": len(recs)}
         ids = self._answer_ids(model, recs).to(batch["input_ids"].device)
-        logits = model(_vqa_forward, **self._inputs(batch), head=self.head_name,
-                       decoder_in=ids[:, :-1]).float()  # fmt: skip
-        return {"loss": F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=0)}
+        logits = _vqa_forward(model, **self._inputs(batch), head=self.head_name, decoder_in=ids[:, :-1]).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=0)
+        return {"loss": loss, "samples": len(recs)}
 
     def _answer_ids(self, model, recs) -> torch.Tensor:
         """(B, T) compact ids of each question's most frequent answer: [CLS] answer [SEP] [PAD]…"""
-        model = getattr(model, "module", model)
         best = [Counter(normalize_answer(a) for a in r.answers).most_common(1)[0][0] for r in recs]
-        enc = self.ctx.processor.tokenizer(best, padding="longest", truncation=True,
+        enc = self.processor.tokenizer(best, padding="longest", truncation=True,
                                            max_length=self.opts.answer_max_len, return_tensors="pt")  # fmt: skip
         return model.head[self.head_name].to_compact(enc["input_ids"])
 
@@ -248,10 +258,9 @@ class VQATask:
     @torch.no_grad()
     def answer_batch(self, model, batch) -> list[tuple[str, float]]:
         """(answer, score) per question of a collated batch."""
-        model = getattr(model, "module", model)
         spec = self._head_spec(model)
         inputs = {k: v.to(self.ctx.device) for k, v in self._inputs(batch).items()}
-        with _autocast(self.ctx):
+        with self.ctx.autocast():
             if spec["kind"] == "classifier":
                 probs = _vqa_forward(model, **inputs, head=self.head_name).float().sigmoid()
                 score, idx = probs.max(-1)
@@ -261,14 +270,14 @@ class VQATask:
                 ]
             fused = model.fuse(model.image_tokens(inputs["pixel_values"]), inputs["input_ids"],
                                inputs["attention_mask"], inputs["image_index"])  # fmt: skip
-            tok = self.ctx.processor.tokenizer
+            tok = self.processor.tokenizer
             out = greedy_decode(model.head[self.head_name], fused, inputs["attention_mask"],
                                 bos=tok.cls_token_id, eos=tok.sep_token_id)  # fmt: skip
         return [(tok.decode(ids).strip(), 1.0) for ids in out]
 
-    def evaluate(self, model, records) -> dict[str, float]:
+    def evaluate(self, model, records) -> Evaluation:
         if not records or not hasattr(records[0], "question"):
-            return {}
+            return Evaluation({})
         ds = self.dataset(records, train=False)
         bs = max(1, self.cfg.data.eval_batch_size // max(1, len(records) // max(1, len(ds))))
         loader = DataLoader(ds, batch_size=bs, collate_fn=self.collate, num_workers=0)
@@ -278,18 +287,15 @@ class VQATask:
             recs += batch["records"]
         m = vqa_metrics(preds, [r.answers for r in recs], [r.question_type for r in recs],
                         [r.answer_type for r in recs])  # fmt: skip
-        self._write_table(m)
-        return {f"vqa.{k}": v for k, v in m.items()}
-
-    def _write_table(self, m: dict) -> None:
-        """tables/vqa_types.json: accuracy per question / answer type, for the report."""
         rows = [[k[: -len(".acc")], round(v, 4)] for k, v in m.items() if k.endswith(".acc")]
-        folder = self.cfg.run_dir / "tables"
-        if self.cfg.run_dir.exists():
-            folder.mkdir(exist_ok=True)
-            table = {"title": "VQA accuracy by question / answer type",
-                     "columns": ["type", "accuracy"], "rows": rows}  # fmt: skip
-            (folder / "vqa_types.json").write_text(json.dumps(table, indent=2))
+        table = {"title": "VQA accuracy by question / answer type", "columns": ["type", "accuracy"], "rows": rows}
+        return Evaluation({f"vqa.{k}": v for k, v in m.items()}, tables={"vqa_types": table})
+
+    def predict_inputs(self, records) -> list[dict]:
+        return [{"image": load_image(r.image), "question": r.question} for r in records]
+
+    def format_prediction(self, output: dict) -> str:
+        return output["answer"]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"image": PIL/path, "question": str, "history": [...]} → {"answer", "score"}."""
@@ -298,14 +304,8 @@ class VQATask:
         recs = [QARecord(image=inp["image"], id=str(i), image_id=str(i), question=inp["question"],
                          history=format_history(inp.get("history")))
                 for i, inp in enumerate(inputs)]  # fmt: skip
-        tf = self.ctx.processor.transform()
+        tf = self.processor.transform()
         items = [{"pixel_values": tf(load_image(r.image)), "records": [r]} for r in recs]
         answers = self.answer_batch(model, self.collate(items))
         return [{"question": r.question, "answer": a, "score": s}
                 for r, (a, s) in zip(recs, answers, strict=True)]  # fmt: skip
-
-
-def _autocast(ctx):
-    import contextlib
-
-    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()

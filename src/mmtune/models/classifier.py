@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -154,30 +152,26 @@ def set_trainable(
         p.requires_grad_(n in allowed or n.startswith("head."))
 
 
-def _autocast(ctx):
-    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def classify_logits(clf: nn.Module, records, ctx) -> torch.Tensor:
+def classify_logits(clf: nn.Module, records, ctx, processor) -> torch.Tensor:
     """Logits (N, C) float32 of records, in order, with the evaluation transform."""
     clf.eval()
-    ds = ImageTextDataset(records, ctx.processor.transform(), seed=ctx.cfg.seed)
+    ds = ImageTextDataset(records, processor.transform(), seed=ctx.cfg.seed)
     loader = DataLoader(ds, batch_size=ctx.cfg.data.eval_batch_size, collate_fn=lambda x: x)
     out = []
     for items in loader:
         px = torch.from_numpy(np.stack([it["pixel_values"] for it in items])).to(ctx.device)
-        with _autocast(ctx):
+        with ctx.autocast():
             out.append(clf(px).float().cpu())
     return torch.cat(out)
 
 
-def zeroshot_head(backbone, classes: list[str], templates: list[str], ctx) -> torch.Tensor:
+def zeroshot_head(backbone, classes: list[str], templates: list[str], ctx, processor) -> torch.Tensor:
     """(C, D): the zero-shot classifier (mean prompt embedding per class) × the logit scale."""
     from mmtune.tasks.contrastive import zeroshot_classifier
 
     backbone.eval()
-    weights = zeroshot_classifier(backbone, classes, templates, ctx)
+    weights = zeroshot_classifier(backbone, classes, templates, ctx, processor)
     return weights * backbone.scale().detach().float().cpu()
 
 
@@ -188,43 +182,45 @@ def save_classifier_spec(backbone, processor, folder: str | Path, info: dict) ->
     save_spec(backbone, processor, folder, extra={"classify": info})
 
 
-def load_classifier(path: str | Path, ctx=None):
-    """(classifier, processor, info) from a classify run (or any mmtune run: zero-shot head).
-
-    A `zeroshot` head (FLYP, a contrastive run) is rebuilt from the text tower, which needs a
-    `ctx` (device, precision; classes and templates when `info` lacks them); LoRA adapters are
-    rebuilt before the weights are loaded.
-    """
-    from mmtune.checkpoint import read_safetensors
-    from mmtune.models import build_from_spec, resolve_checkpoint
+def rebuild_classifier(spec_dir: Path):
+    """(model, processor, info) of a classify run's model folder, weights not loaded: the
+    classifier with its head (and LoRA adapters) for a linear head, the backbone for a zero-shot
+    head (FLYP, or any other run), whose head is made from the text tower once weights are in."""
+    from mmtune.models import build_from_spec
     from mmtune.models.lora import add_lora
 
-    spec_dir, ckpt = resolve_checkpoint(path)
     backbone, processor, spec = build_from_spec(spec_dir)
     info = dict(spec.get("classify") or {"head": "zeroshot"})
-    state = read_safetensors(ckpt / "model.safetensors")
     if info["head"] == "zeroshot":
-        _load_strict(backbone, state, ckpt)
-        if ctx is None:
-            raise ValueError("a zero-shot head needs a ctx (classes, templates, processor)")
-        backbone.to(ctx.device)
-        ctx = dataclasses.replace(ctx, processor=processor)  # the run's own tokenizer
-        classes = info.get("classes") or ctx.classes
-        templates = info.get("templates") or ctx.splits.eval_templates
-        return (
-            ImageClassifier(backbone, zeroshot_head(backbone, classes, templates, ctx)),
-            processor,
-            info,
-        )
-    if "head.weight" not in state:
-        raise CheckpointError(f"{ckpt}: no classification head (head.weight) in the weights")
-    clf = ImageClassifier(backbone, torch.zeros_like(state["head.weight"]))
+        return backbone, processor, info
+    dim = info.get("dim")
+    if dim is None:  # written before runs recorded it: one probe image gives the embedding size
+        size = processor.image_size
+        dim = backbone.eval().encode_image(torch.zeros(1, 3, size, size)).shape[1]
+    clf = ImageClassifier(backbone, torch.zeros(len(info["classes"]), dim))
     if info.get("lora"):
         lo = info["lora"]
         add_lora(clf, backbone.tower("vision"), lo["r"], lo["alpha"], 0.0, lo.get("targets"))
-    _load_strict(clf, state, ckpt)
-    clf.eval()
     return clf, processor, info
+
+
+def load_classifier(path: str | Path, ctx):
+    """(classifier, processor, info) from a classify run (or any mmtune run: zero-shot head built
+    with `ctx`'s device and precision; classes and templates from the run, else from `ctx`)."""
+    from mmtune.runs import resolve_checkpoint
+
+    spec_dir, ckpt = resolve_checkpoint(path)
+    model, processor, info = rebuild_classifier(spec_dir)
+    from mmtune.checkpoint import read_safetensors
+
+    _load_strict(model, read_safetensors(ckpt / "model.safetensors"), ckpt)
+    if info["head"] != "zeroshot":
+        return model.eval(), processor, info
+    model.to(ctx.device)
+    classes = info.get("classes") or ctx.classes
+    templates = info.get("templates") or ctx.splits.eval_templates
+    head = zeroshot_head(model, classes, templates, ctx, processor)
+    return ImageClassifier(model, head).eval(), processor, info
 
 
 def _load_strict(module: nn.Module, state: dict, ckpt: Path) -> None:

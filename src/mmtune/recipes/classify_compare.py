@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from mmtune import api
-from mmtune.classify import METHODS, TRAINED
-from mmtune.classify import report as rep
-from mmtune.classify.data import check_classes, shift_splits
-from mmtune.classify.model import (
+from mmtune.config import load_config, save_config
+from mmtune.data.classes import check_classes, shift_splits
+from mmtune.errors import ConfigError, DataError, UserError
+from mmtune.interpolate import interpolate_state
+from mmtune.models.classifier import (
     ImageClassifier,
     classify_logits,
     load_classifier,
@@ -31,10 +32,9 @@ from mmtune.classify.model import (
     save_classifier_spec,
     zeroshot_head,
 )
-from mmtune.config import load_config, save_config
-from mmtune.errors import ConfigError, DataError, UserError
-from mmtune.interpolate import interpolate_state
-from mmtune.tasks.classify import classify_options
+from mmtune.recipes import classify_report as rep
+from mmtune.tasks import Context
+from mmtune.tasks.classify import METHODS, TRAINED, classify_options
 
 
 @dataclass
@@ -47,7 +47,8 @@ class Env:
     classes: list[str]
     templates: list[str]
     model: torch.nn.Module
-    ctx: object
+    processor: object
+    ctx: Context
     sets: dict  # split name → records: val, test, then the shift splits
     results: dict = field(default_factory=dict)  # method → Result
 
@@ -113,11 +114,11 @@ def _setup(cfg, opts, run_dir: Path) -> Env:
     require_image_tower(model, cfg.model.name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    ctx = api._context(cfg, processor, splits, device)
+    ctx = Context(cfg, splits, device)
     save_config(cfg, run_dir / "config.yaml")
     sets = {"val": splits.val, "test": splits.test, **shift_splits(cfg.data, classes)}
-    templates = splits.eval_templates if cfg.eval.templates == "eval" else splits.train_templates
-    return Env(cfg, opts, run_dir, classes, templates, model, ctx, sets)
+    templates = splits.eval_templates if opts.templates == "eval" else splits.train_templates
+    return Env(cfg, opts, run_dir, classes, templates, model, processor, ctx, sets)
 
 
 # ------------------------------------------------------------------ methods
@@ -125,19 +126,19 @@ def _setup(cfg, opts, run_dir: Path) -> Env:
 
 def _zeroshot(env: Env) -> Result:
     start = time.perf_counter()
-    head = zeroshot_head(env.model, env.classes, env.templates, env.ctx)
+    head = zeroshot_head(env.model, env.classes, env.templates, env.ctx, env.processor)
     return Result(ImageClassifier(env.model, head), 0, time.perf_counter() - start)
 
 
 def _linear_probe(env: Env) -> Result:
     from safetensors.torch import save_file
 
-    from mmtune.classify.linear_probe import C_GRID, sweep
+    from mmtune.models.linear_probe import C_GRID, sweep
     from mmtune.tasks.contrastive import embed_images
 
     start = time.perf_counter()
     splits = env.ctx.splits
-    feats = {s: embed_images(env.model, splits.get(s), env.ctx) for s in ("train", "val", "test")}
+    feats = {s: embed_images(env.model, splits.get(s), env.ctx, env.processor) for s in ("train", "val", "test")}
     labels = {s: torch.tensor([r.label for r in splits.get(s)]) for s in feats}
     grid = tuple(env.opts.probe_c_grid or C_GRID)
     res = sweep(
@@ -179,7 +180,7 @@ def _export_merged(clf, env: Env, info: dict) -> None:
     folder = env.run_dir / "lora" / "merged"
     save_checkpoint(folder, merged, meta={"merged_from": "checkpoints/last"})
     info = {k: v for k, v in info.items() if k != "lora"}
-    save_classifier_spec(merged.backbone, env.ctx.processor, folder, info)
+    save_classifier_spec(merged.backbone, env.processor, folder, info)
 
 
 def _wise_ft(env: Env) -> Result:
@@ -216,7 +217,7 @@ def evaluate_all(clf, env: Env) -> tuple[dict, dict]:
     clf.eval()
     logits, metrics, per_shift = {}, {}, {}
     for name, records in env.sets.items():
-        lg = classify_logits(clf, records, env.ctx)
+        lg = classify_logits(clf, records, env.ctx, env.processor)
         y = torch.tensor([r.label for r in records])
         m = classification_metrics(lg, y)
         m["loss"] = float(F.cross_entropy(lg, y))
@@ -251,7 +252,7 @@ def _write_method(env: Env, method: str, res: Result) -> None:
         info = {"method": method, "classes": env.classes, "templates": env.templates,
                 "head": "linear", "trainable_params": res.trainable}  # fmt: skip
         save_checkpoint(folder / "checkpoints" / "best", res.clf)
-        save_classifier_spec(res.clf.backbone, env.ctx.processor, folder / "model", info)
+        save_classifier_spec(res.clf.backbone, env.processor, folder / "model", info)
         save_config(env.cfg, folder / "config.yaml")
     # api.train counts parameters before the task builds the classifier: record what trained
     figures = {**res.metrics, "model.trainable_params": int(res.trainable)}

@@ -1,4 +1,4 @@
-"""`mmtune classify`: run and compare classification methods (see mmtune.classify.compare)."""
+"""`mmtune classify`: run and compare classification methods (`mmtune.recipes.classify_compare`)."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ def add_parser(sub) -> None:
 def _cmd(args, extra) -> int:
     import time
 
-    from mmtune.classify.compare import run
-    from mmtune.cli import _configs_dir, _load_cfg, _print_metrics
+    from mmtune.cli.common import configs_dir, load_cfg, print_metrics
+    from mmtune.recipes.classify_compare import run
 
-    default = None if args.config else str(_configs_dir() / DEFAULT_CONFIG)
-    cfg = _load_cfg(args, extra, default=default)
+    default = None if args.config else str(configs_dir() / DEFAULT_CONFIG)
+    cfg = load_cfg(args, extra, default=default)
     start = time.perf_counter()
     metrics = run(cfg, overwrite=args.overwrite)
     keys = [k for k in metrics if k.endswith((".test.top1", ".shift.top1", "trainable_params"))]
-    _print_metrics({k: metrics[k] for k in keys + [k for k in metrics if k == "wise-ft.alpha"]})
+    print_metrics({k: metrics[k] for k in keys + [k for k in metrics if k == "wise-ft.alpha"]})
     print(f"classify finished in {time.perf_counter() - start:.1f} s")
     print(f"run folder: {cfg.run_dir}  report: {cfg.run_dir / 'report.html'}")
     return 0

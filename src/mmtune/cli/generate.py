@@ -25,41 +25,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _saved_config(run: Path):
-    from mmtune.config import load_config
-
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: no config.yaml (not a run folder)")
-    return load_config(run / "config.yaml")
-
-
 def cmd_generate(args, extra) -> int:
-    from mmtune.api import configure_threads
-    from mmtune.config import validate_options
+    from mmtune.cli.common import threads
     from mmtune.generation import Reranker, grid, rerank
+    from mmtune.runs import open_run
 
     run = Path(args.checkpoint)
-    cfg = _saved_config(run)
     if args.n < 1:
         raise UserError(f"-n must be at least 1 (got {args.n})")
     if args.keep is not None and args.keep < 1:
         raise UserError(f"--keep must be at least 1 (got {args.keep})")
-    configure_threads()
-    if cfg.task == "sd-lora":
-        from mmtune.tasks.sd_lora import SDLoRAOptions
-        from mmtune.tasks.sd_lora import generate_images as sd_generate
-
-        opts = validate_options(cfg, SDLoRAOptions)  # the run's options, defaults filled in
-        guidance = args.guidance if args.guidance is not None else opts.guidance
-        images = sd_generate(run, list(args.prompts), args.n, args.seed, float(guidance))
-    elif cfg.task == "text2image":
-        from mmtune.tasks.text2image import T2IOptions
-
-        opts = validate_options(cfg, T2IOptions)
-        images = _vq_generate(run, opts, args)
-    else:
-        raise UserError(f"{run} is a {cfg.task!r} run: generate needs text2image or sd-lora")
-    ranker_run = args.reranker if args.reranker is not None else opts.reranker
+    threads()
+    task, model = open_run(run)
+    settings = {"guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k}
+    images = task.generate(model, list(args.prompts), args.n, args.seed, settings)
+    ranker_run = args.reranker if args.reranker is not None else task.default_reranker()
     ranker = None
     if ranker_run and ranker_run != "none":
         if not Path(ranker_run).exists():
@@ -83,20 +63,3 @@ def cmd_generate(args, extra) -> int:
     grid(rows, scale=args.scale).save(out, format="PNG")
     print(f"wrote {out} ({len(rows)} × {max(len(r) for r in rows)})")
     return 0
-
-
-def _vq_generate(run: Path, o, args):
-    from mmtune.generation import generate_images
-    from mmtune.models import load_run
-    from mmtune.models.prior import Text2ImageModel
-
-    model, proc = load_run(run)
-    if not isinstance(model, Text2ImageModel):
-        raise UserError(f"{run}: not a text2image model")
-    guidance = args.guidance if args.guidance is not None else o.guidance
-    temperature = args.temperature if args.temperature is not None else o.temperature
-    top_k = args.top_k if args.top_k is not None else o.top_k
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive (got {temperature})")
-    return generate_images(model, proc, list(args.prompts), args.n, args.seed, float(guidance),
-                           float(temperature), top_k)  # fmt: skip

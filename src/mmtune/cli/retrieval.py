@@ -1,29 +1,17 @@
-"""CLI: `mmtune embed | index build | search | serve | export` (registered via PLUGIN_COMMANDS)."""
+"""`mmtune embed | index build | search`: embeddings files, FAISS indexes and queries."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from mmtune.cli.common import overrides, threads
 from mmtune.errors import UserError
-
-
-def _overrides(extra: list[str]) -> dict:
-    from mmtune.config import parse_overrides
-
-    return parse_overrides(extra)
-
-
-def _threads() -> None:
-    from mmtune.api import configure_threads
-
-    configure_threads()
 
 
 def cmd_embed(args, extra) -> int:
     from mmtune.embed import embed_items, image_items, text_items
-    from mmtune.models import load_run
+    from mmtune.runs import load_run
 
     if extra:
         raise UserError(f"unexpected arguments {extra}")
@@ -34,7 +22,7 @@ def cmd_embed(args, extra) -> int:
         items += image_items(args.images)
     if args.texts:
         items += text_items(args.texts)
-    _threads()
+    threads()
     model, proc = load_run(args.checkpoint)
     rep = embed_items(
         model, proc, items, args.output, args.batch_size, args.max_pixels,
@@ -50,9 +38,9 @@ def cmd_embed(args, extra) -> int:
 def cmd_index_build(args, extra) -> int:
     from mmtune.retrieval import IndexConfig, build_index, load_section, read_embeddings, save_index
 
-    cfg = load_section(args.config, _overrides(extra), IndexConfig)
+    cfg = load_section(args.config, overrides(extra), IndexConfig)
     emb = read_embeddings(args.embeddings, None if args.modality == "all" else args.modality)
-    _threads()
+    threads()
     index = build_index(emb.vectors, cfg)
     save_index(args.output, index, emb, cfg)
     kind = json.loads((Path(args.output) / "index.json").read_text())["kind"]
@@ -64,8 +52,8 @@ def cmd_search(args, extra) -> int:
     import numpy as np
 
     from mmtune.data.images import BadImage, load_image
-    from mmtune.models import load_run
     from mmtune.retrieval import VectorIndex
+    from mmtune.runs import load_run
 
     if (args.query is None) == (args.image is None):
         raise UserError("give a text query or --image FILE (one of them)")
@@ -73,7 +61,7 @@ def cmd_search(args, extra) -> int:
     ckpt = args.checkpoint or index.info.get("checkpoint")
     if not ckpt:
         raise UserError("the index does not name its checkpoint: pass --checkpoint RUN")
-    _threads()
+    threads()
     model, proc = load_run(ckpt)
     import torch
 
@@ -95,54 +83,6 @@ def cmd_search(args, extra) -> int:
     for h in hits:
         where = h["path"] if h["modality"] == "image" else repr(h["caption"])
         print(f"{h['rank']:>3}  {h['score']:.4f}  {where}")
-    return 0
-
-
-def cmd_serve(args, extra) -> int:
-    from mmtune.retrieval import load_section
-    from mmtune.serve import Backend, ServeConfig, create_app
-    from mmtune.serve.run import run_server
-
-    if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
-        extra, args.checkpoint = [args.checkpoint, *extra], None  # an override, not a path
-    over = _overrides(extra)
-    for key in ("host", "port"):
-        if getattr(args, key) is not None:
-            over[key] = getattr(args, key)
-    cfg = load_section(args.config, over, ServeConfig)
-    ckpt = args.checkpoint
-    if ckpt is None and args.index:
-        info = json.loads((Path(args.index) / "index.json").read_text())
-        ckpt = info.get("checkpoint")
-    if not ckpt:
-        raise UserError("give the model to serve: mmtune serve RUN [--index DIR]")
-    key = None
-    if cfg.api_key_env:
-        key = os.environ.get(cfg.api_key_env)
-        if not key:
-            raise UserError(f"api_key_env={cfg.api_key_env} but that variable is empty")
-    _threads()
-
-    def load():
-        return Backend.from_run(ckpt, args.index, tuple(cfg.tasks))
-
-    app = create_app(load, cfg, api_key=key)
-    print(f"serving {ckpt} on http://{cfg.host}:{cfg.port}/", flush=True)
-    run_server(app, cfg.host, cfg.port, cfg.access_log)
-    return 0
-
-
-def cmd_export(args, extra) -> int:
-    from mmtune.export import export_run
-
-    if extra:
-        raise UserError(f"unexpected arguments {extra}")
-    _threads()
-    res = export_run(args.checkpoint, args.output, args.format)
-    print(
-        f"{args.format} export written to {res['folder']} (max abs difference to PyTorch "
-        f"{res['max_abs_diff']:.2e}; {res['merged']} adapter layers merged)"
-    )
     return 0
 
 
@@ -178,17 +118,3 @@ def add_parser(sub) -> None:
     s.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the index's)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_search)
-
-    v = sub.add_parser("serve", help="HTTP server: embed, classify, search, a search page")
-    v.add_argument("checkpoint", nargs="?", help="run folder (default: the index's checkpoint)")
-    v.add_argument("--index", help="index folder for /v1/search and the page")
-    v.add_argument("--config", "-c", help="serve YAML (configs/serve.yaml); key=value overrides")
-    v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
-    v.add_argument("--port", type=int, help="port (default 8000)")
-    v.set_defaults(func=cmd_serve)
-
-    x = sub.add_parser("export", help="export to a transformers folder or ONNX")
-    x.add_argument("checkpoint", help="run folder or checkpoint folder")
-    x.add_argument("--format", choices=["hf", "onnx"], default="hf")
-    x.add_argument("--output", "-o", required=True, help="new folder to write")
-    x.set_defaults(func=cmd_export)
