@@ -75,19 +75,19 @@ def test_wise_ft_endpoints_are_the_zero_shot_and_fine_tuned_models(comparison):
 
 def test_each_method_folder_reloads_as_its_reported_model(comparison):
     """The saved checkpoint of every method predicts what the comparison reported."""
-    from mmtune.api import _context
     from mmtune.config import load_config
     from mmtune.data import load_splits
     from mmtune.models.classifier import classify_logits, load_classifier
+    from mmtune.tasks import Context
 
     run, m = comparison
     cfg = load_config(run / "config.yaml")
     splits = load_splits(cfg.data)
-    load_ctx = _context(cfg, None, splits, torch.device("cpu"))
+    ctx = Context(cfg, splits, torch.device("cpu"))
     labels = torch.tensor([r.label for r in splits.test])
     for method in ("linear-probe", "lora", "flyp", "wise-ft"):
-        clf, proc, _ = load_classifier(run / method, load_ctx)
-        logits = classify_logits(clf, splits.test, _context(cfg, proc, splits, torch.device("cpu")))
+        clf, proc, _ = load_classifier(run / method, ctx)
+        logits = classify_logits(clf, splits.test, ctx, proc)
         acc = (logits.argmax(1) == labels).double().mean().item()
         assert acc == pytest.approx(m[f"{method}.test.top1"], abs=1e-9), method
 

@@ -312,9 +312,31 @@ def _refuse_moved(tree: dict) -> None:
             raise ConfigError(f"config key '{old}' has moved: write {new}")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (or defaults), apply dotted overrides, validate; ConfigError on mistakes."""
+def _migrate(tree: dict) -> None:
+    """A run's saved config of an earlier version: each moved key goes into `options` when the
+    run's task has that option, and is dropped when it does not (that task never read it)."""
+    from mmtune.tasks import get_task
+
+    fields = get_task(tree.get("task", "contrastive")).Options.model_fields
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if not isinstance(tree.get(section), dict) or key not in tree[section]:
+            continue
+        value = tree[section].pop(key)
+        if old == "train.tensorboard" and value:
+            tree["train"].setdefault("report_to", ["tensorboard"])
+        elif new.startswith("options.") and key in fields:
+            tree.setdefault("options", {}).setdefault(key, value)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, saved_run: bool = False
+) -> Config:
+    """Read a YAML config (or defaults), apply dotted overrides, validate; ConfigError on mistakes.
+    `saved_run`: the config.yaml of a run, whose keys of earlier versions are carried over."""
     tree = read_yaml_mapping(path) if path is not None else {}
+    if saved_run:
+        _migrate(tree)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     _refuse_moved(tree)

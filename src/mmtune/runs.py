@@ -54,20 +54,21 @@ def record_task(folder: Path, task: str) -> None:
     (Path(folder) / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
 
-def run_config(spec_dir: Path):
-    """The config of the run a model folder belongs to: its `config.yaml`, else the task default."""
-    from mmtune.config import Config, load_config
+def run_config(spec_dir: Path, overrides: dict | None = None):
+    """The config of the run a model folder belongs to (its `config.yaml`, else the defaults of
+    the task its spec names), with dotted `overrides` applied."""
+    from mmtune.config import load_config
 
     for cand in (spec_dir.parent / "config.yaml", spec_dir / "config.yaml"):
         if cand.is_file():
-            return load_config(cand)
+            return load_config(cand, overrides, saved_run=True)
     task = read_spec(spec_dir).get("task")
     if task is None:
         raise CheckpointError(
             f"{spec_dir} does not say which task made it (written by an older mmtune): run "
             f"`mmtune runs upgrade {spec_dir}` once"
         )
-    return Config(task=task)
+    return load_config(None, {"task": task, **(overrides or {})})
 
 
 def open_run(path: str | Path, cfg=None, splits=None, device=None):
@@ -104,9 +105,11 @@ def upgrade(path: str | Path) -> str:
         return spec["task"]
     cfg_file = spec_dir.parent / "config.yaml"
     if cfg_file.is_file():
-        from mmtune.config import load_config
+        from mmtune.config import load_config, save_config
 
-        task = load_config(cfg_file).task
+        cfg = load_config(cfg_file, saved_run=True)
+        save_config(cfg, cfg_file)  # in today's keys
+        task = cfg.task
     else:
         task = infer_legacy_task(spec)
     record_task(spec_dir, task)

@@ -33,17 +33,11 @@ def add_parser(sub) -> None:
 
 def cmd_predict(args, extra) -> int:
     from mmtune.cli.common import overrides
-    from mmtune.config import load_config
     from mmtune.data.images import BadImage, load_image
     from mmtune.runs import open_run, resolve_checkpoint, run_config
 
     ckpt = Path(args.checkpoint)
-    saved = run_config(resolve_checkpoint(ckpt)[0])
-    over = overrides(extra)
-    cfg = saved
-    if over:
-        tree = saved.model_dump(mode="json")
-        cfg = load_config(None, {**_flat(tree), **over})
+    cfg = run_config(resolve_checkpoint(ckpt)[0], overrides(extra))
     try:
         image = load_image(args.image)
     except BadImage as e:
@@ -54,19 +48,6 @@ def cmd_predict(args, extra) -> int:
     for out in task.predict(model, [inputs]):
         print(json.dumps(out) if args.json else task.format_prediction(out))
     return 0
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """A config tree as dotted keys (options stay one mapping)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif k == "options":
-            out.update({f"options.{ok}": ov for ok, ov in v.items()})
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def cmd_compare(args, extra) -> int:

@@ -44,11 +44,14 @@ def cmd_train(args, extra) -> int:
 def cmd_eval(args, extra) -> int:
     from mmtune import api
     from mmtune.config import load_config, parse_overrides
+    from mmtune.runs import resolve_checkpoint, run_config
 
     ckpt = Path(args.checkpoint)
-    saved = ckpt / "config.yaml"
-    base = args.config or (str(saved) if saved.is_file() else None)
-    cfg = load_config(base, parse_overrides(extra))
+    overrides = parse_overrides(extra)
+    if args.config:
+        cfg = load_config(args.config, overrides)
+    else:  # the run's own config (data, options), in today's keys
+        cfg = run_config(resolve_checkpoint(ckpt)[0], overrides)
     metrics = api.evaluate(ckpt, cfg, split=args.split)
     print_metrics(metrics)
     if args.output:
