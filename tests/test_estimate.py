@@ -47,3 +47,18 @@ def test_suggestions_when_the_batch_does_not_fit(tiny_cfg):
     assert tips[0].startswith("data.batch_size=") and "train.grad_accum=" in tips[0]
     assert any(t.startswith("train.gradcache_chunk=") for t in tips)
     assert any("grad_checkpointing" in t for t in tips) and any("bf16" in t for t in tips)
+
+
+def test_estimate_runs_on_a_classify_config_with_quiet_stderr(tmp_path, capfd):
+    from pathlib import Path
+
+    from mmtune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "classify-digits.yaml"
+    out = tmp_path / "est.json"
+    args = ["estimate", "--config", str(config), "--output", str(out), "model.name=tiny-clip",
+            "data.batch_size=8", "train.precision=fp32"]  # fmt: skip
+    assert main(args) == 0  # was: AttributeError 'ImageClassifier' has no 'encode_image'
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler" not in err.lower()
+    assert out.is_file()

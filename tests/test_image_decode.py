@@ -1,4 +1,8 @@
-"""Reduced-scale JPEG decoding: faster, same tensor within JPEG noise, truncation still caught."""
+"""Reduced-scale JPEG decoding: faster, same tensor within JPEG noise, truncation still caught;
+the pixel limit (data.max_image_pixels) governs, past Pillow's own; PNG text-chunk bombs."""
+
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -51,3 +55,45 @@ def test_png_ignores_draft(tmp_path):
     p = tmp_path / "a.png"
     Image.new("RGB", (100, 50), (10, 20, 30)).save(p)
     assert load_image(p, draft=10).size == (100, 50)
+
+
+def _png(path, size, mode="1", pnginfo=None):
+    Image.new(mode, size).save(path, pnginfo=pnginfo)
+    return path
+
+
+def test_max_pixels_setting_governs_past_pillows_own_limit(tmp_path):
+    # 10000x10000 = 100 M pixels: above Pillow's default ~89.5 M, below the configured limit
+    path = _png(tmp_path / "big.png", (10_000, 10_000))
+    assert Image.MAX_IMAGE_PIXELS < 10_000 * 10_000
+    img = load_image(path, max_pixels=120_000_000)
+    assert img.size == (10_000, 10_000) and img.mode == "RGB"
+    del img
+    with pytest.raises(BadImage) as e:
+        load_image(path, max_pixels=50_000_000)
+    assert e.value.reason == "too_large" and "data.max_image_pixels 50000000" in str(e.value)
+    assert "10000x10000" in str(e.value)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own guard is restored for others
+
+
+def test_header_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
+    # a 1-bit 1x1 PNG whose IHDR is rewritten to declare 50000x50000: never decoded
+    path = _png(tmp_path / "bomb.png", (1, 1))
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", 50_000, 50_000)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadImage) as e:
+        load_image(path)
+    assert e.value.reason == "too_large" and "50000x50000" in str(e.value)
+
+
+def test_png_with_an_oversized_text_chunk_has_its_own_reason(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)
+    path = _png(tmp_path / "text.png", (8, 8), "RGB", info)
+    with pytest.raises(BadImage) as e:
+        load_image(path)
+    assert e.value.reason == "text_chunk_too_large" and "MAX_TEXT_CHUNK" in str(e.value)

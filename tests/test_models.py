@@ -105,6 +105,16 @@ def test_transformers_checkpoint_folder_loads_and_non_dual_is_refused(tmp_path):
         load_model(ModelConfig(name=str(tmp_path / "vision_only")))
 
 
+def test_checkpoint_folder_without_tokenizer_files_is_refused(tmp_path):
+    model, _ = load_model(ModelConfig(name="tiny-clip"))
+    model.hf.save_pretrained(tmp_path / "clip")  # config + weights, no tokenizer
+    with pytest.raises(CheckpointError) as e:
+        load_model(ModelConfig(name=str(tmp_path / "clip")))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'clip'}: no tokenizer files") and "vocab.json" in msg
+    assert "\n" not in msg
+
+
 def test_pickled_weights_that_run_code_are_refused(tmp_path):
     """S1: a transformers folder whose only weights are a pytorch_model.bin pickle that would
     create a file → refused with our error (safetensors only); the file is never created."""

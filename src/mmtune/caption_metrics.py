@@ -5,22 +5,20 @@ choices of the coco-caption code, so the figures are comparable with published o
 BLEU with the closest reference length and its 1e-9 / 1e-15 smoothing; ROUGE-L with β = 1.2 on
 the best precision and best recall over references; CIDEr-D with document frequencies from the
 evaluated references, clipped hypothesis weights, a Gaussian length penalty (σ = 6) and ×10.
-Inputs are token lists, or strings that `tokenize` splits. METEOR needs Java and the
-pycocoevalcap jar: `meteor()` returns None when either is missing.
+Inputs are token lists, or raw caption strings that `tokenize` splits as the COCO scorer does
+(`mmtune.caption_tokenize`: its PTB tokenisation and punctuation removal, in pure Python), so
+scores on raw captions equal pycocoevalcap's. METEOR needs Java and the pycocoevalcap jar:
+`meteor()` returns None when either is missing.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+from mmtune.caption_tokenize import tokenize
 
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case words and numbers; punctuation dropped (as the PTB tokenizer step does)."""
-    return _WORD.findall(text.lower())
+__all__ = ["bleu", "caption_metrics", "cider_d", "meteor", "rouge_l", "tokenize"]
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:

