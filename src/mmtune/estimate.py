@@ -9,6 +9,7 @@ profiler's allocation events. It is measured at three small batch sizes and fitt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -171,8 +172,8 @@ def estimate(cfg, sizes: list[int] | None = None, memory_budget: int | None = No
     flops = step_flops(model, task, make_batch(task, records, sizes[0], device)) / sizes[0]
     # memory = a + b·B (activations, from the micro-steps) + q·B² (the loss's logits, measured
     # apart on random embeddings at a batch where that term is large enough to read)
-    # only the contrastive task's loss grows as B² (a B×B logit matrix over the batch)
-    q = loss_bytes_per_pair(cfg, model, records, task, device) if cfg.task == "contrastive" else 0.0
+    # only a loss over every pair of the batch grows as B² (a B×B logit matrix)
+    q = loss_bytes_per_pair(cfg, model, records, task, device) if task.pairwise_loss else 0.0
     linear = _fit(sizes, [m["activation_peak_bytes"] - q * m["batch"] ** 2 for m in measured], 1)
     mem = np.array([q, *linear])
     update = max(m["update_peak_bytes"] for m in measured)

@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "mmtune.cli.classify",
     "mmtune.cli.interpolate",
     "mmtune.cli.runs",
+    "mmtune.cli.score",
 )
 
 

@@ -82,6 +82,7 @@ class Task(abc.ABC):
     routes: ClassVar[tuple[str, ...]] = ()  # "embed" (encode_image/encode_text), "predict"
     exports: ClassVar[tuple[str, ...]] = ()  # formats of `mmtune export`: "hf", "onnx"
     syncs_own_gradients: bool = False  # True: the engine must not wrap the model in DDP
+    pairwise_loss: bool = False  # the loss compares every pair of a batch: memory grows as B²
 
     def __init__(self, ctx: Context):
         self.ctx, self.cfg = ctx, ctx.cfg

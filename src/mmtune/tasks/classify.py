@@ -111,6 +111,7 @@ class ClassifyTask(Task):
         self.classes = check_classes(ctx.splits) if ctx.splits is not None else None
         self.info: dict[str, Any] = {}
         self._shift: dict | None = None
+        self.pairwise_loss = self.opts.method == "flyp"  # FLYP's contrastive loss
 
     @property
     def templates(self) -> list[str]:

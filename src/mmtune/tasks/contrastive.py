@@ -142,6 +142,7 @@ class ContrastiveTask(Task):
     metric, higher_is_better = "zeroshot.top1", True
     routes = ("embed", "predict")
     exports = ("hf", "onnx")
+    pairwise_loss = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
