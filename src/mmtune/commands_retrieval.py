@@ -187,8 +187,8 @@ def add_parser(sub) -> None:
     v.add_argument("--port", type=int, help="port (default 8000)")
     v.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="export to a transformers folder or ONNX")
+    x = sub.add_parser("export", help="export to a transformers folder, ONNX or open_clip")
     x.add_argument("checkpoint", help="run folder or checkpoint folder")
-    x.add_argument("--format", choices=["hf", "onnx"], default="hf")
+    x.add_argument("--format", choices=["hf", "onnx", "open-clip"], default="hf")
     x.add_argument("--output", "-o", required=True, help="new folder to write")
     x.set_defaults(func=cmd_export)
