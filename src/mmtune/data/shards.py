@@ -132,6 +132,8 @@ def read_shard(path: str | Path) -> Iterator[dict]:
                     sample = {}
                 sample["key"] = key
                 sample[ext] = tar.extractfile(member).read()
+                if len(sample[ext]) != member.size:  # tarfile returns a cut-off member short
+                    raise EOFError(f"{member.name} cut off")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable shard ({e})") from None
     if sample:
