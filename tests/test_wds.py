@@ -168,3 +168,35 @@ def test_cli_shard_writes_img2dataset_layout(tmp_path, pairs_folder, capsys):
         assert len({n.split(".", 1)[0] for n in names}) == 5
     (out / "index.json").unlink()  # standard readers need no index
     assert [s.samples for s in resolve(f"{out}/{{00000..00002}}.tar")[0]] == [5, 5, 2]
+
+
+def test_data_benchmark_writes_clip_benchmarks_layout(tmp_path, capsys):
+    """Read back with tarfile and Pillow alone, as CLIP_benchmark's `wds/` loader would."""
+    import math
+
+    out = tmp_path / "bench"
+    args = ["data", "benchmark", "digits", "-o", str(out), "--samples-per-shard", "100"]
+    assert main(args) == 0
+    assert "10 classes" in capsys.readouterr().out
+    from mmtune.data.builtin.digits import CLASSES, EVAL_TEMPLATES
+
+    test = digits_splits(0)["test"]
+    n = int((out / "test" / "nshards.txt").read_text())
+    assert n == math.ceil(len(test) / 100)
+    assert (out / "classnames.txt").read_text().splitlines() == CLASSES
+    templates = (out / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == [t.replace("{}", "{c}") for t in EVAL_TEMPLATES]
+    samples = {}
+    for i in range(n):
+        with tarfile.open(out / "test" / f"{i}.tar") as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    assert list(samples) == [f"s{i:07d}" for i in range(len(test))]
+    for rec, sample in zip(test, samples.values(), strict=True):
+        assert int(sample["cls"]) == rec.label
+        pixels = np.asarray(Image.open(io.BytesIO(sample["webp"])).convert("L"))
+        assert np.array_equal(pixels, rec.image)  # lossless
+    total, bad = check_shards(out / "test")  # mmtune reads it too: counted, classes found
+    assert total == len(test) and not bad
+    assert resolve(out / "test")[1] == CLASSES

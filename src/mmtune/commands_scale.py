@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    "pairs file, COCO JSON, folder, or `digits`")  # fmt: skip
     c.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
     c.set_defaults(func=cmd_check)
+    from mmtune.commands_benchmark import add_benchmark  # CLIP_benchmark's layout
+
+    add_benchmark(dsub)
 
     e = sub.add_parser("estimate", help="predict peak memory and step time; suggest settings")
     e.add_argument("--config", "-c", help="YAML config (defaults when omitted)")

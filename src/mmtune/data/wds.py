@@ -81,10 +81,30 @@ def shard_paths(spec: str | Path) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise DataError(f"shard source {text} does not exist")
-    paths = sorted(p.glob("*.tar"))
+    if (p / "nshards.txt").is_file():  # a CLIP_benchmark split: exactly 0.tar … N-1.tar
+        try:
+            n = int((p / "nshards.txt").read_text().strip())
+        except ValueError:
+            raise DataError(f"{p / 'nshards.txt'}: not a number of shards") from None
+        return shard_paths(f"{p}/{{0..{n - 1}}}.tar")
+    paths = sorted(p.glob("*.tar"), key=_natural)
     if not paths:
         raise DataError(f"{text}: no .tar shards in the folder")
     return paths
+
+
+def _natural(path: Path) -> list:
+    """Sort key putting 2.tar before 10.tar."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def classnames(spec: str | Path) -> list[str] | None:
+    """Class names of a source: `classnames.txt` beside the shards or one folder up (CLIP_benchmark)."""
+    folder = Path(spec) if Path(spec).is_dir() else Path(expand_braces(str(spec))[0]).parent
+    for f in (folder / "classnames.txt", folder.parent / "classnames.txt"):
+        if f.is_file():
+            return [c for c in f.read_text(encoding="utf-8").splitlines() if c.strip()]
+    return None
 
 
 def count_samples(path: Path) -> int:
@@ -167,4 +187,5 @@ def resolve(spec: str | Path) -> tuple[list[Shard], list[str] | None]:
         shards = [Shard(Path(spec) / s["name"], s["samples"]) for s in index["shards"]]
         return shards, index.get("classes")
     paths = shard_paths(spec)
-    return [Shard(p, n) for p, n in zip(paths, _cached_counts(paths), strict=True)], None
+    counts = _cached_counts(paths)
+    return [Shard(p, n) for p, n in zip(paths, counts, strict=True)], classnames(spec)
