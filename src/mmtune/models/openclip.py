@@ -11,12 +11,14 @@ name. Weights map one to one, except attention, where open_clip keeps q, k and v
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from mmtune.errors import CheckpointError
 
+log = logging.getLogger("mmtune.models")
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PICKLED = ("open_clip_pytorch_model.bin", "open_clip_model.bin", "pytorch_model.bin")
@@ -272,6 +274,12 @@ def load_open_clip(folder: str | Path):
         raise CheckpointError(f"{folder}: weights do not fit (missing {missing[:3]})")
     size = config.vision_config.image_size
     ctx = config.text_config.max_position_embeddings
+    if (
+        pre.get("resize_mode", "shortest") != "shortest"
+        or pre.get("interpolation", "bicubic") != "bicubic"
+    ):
+        log.warning("%s: preprocess %s/%s read as shortest-side bicubic resize + centre crop",
+                    folder, pre.get("resize_mode"), pre.get("interpolation"))  # fmt: skip
     mean = tuple(pre.get("mean", OPENAI_MEAN))
     std = tuple(pre.get("std", OPENAI_STD))
     return hf.eval(), Processor(load_tokenizer(folder, ctx), size, mean, std, ctx, "longest")
