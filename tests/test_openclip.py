@@ -137,6 +137,9 @@ def test_open_clip_model_fine_tunes_evaluates_and_exports_back(tmp_path):
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["zeroshot.top1"] <= 1.0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["zeroshot.top1"] == pytest.approx(metrics["zeroshot.top1"])
     assert main(["export", str(run), "--format", "open-clip", "-o", str(tmp_path / "x")]) == 0
     from mmtune.models import load_run
 
@@ -148,3 +151,17 @@ def test_open_clip_model_fine_tunes_evaluates_and_exports_back(tmp_path):
     for a, b in zip(want, _reference(ref, cfg, px), strict=True):
         assert (a - b).abs().max() <= 1e-4
     assert "local-dir:" in (tmp_path / "x" / "README.md").read_text()
+
+
+def test_export_refuses_a_model_whose_tokenizer_open_clip_would_not_use(tmp_path, capsys):
+    """tiny-clip is a CLIPModel with a BERT word-piece vocabulary: open_clip would tokenize its
+    prompts with CLIP's BPE and get other ids, so the export says so instead of writing it."""
+    args = ["train", "model.name=tiny-clip", f"output_dir={tmp_path}", "name=run",
+            "train.max_steps=1", "train.progress=false"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    out = tmp_path / "x"
+    assert main(["export", str(tmp_path / "run"), "--format", "open-clip", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CLIP's BPE" in err and "BertTokenizer" in err and len(err.splitlines()) == 1
+    assert not (out / "open_clip_model.safetensors").exists()

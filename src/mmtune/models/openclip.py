@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -309,9 +311,14 @@ def convert_open_clip(src: str | Path, dst: str | Path) -> dict:
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty: pick a new folder")
     hf, proc = load_open_clip(src)
-    hf.save_pretrained(dst)  # safetensors
-    proc.tokenizer.save_pretrained(dst)
-    save_image_processor(dst, proc.image_size, proc.image_mean, proc.image_std)
+    tmp = dst.with_name(f".{dst.name}.tmp")  # a failed write never leaves a half folder at dst
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)  # safetensors
+    proc.tokenizer.save_pretrained(tmp)
+    save_image_processor(tmp, proc.image_size, proc.image_mean, proc.image_std)
+    if dst.exists():
+        dst.rmdir()  # empty, checked above
+    os.replace(tmp, dst)
     return {"folder": str(dst), "parameters": sum(p.numel() for p in hf.parameters()),
             "image_size": proc.image_size, "context_length": proc.max_length}  # fmt: skip
 
