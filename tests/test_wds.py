@@ -200,3 +200,28 @@ def test_data_benchmark_writes_clip_benchmarks_layout(tmp_path, capsys):
     total, bad = check_shards(out / "test")  # mmtune reads it too: counted, classes found
     assert total == len(test) and not bad
     assert resolve(out / "test")[1] == CLASSES
+
+
+def test_img2dataset_shards_split_by_rank_and_worker(i2d):
+    """Ranks read disjoint shards; 0 and 2 loader workers give the same batches; a resumed
+    stream continues at its batch."""
+    from torch.utils.data import DataLoader
+
+    from mmtune.data.images import ImageTransform
+    from mmtune.data.shards import ShardStream
+
+    def collate(items):
+        return torch.tensor([it["index"] for it in items if it is not None])
+
+    def batches(rank, world, start, workers):
+        s = ShardStream(f"{i2d[0]}/{{00000..00004}}.tar", ImageTransform(8), collate, 10,
+                        seed=5, buffer=32, rank=rank, world=world)  # fmt: skip
+        return list(DataLoader(s.position(1, start, 8), batch_size=None, num_workers=workers))
+
+    r0, r1 = batches(0, 2, 0, 0), batches(1, 2, 0, 2)
+    assert len(r0) == len(r1) == 8
+    assert not set(torch.cat(r0).tolist()) & set(torch.cat(r1).tolist())
+    again = batches(0, 2, 0, 2)
+    assert all(torch.equal(a, b) for a, b in zip(r0, again, strict=True))
+    rest = batches(0, 2, 3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(r0[3:], rest, strict=True))
