@@ -165,3 +165,15 @@ def test_export_refuses_a_model_whose_tokenizer_open_clip_would_not_use(tmp_path
     err = capsys.readouterr().err.strip()
     assert "CLIP's BPE" in err and "BertTokenizer" in err and len(err.splitlines()) == 1
     assert not (out / "open_clip_model.safetensors").exists()
+
+
+def test_weights_contradicting_the_config_are_one_line(tmp_path, capsys):
+    cfg = shipped_config("ViT-B-32", max_layers=1, width=32, heads=4, context_length=24)
+    cfg["vision_cfg"].update(width=64, head_width=32, image_size=32, patch_size=8)
+    save_open_clip(cfg, tmp_path / "oc")
+    cfg["text_cfg"]["width"] = 48  # the config now says another width than the weights have
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    assert main(["convert", "open-clip", str(tmp_path / "oc"), "-o", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weights do not fit its config" in err and "token_embedding" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()

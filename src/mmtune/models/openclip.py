@@ -250,6 +250,16 @@ def load_tokenizer(folder: str | Path, context_length: int):
     return clip_tokenizer(context_length)
 
 
+def _tokenizer(folder: str | Path, config):
+    tok = load_tokenizer(folder, config.max_position_embeddings)
+    if len(tok) != config.vocab_size:
+        raise CheckpointError(
+            f"{folder}: text_cfg.vocab_size={config.vocab_size} but the tokenizer has "
+            f"{len(tok)} tokens; put the model's tokenizer files in the folder"
+        )
+    return tok
+
+
 def _no_init():
     try:
         from transformers.initialization import no_init_weights
@@ -270,7 +280,11 @@ def load_open_clip(folder: str | Path):
     with _no_init():  # every weight is overwritten: random init of a ViT-L would take seconds
         hf = CLIPModel(config)
     state = to_hf_state(read_weights(folder), config, str(folder))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that contradicts the config
+        msg = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e))
+        raise CheckpointError(f"{folder}: weights do not fit its config ({msg})") from None
     missing = [k for k in missing if not k.endswith("position_ids")]  # buffers, not weights
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not fit (missing {missing[:3]})")
@@ -284,7 +298,8 @@ def load_open_clip(folder: str | Path):
                     folder, pre.get("resize_mode"), pre.get("interpolation"))  # fmt: skip
     mean = tuple(pre.get("mean", OPENAI_MEAN))
     std = tuple(pre.get("std", OPENAI_STD))
-    return hf.eval(), Processor(load_tokenizer(folder, ctx), size, mean, std, ctx, "longest")
+    tok = _tokenizer(folder, config.text_config)
+    return hf.eval(), Processor(tok, size, mean, std, ctx, "longest")
 
 
 def open_clip_model(folder: str | Path):
