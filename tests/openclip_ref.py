@@ -22,31 +22,38 @@ import torch
 import transformers  # noqa: F401  -- imported before the stand-in so it sees no torchvision
 
 
-def _stub_torchvision() -> None:
-    if "torchvision.ops.misc" in sys.modules:
-        return
+def _stand_in_torchvision() -> list[str]:
+    """Register the stand-in modules that are not there yet; their names."""
     misc = types.ModuleType("torchvision.ops.misc")
     misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
+    added = []
     for name, module in (("torchvision", types.ModuleType("torchvision")),
                          ("torchvision.ops", types.ModuleType("torchvision.ops")),
                          ("torchvision.ops.misc", misc)):  # fmt: skip
-        sys.modules.setdefault(name, module)
+        if name not in sys.modules:
+            sys.modules[name] = module
+            added.append(name)
+    return added
 
 
 def open_clip_modules():
     """(open_clip.model, open_clip.tokenizer), or skip the test when open_clip is absent."""
-    spec = importlib.util.find_spec("open_clip") if "open_clip" not in sys.modules else None
-    if "open_clip" not in sys.modules:
+    if "open_clip.model" not in sys.modules:
+        spec = importlib.util.find_spec("open_clip")
         if spec is None:
             pytest.skip("open-clip-torch not installed (pip install open-clip-torch --no-deps)")
         pkg = types.ModuleType("open_clip")
         pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["open_clip"] = pkg
-    _stub_torchvision()
-    import open_clip.model
-    import open_clip.tokenizer
-
-    return open_clip.model, open_clip.tokenizer
+        sys.modules.setdefault("open_clip", pkg)
+        added = _stand_in_torchvision()
+        try:
+            import open_clip.model
+            import open_clip.tokenizer  # noqa: F401
+        finally:
+            # gone again once imported: other libraries probe for torchvision by its spec
+            for name in added:
+                del sys.modules[name]
+    return sys.modules["open_clip.model"], sys.modules["open_clip.tokenizer"]
 
 
 def shipped_config(name: str, max_layers: int | None = 2, **text) -> dict:
