@@ -225,3 +225,28 @@ def test_img2dataset_shards_split_by_rank_and_worker(i2d):
     assert all(torch.equal(a, b) for a, b in zip(r0, again, strict=True))
     rest = batches(0, 2, 3, 2)
     assert all(torch.equal(a, b) for a, b in zip(r0[3:], rest, strict=True))
+
+
+def test_embed_reads_img2dataset_shards_by_pattern(tmp_path, i2d):
+    """`mmtune embed --images PATTERN`: each image embeds as the same JPEG bytes do decoded by
+    Pillow, with img2dataset's caption (`KEY.txt`)."""
+    from mmtune.models import load_run
+    from mmtune.retrieval import read_embeddings
+    from tests.test_serve import make_run
+
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "e.parquet"
+    pattern = f"{i2d[0]}/{{00000..00004}}.tar"
+    args = ["embed", "--checkpoint", str(run), "--images", pattern, "-o", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    emb = read_embeddings(out, "image")
+    assert len(emb.meta["path"]) == 240
+    records = digits_splits(0)["train"][:240]
+    assert emb.meta["caption"][:3] == [r.captions[0] for r in records[:3]]
+    with tarfile.open(i2d[0] / "00000.tar") as tar:
+        images = [Image.open(io.BytesIO(tar.extractfile(f"00000{i:04d}.jpg").read()))
+                  for i in range(4)]  # fmt: skip
+    model, proc = load_run(run)
+    with torch.no_grad():
+        want = model.encode_image(proc.images(images)).numpy()
+    np.testing.assert_allclose(emb.vectors[:4], want, atol=1e-5)
