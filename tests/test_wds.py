@@ -93,6 +93,7 @@ def test_counts_come_from_stats_or_one_cached_pass(tmp_path, i2d, monkeypatch):
 
 
 def test_bad_members_are_counted_by_reason_never_raised(tmp_path, capsys):
+    """D10: each bad member has its reason; a cut-off tar serves what precedes the cut."""
     folder = tmp_path / "bad"
     folder.mkdir()
     good = _jpeg(np.full((8, 8), 5))
