@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	# open_clip's model code is the tests' reference; --no-deps: its deps pull torchvision
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
 demo: setup

@@ -58,7 +58,7 @@ def test_written_samples_hold_the_original_bytes_and_metadata(tmp_path, pairs_fo
         assert sample["txt"].decode() == caption
         assert json.loads(sample["json"]) == {"captions": [caption], "label": None, "id": name,
                                               "index": i}  # fmt: skip
-    with tarfile.open(tmp_path / "s" / "shard-00000.tar") as tar:  # readable by any tar reader
+    with tarfile.open(tmp_path / "s" / "00000.tar") as tar:  # readable by any tar reader
         assert tar.getnames()[:3] == ["000000000.jpg" if rows[0][0].endswith("jpg") else
                                       "000000000.png", "000000000.txt", "000000000.json"]  # fmt: skip
 

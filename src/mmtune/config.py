@@ -98,8 +98,8 @@ class DataConfig(_Section):
     augment: bool = Field(False, description="Random shifts and scale jitter on training images.")
     shards: str | None = Field(
         None,
-        description="Folder of WebDataset tar shards (`mmtune data shard`) to stream the training "
-        "split from; `dataset` then supplies only the val/test splits.",
+        description="WebDataset tar shards to stream the training split from: a folder of .tar "
+        "or a brace pattern (`shards/{00000..00099}.tar`); `dataset` supplies val/test only.",
     )
     shuffle_buffer: int = Field(
         1000, ge=1, description="Samples held in the shuffle buffer when streaming shards."

@@ -56,23 +56,30 @@ def _first_caption(folder_image: Path) -> str | None:
     return lines[0] if lines else None
 
 
-def shard_items(folder: str | Path) -> list[Item]:
-    """The images of a shard folder (`mmtune data shard`): path `SHARD.tar#MEMBER`."""
-    from mmtune.data.shards import read_index, read_shard
+def _sample_caption(sample: dict) -> str | None:
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+        captions = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        captions = []
+    if not captions and "txt" in sample:  # img2dataset: the caption in KEY.txt
+        captions = sample["txt"].decode("utf-8", errors="replace").splitlines()
+    return next((c for c in captions if c.strip()), None)
+
+
+def shard_items(source: str | Path) -> list[Item]:
+    """The images of WebDataset shards (a folder of .tar or a brace pattern): `SHARD.tar#MEMBER`."""
+    from mmtune.data.shards import IMAGE_EXTS, read_shard
+    from mmtune.data.wds import resolve
 
     items = []
-    for shard in read_index(folder)["shards"]:
-        tar = Path(folder) / shard["name"]
-        for sample in read_shard(tar):
-            try:
-                captions = json.loads(sample.get("json", b"{}")).get("captions") or []
-            except (json.JSONDecodeError, AttributeError):
-                captions = []
-            ext = next((k for k in sample if k not in ("key", "txt", "json")), "")
-            member = f"{sample['key']}.{ext}"
+    for shard in resolve(source)[0]:
+        for sample in read_shard(shard.path):
+            ext = next((e for e in IMAGE_EXTS if e in sample), "")
+            member = f"{sample['key']}.{ext}" if ext else f"{sample['key']}.jpg"  # absent: counted
             items.append(
-                Item("image", f"{shard['name']}/{sample['key']}", f"{tar}#{member}",
-                     captions[0] if captions else None)
+                Item("image", f"{shard.path.name}/{sample['key']}", f"{shard.path}#{member}",
+                     _sample_caption(sample))
             )  # fmt: skip
     return items
 
@@ -127,14 +134,15 @@ class ImageSource:
 
 
 def image_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
-    """Images of a folder (recursively; a same-stem .txt gives the caption), a pairs file, or a
-    shard folder written by `mmtune data shard`."""
+    """Images of a folder (recursively; a same-stem .txt gives the caption), a pairs file, or
+    WebDataset shards (a folder of .tar, a brace pattern, `mmtune data shard`'s folder)."""
     from mmtune.data.formats import detect_format, read_coco, read_table
     from mmtune.data.shards import INDEX
+    from mmtune.data.wds import is_shard_source
 
     src = Path(source)
-    if src.is_dir() and (src / INDEX).is_file():
-        return shard_items(src)
+    if (src.is_dir() and (src / INDEX).is_file()) or is_shard_source(source):
+        return shard_items(source)
     fmt = detect_format(src) if fmt == "auto" else fmt
     if fmt == "folder":
         paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -1,4 +1,4 @@
-"""Export a trained model: a transformers folder (`hf`) or ONNX image/text encoders (`onnx`).
+"""Export a trained model: a transformers folder (`hf`), ONNX encoders (`onnx`) or `open-clip`.
 
 LoRA adapters (peft layers) are merged into the base weights first. Each export folder gets a
 model card (README.md) with the training config and metrics, and the largest difference between
@@ -272,6 +272,8 @@ def _card(run: Path, fmt: str, model, max_diff: float, merged: int) -> str:
         "'attention_mask': mask})[0]\n```\nPreprocessing: `preprocess.json`; tokenizer: `tokenizer/`."
     )
     use = onnx_use if fmt == "onnx" else usage[("hf", isinstance(model, HFDualEncoder))]
+    if fmt == "open-clip":
+        from mmtune.models.openclip import CARD_USAGE as use
     return f"""# mmtune export ({fmt})
 
 Exported from `{ckpt}` ({model.__class__.__name__}); {merged} adapter layers merged.
@@ -310,7 +312,9 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "hf", tolerance: flo
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: pick a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    export = export_hf if fmt == "hf" else export_onnx
+    from mmtune.models.openclip import export_open_clip
+
+    export = {"hf": export_hf, "onnx": export_onnx, "open-clip": export_open_clip}[fmt]
     max_diff = export(model, processor, out)
     if max_diff > tolerance:
         raise UserError(f"the export differs from the model by {max_diff:.2e} > {tolerance}")

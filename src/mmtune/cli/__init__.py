@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "mmtune.cli.interpolate",
     "mmtune.cli.runs",
     "mmtune.cli.score",
+    "mmtune.cli.convert",
 )
 
 

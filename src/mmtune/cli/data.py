@@ -19,9 +19,13 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_shard)
 
     c = dsub.add_parser("check", help="decode every sample; report bad ones by reason")
-    c.add_argument("dataset", help="shard folder, pairs file, COCO JSON, folder, or `digits`")
+    c.add_argument("dataset", help="shard folder or brace pattern (`shards/{00000..00009}.tar`), "
+                   "pairs file, COCO JSON, folder, or `digits`")  # fmt: skip
     c.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
     c.set_defaults(func=cmd_check)
+    from mmtune.cli.benchmark import add_benchmark  # CLIP_benchmark's layout
+
+    add_benchmark(dsub)
 
     e = sub.add_parser("estimate", help="predict peak memory and step time; suggest settings")
     e.add_argument("--config", "-c", help="YAML config (defaults when omitted)")
@@ -71,7 +75,9 @@ def cmd_shard(args, extra) -> int:
 
 
 def cmd_check(args, extra) -> int:
-    if (Path(args.dataset) / "index.json").is_file():
+    from mmtune.data.wds import is_shard_source
+
+    if is_shard_source(args.dataset):  # a shard folder, a .tar or a brace pattern
         from mmtune.config import load_config, parse_overrides
         from mmtune.data.shards import check_shards
 

@@ -1,9 +1,14 @@
-"""WebDataset-style tar shards: write them from any pairs format, stream them for training, check.
+"""WebDataset tar shards: write them from any pairs format, stream them for training, check.
 
-A shard folder holds `shard-00000.tar`, … and `index.json` (sample counts, written last: its
-presence marks a complete folder). Each sample is three tar members sharing a key, as WebDataset
-reads them: `KEY.jpg|png|…` (the original image bytes), `KEY.txt` (captions, one a line) and
-`KEY.json` ({"captions", "label", "id", "index"}).
+`mmtune data shard` writes img2dataset's layout: `00000.tar`, … each with `00000_stats.json`
+(`successes`: its sample count), plus `index.json` (all counts and class names, written last: its
+presence marks a complete folder). A sample is the tar members sharing a key, as WebDataset
+groups them: `KEY.jpg|png|…` (the original image bytes), `KEY.txt` (captions, one a line),
+`KEY.json` ({"captions", "label", "id", "index"}) and `KEY.cls` (the label) when labelled.
+
+Any standard shards are read too (`data.wds` finds and counts them): a folder of `.tar` or a
+brace pattern, samples with any image extension and any of `.txt` / `.json` / `.cls`, as
+img2dataset and CLIP_benchmark write them.
 
 Streaming (`ShardStream`): each epoch the shard order is shuffled with the seed; rank r of W
 reads shards r, r+W, …; samples pass through a seeded shuffle buffer. A rank's sample order
@@ -18,6 +23,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import tarfile
 from collections import Counter
@@ -30,10 +36,13 @@ from PIL import Image
 
 from mmtune.data.formats import Record
 from mmtune.data.images import BadImage, ImageTransform, load_image
+from mmtune.data.wds import resolve, sample_key
 from mmtune.errors import DataError
 
+log = logging.getLogger("mmtune.data")
 INDEX = "index.json"
 __all__ = ["ShardStream", "check_shards", "read_index", "read_shard", "write_shards"]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "img")
 
 
 # ---------------------------------------------------------------- writing
@@ -55,6 +64,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _add_sample(tar: tarfile.TarFile, key: str, rec: Record, i: int) -> None:
+    data, ext = _image_bytes(rec.image)
+    _add(tar, f"{key}.{ext}", data)
+    _add(tar, f"{key}.txt", "\n".join(rec.captions).encode())
+    meta = {"captions": rec.captions, "label": rec.label, "id": rec.id, "index": i}
+    _add(tar, f"{key}.json", json.dumps(meta).encode())
+    if rec.label is not None:
+        _add(tar, f"{key}.cls", str(rec.label).encode())
+
+
 def write_shards(records: list[Record], folder: str | Path, samples_per_shard: int = 1000,
                  classes: list[str] | None = None) -> dict:  # fmt: skip
     """Write records (screen them first) as tar shards + index.json; returns the index."""
@@ -64,18 +83,16 @@ def write_shards(records: list[Record], folder: str | Path, samples_per_shard: i
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, len(records), samples_per_shard):
-        name = f"shard-{len(shards):05d}.tar"
+        name = f"{len(shards):05d}.tar"
         tmp = folder / f".{name}.tmp"
         with tarfile.open(tmp, "w") as tar:
             for i, rec in enumerate(records[start : start + samples_per_shard], start):
-                key = f"{i:09d}"
-                data, ext = _image_bytes(rec.image)
-                _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.txt", "\n".join(rec.captions).encode())
-                meta = {"captions": rec.captions, "label": rec.label, "id": rec.id, "index": i}
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
+                _add_sample(tar, f"{i:09d}", rec, i)
         os.replace(tmp, folder / name)
-        shards.append({"name": name, "samples": min(samples_per_shard, len(records) - start)})
+        n = min(samples_per_shard, len(records) - start)
+        stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}
+        (folder / f"{name[:-4]}_stats.json").write_text(json.dumps(stats))
+        shards.append({"name": name, "samples": n})
     index = {"format": "mmtune-shards/1", "samples": len(records), "shards": shards,
              "classes": classes}  # fmt: skip
     (folder / INDEX).write_text(json.dumps(index, indent=1))
@@ -109,12 +126,14 @@ def read_shard(path: str | Path) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, ext = Path(member.name).name.partition(".")
+                key, ext = sample_key(member.name)
                 if sample and key != sample["key"]:
                     yield sample
                     sample = {}
                 sample["key"] = key
                 sample[ext] = tar.extractfile(member).read()
+                if len(sample[ext]) != member.size:  # tarfile returns a cut-off member short
+                    raise EOFError(f"{member.name} cut off")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable shard ({e})") from None
     if sample:
@@ -122,47 +141,81 @@ def read_shard(path: str | Path) -> Iterator[dict]:
 
 
 def _image_part(sample: dict) -> bytes | None:
-    return next((v for k, v in sample.items() if k not in ("key", "txt", "json")), None)
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
 
-def decode(sample: dict, transform: ImageTransform, rng, max_pixels: int) -> dict:
+def _text(sample: dict, key: str) -> tuple[list[str], int | None]:
+    """(captions, label) from a sample's .json, .txt and .cls members; BadImage names a bad one."""
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            assert isinstance(meta, dict)
+        except (ValueError, AssertionError):
+            raise BadImage(key, "bad_json") from None
+    captions = meta.get("captions")
+    if captions is None and "txt" in sample:
+        text = sample["txt"].decode("utf-8", errors="replace")
+        captions = [c for c in text.splitlines() if c.strip()]
+    if captions is None and isinstance(meta.get("caption"), str):  # img2dataset's json
+        captions = [meta["caption"]]
+    label = meta.get("label")
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise BadImage(key, "bad_cls", repr(sample["cls"][:20])) from None
+    if captions is None and label is None:
+        raise BadImage(key, "missing_text", "no .txt, .json or .cls member")
+    return list(captions or []), label
+
+
+def decode(sample: dict, transform: ImageTransform, rng, max_pixels: int, index: int) -> dict:
     """Raw sample → the item ImageTextDataset gives (pixel_values (3,S,S), caption, label…).
 
-    Raises BadImage (reason: missing / not_image / truncated / too_large) for a bad image.
+    Raises BadImage (reason: missing / not_image / truncated / too_large / bad_json / bad_cls /
+    missing_text) for a bad sample.
     """
-    meta = json.loads(sample["json"])
+    captions, label = _text(sample, sample["key"])
     data = _image_part(sample)
     if data is None:
         raise BadImage(sample["key"], "missing", "no image member")
     if not data:
         raise BadImage(sample["key"], "empty")
     img = load_image(io.BytesIO(data), max_pixels)
-    captions = meta["captions"]
     caption = captions[int(rng.integers(len(captions)))] if captions else ""
-    label = meta.get("label")
     return {"pixel_values": transform(img, rng), "caption": caption, "captions": captions,
-            "label": -1 if label is None else label, "index": meta["index"]}  # fmt: skip
+            "label": -1 if label is None else label, "index": index}  # fmt: skip
 
 
-def check_shards(folder: str | Path, max_pixels: int = 40_000_000) -> tuple[int, Counter]:
-    """Decode every sample of a shard folder: (samples, bad counts by reason)."""
-    index = read_index(folder)
+def _read_counted(path: Path, bad: Counter) -> Iterator[dict]:
+    """read_shard, with a truncated or corrupt tar counted (and logged) instead of raised."""
+    try:
+        yield from read_shard(path)
+    except DataError as e:
+        if not bad["unreadable_shard"]:
+            log.warning("%s; its remaining samples are skipped", e)
+        bad["unreadable_shard"] += 1
+
+
+def check_shards(source: str | Path, max_pixels: int = 40_000_000) -> tuple[int, Counter]:
+    """Decode every sample of a shard source (folder or pattern): (samples, bad counts by reason)."""
+    shards, _ = resolve(source)
     bad: Counter = Counter()
     total = 0
-    for shard in index["shards"]:
-        for sample in read_shard(Path(folder) / shard["name"]):
+    for shard in shards:
+        for sample in _read_counted(shard.path, bad):
             total += 1
             try:
-                item = decode(sample, ImageTransform(8), np.random.default_rng(0), max_pixels)
+                item = decode(sample, ImageTransform(8), np.random.default_rng(0), max_pixels, 0)
             except BadImage as e:
                 bad[e.reason] += 1
-            except (KeyError, json.JSONDecodeError):
-                bad["bad_metadata"] += 1
             else:
-                if not item["caption"].strip():
+                if item["captions"] and not item["caption"].strip():
                     bad["empty_caption"] += 1
-    if total != index["samples"]:
-        bad["missing_from_shards"] += max(0, index["samples"] - total)
+    expected = sum(s.samples for s in shards)
+    if total < expected:
+        bad["missing_from_shards"] += expected - total
     return total, bad
 
 
@@ -184,19 +237,22 @@ def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> It
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """This rank's training batches from a shard folder; `position()` picks epoch and start batch.
+    """This rank's training batches from a shard source; `position()` picks epoch and start batch.
 
     Yields collated batches (collate runs in the workers); worker w of n decodes batches
-    start+w, start+w+n, … of the rank's stream, which the DataLoader returns in order.
+    start+w, start+w+n, … of the rank's stream, which the DataLoader returns in order. A sample's
+    number (its augmentation seed) is its position in the source: shard offset + rank in shard.
     """
 
-    def __init__(self, folder, transform: ImageTransform, collate: Callable, batch_size: int,
+    def __init__(self, source, transform: ImageTransform, collate: Callable, batch_size: int,
                  seed: int = 0, buffer: int = 1000, rank: int = 0, world: int = 1,
                  max_pixels: int = 40_000_000):  # fmt: skip
-        self.folder, self.index = Path(folder), read_index(folder)
-        if len(self.index["shards"]) < world:
-            raise DataError(f"{folder}: {len(self.index['shards'])} shards for {world} processes; "
+        self.shards, self.classes = resolve(source)
+        if len(self.shards) < world:
+            raise DataError(f"{source}: {len(self.shards)} shards for {world} processes; "
                             "write at least one shard per process (smaller --samples-per-shard)")  # fmt: skip
+        starts = np.cumsum([0] + [s.samples for s in self.shards])[:-1].tolist()
+        self.offsets = {s.path: int(n) for s, n in zip(self.shards, starts, strict=True)}
         self.transform, self.collate, self.batch_size = transform, collate, batch_size
         self.seed, self.buffer, self.rank, self.world = seed, buffer, rank, world
         self.max_pixels = max_pixels
@@ -204,34 +260,40 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.bad: Counter = Counter()
 
     def __len__(self) -> int:
-        return self.index["samples"]
+        return sum(s.samples for s in self.shards)
 
     def position(self, epoch: int, start: int, stop: int) -> ShardStream:
         """Yield batches [start, stop) of `epoch` next."""
         self.epoch, self.start, self.stop = epoch, start, stop
         return self
 
-    def _my_shards(self, sweep: int) -> list[str]:
+    def _my_shards(self, sweep: int) -> list[Path]:
         # which shards are this rank's is fixed for the epoch; their order changes each sweep
-        names = [s["name"] for s in self.index["shards"]]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(names))
-        mine = [names[i] for i in order][self.rank :: self.world]
+        paths = [s.path for s in self.shards]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(paths))
+        mine = [paths[i] for i in order][self.rank :: self.world]
         again = np.random.default_rng([self.seed, self.epoch, sweep, self.rank])
         return [mine[i] for i in again.permutation(len(mine))]
 
-    def samples(self) -> Iterator[tuple[int, dict]]:
-        """(sweep, raw sample) of this rank's endless stream for the epoch, shuffled."""
+    def _numbered(self, path: Path) -> Iterator[tuple[int, dict]]:
+        start = self.offsets[path]
+        return ((start + i, s) for i, s in enumerate(_read_counted(path, self.bad)))
+
+    def samples(self) -> Iterator[tuple[int, tuple[int, dict]]]:
+        """(sweep, (sample number, raw sample)) of this rank's endless stream for the epoch."""
         for sweep in itertools.count():
-            raw = (s for name in self._my_shards(sweep) for s in read_shard(self.folder / name))
+            raw = (s for path in self._my_shards(sweep) for s in self._numbered(path))
             rng = np.random.default_rng([self.seed, self.epoch, sweep, self.rank])
             yield from ((sweep, s) for s in shuffle_buffer(raw, self.buffer, rng))
 
-    def _decode(self, sweep: int, sample: dict) -> dict | None:
-        index = json.loads(sample["json"])["index"]
+    def _decode(self, sweep: int, numbered: tuple[int, dict]) -> dict | None:
+        index, sample = numbered
         rng = np.random.default_rng([self.seed, self.epoch, sweep, index])
         try:
-            return decode(sample, self.transform, rng, self.max_pixels)
+            return decode(sample, self.transform, rng, self.max_pixels, index)
         except BadImage as e:
+            if not self.bad[e.reason]:
+                log.warning("skipping bad sample %s; further skips are counted", e)
             self.bad[e.reason] += 1
             return None
 

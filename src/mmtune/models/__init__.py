@@ -129,6 +129,12 @@ def load_model(model_cfg):
         model, proc, defaults = L._tiny_clip()
     elif model_cfg.name in _fusion_presets():
         model, proc, defaults = _fusion_presets()[model_cfg.name]()
+    elif (Path(model_cfg.name) / "open_clip_config.json").is_file() and not (
+        Path(model_cfg.name) / "config.json"
+    ).is_file():  # an open_clip folder (one that also holds transformers files loads as those)
+        from mmtune.models.openclip import open_clip_model
+
+        model, proc, defaults = open_clip_model(model_cfg.name)
     elif Path(model_cfg.name).exists() and not (Path(model_cfg.name) / "config.json").is_file():
         from mmtune.runs import load_run, read_spec, resolve_checkpoint
 

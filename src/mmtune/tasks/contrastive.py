@@ -141,7 +141,7 @@ class ContrastiveTask(Task):
     Options = ContrastiveOptions
     metric, higher_is_better = "zeroshot.top1", True
     routes = ("embed", "predict")
-    exports = ("hf", "onnx")
+    exports = ("hf", "onnx", "open-clip")
     pairwise_loss = True
 
     def __init__(self, ctx):
