@@ -22,6 +22,7 @@ PLUGIN_COMMANDS: tuple[str, ...] = (
     "mmtune.interpolate",
     "mmtune.commands_predict",
     "mmtune.commands_generate",
+    "mmtune.sweep.cli",
 )
 
 
