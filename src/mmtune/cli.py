@@ -23,6 +23,7 @@ PLUGIN_COMMANDS: tuple[str, ...] = (
     "mmtune.commands_predict",
     "mmtune.commands_generate",
     "mmtune.sweep.cli",
+    "mmtune.compare",
 )
 
 
