@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -37,6 +38,12 @@ def cmd_sweep(args, extra) -> int:
     from mmtune.sweep.space import Base, load_space
     from mmtune.sweep.study import Sweep
 
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("mmtune sweep needs optuna: pip install 'mmtune[sweep]'") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("mmtune sweep under torchrun is not supported yet: use --jobs N")
     if args.trials < 1 or args.jobs < 1:
         raise ConfigError("--trials and --jobs must be at least 1")
     overrides = parse_overrides(extra)
