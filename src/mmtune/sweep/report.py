@@ -75,6 +75,22 @@ def _history(rows: list[dict], higher: bool, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _curves(study, path: Path) -> None:
+    """Each trial's validation figure at its evaluations; pruned trials end where they stopped."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    for t in study.get_trials(deepcopy=False):
+        if t.intermediate_values:
+            steps = sorted(t.intermediate_values)
+            pruned = t.state.name == "PRUNED"
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], marker=".",
+                    c="0.6" if pruned else "tab:blue", ls="--" if pruned else "-", lw=1)  # fmt: skip
+    ax.set(xlabel="step", ylabel="objective (val)",
+           title="Validation curves (dashed grey: pruned)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _importances(study, path: Path) -> dict:
     import optuna
 
@@ -107,6 +123,8 @@ def _parallel(rows: list[dict], params: list[str], path: Path) -> None:
     for i in range(len(done)):
         ys = [(cols[k][i] - lo[k]) / ((hi[k] - lo[k]) or 1) for k in axes]
         ax.plot(range(len(axes)), ys, c=cm((values[i] - vmin) / ((vmax - vmin) or 1)), alpha=0.8)
+    for i in range(len(axes)):
+        ax.axvline(i, c="0.6", lw=0.8)
     ax.set_xticks(range(len(axes)), [_label(k, lo[k], hi[k]) for k in axes], fontsize=8)
     ax.set_yticks([])
     ax.set_title("Parallel coordinates (completed trials; colour = objective)")
@@ -146,7 +164,9 @@ def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     body = f"<h1>Sweep {summary['sweep']}</h1>" + _cards(cards)
     body += _section("Trials", _table(columns, [[r.get(c) for c in columns] for r in rows]))
+    _curves(study, plots / "curves.png")
     figs = _figure(plots / "history.png", "optimisation history")
+    figs += _figure(plots / "curves.png", "validation curves per trial")
     if imp:
         figs += _figure(plots / "importances.png", "parameter importances")
     figs += _figure(plots / "parallel.png", "parallel coordinates")

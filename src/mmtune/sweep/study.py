@@ -100,6 +100,7 @@ def recover(study) -> int:
         attrs = t.user_attrs
         if attrs.get("host") == socket.gethostname() and _alive(attrs.get("pid", -1)):
             continue  # another sweep process on this machine is still running it
+        # Study.tell only accepts trials this process asked for; the storage takes any
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         n += 1
@@ -200,6 +201,7 @@ def run_trial(sw: Sweep, study, trial) -> bool:
     except Pruned:
         state = TrialState.PRUNED
     except ConfigError:
+        study.tell(trial, state=TrialState.FAIL)
         raise  # a wrong --metric or config: every trial would fail the same way
     except Exception as e:  # a diverged trial is a result of the search, not the end of it
         log.warning("trial %d failed: %s", trial.number, e)
