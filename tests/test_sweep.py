@@ -121,6 +121,7 @@ def _trials(folder: Path, name: str) -> list:
 
 
 def test_killed_sweep_resumes_without_repeating_trials(tmp_path):
+    """X4: a real sweep process SIGKILLed during its second trial, then the same command again."""
     args = _args(tmp_path, SPACE, "--trials", "3", "--name", "k", "--pruner", "none",
                  **{"train.max_steps": 8})  # fmt: skip
     env = {**os.environ, "MMTUNE_THREADS": "1"}
@@ -145,6 +146,7 @@ def test_killed_sweep_resumes_without_repeating_trials(tmp_path):
 
 
 def test_two_workers_share_one_study(tmp_path):
+    """X5: --jobs 2 on one SQLite study: distinct trial numbers, two worker processes at once."""
     args = _args(tmp_path, SPACE, "--trials", "4", "--name", "j", "--jobs", "2")
     assert main(args) == 0
     trials = _trials(tmp_path / "j", "j")
