@@ -160,7 +160,8 @@ def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
             "baseline_test"
         ].get(metric)
     cards.update({k: summary[k] for k in ("trials.complete", "trials.pruned", "seconds_per_trial",
-                                          "pruning_saved_seconds", "search_seconds")})  # fmt: skip
+                                          "pruning_saved_seconds", "search_seconds",
+                                          "trial_cache")})  # fmt: skip
     columns = list(dict.fromkeys(k for r in rows for k in r))
     body = f"<h1>Sweep {summary['sweep']}</h1>" + _cards(cards)
     body += _section("Trials", _table(columns, [[r.get(c) for c in columns] for r in rows]))

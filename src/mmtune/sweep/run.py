@@ -94,6 +94,7 @@ def finish(sw: Sweep, seconds: float, baseline: str | None) -> dict:
         "best_params": best.params,
         "best_test": _test_metrics(run),
         "search_seconds": round(seconds, 1),
+        "trial_cache": sw.cache,
         "baseline_test": _baseline(baseline),
         **report.pruning_figures(rows),
     }
