@@ -10,6 +10,7 @@ Usage: MMTUNE_THREADS=N python bench/bench_sweep_cache.py [--trials 4] [--steps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -29,9 +30,11 @@ def sweep_seconds(cache: bool, trials: int, steps: int, out: Path) -> float:
     from mmtune.sweep.space import Base, load_space
     from mmtune.sweep.study import Sweep, work
 
-    over = {"output_dir": str(out), "train.max_steps": steps, "train.eval_every": 0}
-    base = Base(str(ROOT / "configs" / "classify-digits.yaml"), over)
+    base = Base(str(ROOT / "configs" / "classify-digits.yaml"), {"output_dir": str(out)})
     space = load_space(ROOT / "configs" / "sweep-digits.yaml", base)
+    # the space file fixes the trials' length; these short trials replace it
+    fixed = {**space.fixed, "train.max_steps": steps, "train.eval_every": 0}
+    space = dataclasses.replace(space, fixed=fixed)
     name = "cached" if cache else "uncached"
     sw = Sweep(base, space, out / name, name, trials, "random", "none", cache=cache,
                objective=objective_of(base.load()))  # fmt: skip
