@@ -40,7 +40,7 @@ def test_compare_lists_differences_and_figures(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     md = capsys.readouterr().out.splitlines()
     assert md[0] == "| run | status | options.lora_r | top1 | data.train |"
-    assert md[3].endswith("| finished | 8 | 0.75 | 10 |")
+    assert md[3].endswith("| finished (test) | 8 | 0.75 | 10 |")
 
 
 def test_compare_names_a_folder_without_runs(tmp_path, capsys):

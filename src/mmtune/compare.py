@@ -55,7 +55,9 @@ def read_run(run: Path) -> tuple[dict, dict, str]:
     config = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
     final = run / "metrics.json"
     if final.is_file():
-        return config, json.loads(final.read_text()), "finished"
+        metrics = json.loads(final.read_text())
+        split = metrics.get("eval.split")  # trials end on val, runs made by hand often on test
+        return config, metrics, f"finished ({split})" if split else "finished"
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
     if not evals:
         return config, {}, "no evaluation"
