@@ -84,7 +84,8 @@ def finish(sw: Sweep, seconds: float, baseline: str | None) -> dict:
         raise UserError(f"sweep {sw.name}: no trial completed; nothing to report")
     best = study.best_trial
     run = sw.folder / best.user_attrs["run"]
-    write_best_yaml(run / "config.yaml", sw.folder / "best.yaml", f"{sw.name}-best")
+    shift = sw.base.load().data.shift  # the trials ran without the base's shift splits
+    write_best_yaml(run / "config.yaml", sw.folder / "best.yaml", f"{sw.name}-best", shift)
     summary = {
         "sweep": sw.name,
         "metric": sw.objective[0],
@@ -92,7 +93,7 @@ def finish(sw: Sweep, seconds: float, baseline: str | None) -> dict:
         "best_trial": best.number,
         "best_value": best.value,
         "best_params": best.params,
-        "best_test": _test_metrics(run),
+        "best_test": _test_metrics(run, shift),
         "search_seconds": round(seconds, 1),
         "trial_cache": sw.cache,
         "baseline_test": _baseline(baseline),
@@ -104,21 +105,22 @@ def finish(sw: Sweep, seconds: float, baseline: str | None) -> dict:
     return summary
 
 
-def write_best_yaml(src: Path, dst: Path, name: str) -> None:
+def write_best_yaml(src: Path, dst: Path, name: str, shift: list[str]) -> None:
     """The best trial's resolved config under a new run name, runnable with `mmtune train -c`."""
     tree = yaml.safe_load(src.read_text())
     tree["name"] = name
+    tree["data"]["shift"] = shift
     note = ("# The best trial of the sweep, resolved. eval.split is val, as in the search: "
             "`mmtune train -c` reproduces its validation figure; set eval.split=test for the test one.\n")  # fmt: skip
     dst.write_text(note + yaml.safe_dump(tree, sort_keys=False))
 
 
-def _test_metrics(run: Path) -> dict:
+def _test_metrics(run: Path, shift: list[str]) -> dict:
     """The best trial evaluated once on the test split (the search itself never saw it)."""
     from mmtune import api
     from mmtune.config import load_config
 
-    cfg = load_config(run / "config.yaml", {"eval.split": "test"})
+    cfg = load_config(run / "config.yaml", {"eval.split": "test", "data.shift": shift})
     metrics = api.evaluate(run, cfg, split="test")
     return {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("data.")}
 

@@ -164,9 +164,10 @@ def planned_steps(cfg, n_train: int) -> int:
 
 def trial_cfg(sw: Sweep, params: dict, number: int):
     """A trial's config: the base, the space's fixed values and this trial's parameters."""
-    # the final evaluation runs on val: the search never sees the test split
+    # the final evaluation runs on val, and shift splits (digits-shift is made from the test
+    # digits) stay out of every trial: the search never sees the test data
     extra = {"output_dir": str(sw.folder), "name": f"trial-{number:04d}", "eval.split": "val",
-             "train.progress": False}  # fmt: skip
+             "data.shift": [], "train.progress": False}  # fmt: skip
     return sw.base.load({**sw.space.fixed, **params, **extra})
 
 
