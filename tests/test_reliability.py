@@ -284,7 +284,7 @@ def test_d5_a_hundred_bad_samples_log_two_lines_and_never_sleep(tmp_path, caplog
 
 ROWS = [f"R{i}" for i in range(1, 10)] + [f"S{i}" for i in range(1, 6)]
 ROWS += [f"D{i}" for i in range(1, 8)] + [f"V{i}" for i in range(1, 12)]
-ROWS += ["F1", "F2", "X1", "X2", "X3"]
+ROWS += ["F1", "F2", "X1", "X2", "X3", "X4", "X5"]
 ROWS += ["D10"]
 
 

@@ -92,16 +92,16 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2) + "\n")
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
+def train(cfg: Config, resume: str | None = None, on_eval=None) -> dict:
     """Train as configured, evaluate on the test split, write the run folder; return metrics."""
     from mmtune.engine import close_process_group
 
-    metrics = _train(cfg, resume)
+    metrics = _train(cfg, resume, on_eval)
     close_process_group()  # after a run that ended normally, on every rank
     return metrics
 
 
-def _train(cfg: Config, resume: str | None) -> dict:
+def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     from mmtune.engine import Trainer, make_accelerator
     from mmtune.models import count_parameters
     from mmtune.report import write_report
@@ -130,6 +130,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         record_task(run_dir / "model", task.name)
     data = (splits.train, splits.val)
     trainer = Trainer(cfg, task, model, acc, data, run_dir, fingerprint(splits.train, cfg))
+    trainer.on_eval = on_eval  # on_eval(step, val_metrics); raising engine.Pruned ends the run
     if resume_dir is not None:
         trainer.resume(resume_dir)
     state = trainer.fit()

@@ -33,6 +33,10 @@ class TrainingError(UserError):
     """Training cannot go on (non-finite loss, bad resume)."""
 
 
+class Pruned(Exception):
+    """Raised by an `on_eval` callback to end the run at this evaluation (a pruned sweep trial)."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -244,6 +248,7 @@ class Trainer:
         self._fallback_warned = False
         if t.report_to:
             acc.init_trackers(cfg.name, config=_flat_config(cfg))
+        self.on_eval = None  # sweep hook: on_eval(step, val_metrics) on the main process
 
     # ------------------------------------------------------------ checkpoints
 
@@ -397,6 +402,7 @@ class Trainer:
         self.save("last")
         if improved and self.acc.is_main_process:
             ckpt.copy_checkpoint(self.ckpt_dir / "last", self.ckpt_dir / "best")
+        self._report_eval(metrics)
         self.model.train()
         return metrics
 
@@ -410,6 +416,19 @@ class Trainer:
         self._fallback_warned = True
         self.metric, self.higher_is_better = "val.loss", False
         return metrics["val.loss"]
+
+    def _report_eval(self, metrics: dict) -> None:
+        """Hand val metrics to `on_eval`; a `Pruned` it raises stops every rank at this step."""
+        stop = 0.0
+        if self.on_eval is not None and self.acc.is_main_process:
+            try:
+                self.on_eval(self.state.step, metrics)
+            except Pruned:
+                stop = 1.0
+        if self.world > 1:  # the other ranks learn rank 0's decision, or they would wait forever
+            stop = float(self.acc.reduce(torch.tensor(stop, device=self.acc.device), "sum"))
+        if stop:
+            raise Pruned(f"pruned at step {self.state.step}")
 
     def evaluate(self, records):
         """The task's `Evaluation` of the model on `records`."""

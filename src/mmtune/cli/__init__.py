@@ -25,6 +25,8 @@ COMMANDS: tuple[str, ...] = (
     "mmtune.cli.runs",
     "mmtune.cli.score",
     "mmtune.cli.convert",
+    "mmtune.cli.sweep",
+    "mmtune.cli.compare",
 )
 
 
