@@ -62,8 +62,13 @@ def _llava_config(vision_config, text_config, tok):
 
 def tiny_llava():
     """(model, processor): a random LLaVA small enough for tests (MiniLM's word pieces)."""
-    from transformers import BertTokenizerFast, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
-    from transformers import LlavaForConditionalGeneration
+    from transformers import (
+        BertTokenizerFast,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from mmtune.models.load import minilm_dir
 
@@ -89,8 +94,8 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
         AutoModel,
         AutoModelForCausalLM,
         AutoTokenizer,
+        LlavaForConditionalGeneration,
     )
-    from transformers import LlavaForConditionalGeneration
 
     if projector != "mlp2x_gelu":
         raise ConfigError(f"options.projector: only mlp2x_gelu is built, not {projector!r}")
@@ -104,7 +109,8 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
     lm = AutoModelForCausalLM.from_pretrained(language)
     model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok))
     source = AutoModel.from_pretrained(vision)
-    model.model.vision_tower.vision_model.load_state_dict(source.vision_model.state_dict())
+    source = getattr(source, "vision_model", source)  # a whole CLIP/SigLIP: its image side
+    model.model.vision_tower.load_state_dict(source.state_dict())
     model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     if len(tok) != model.get_input_embeddings().num_embeddings:  # <image> (and pad) were added

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from mmtune.caption_metrics import caption_metrics
 from mmtune.data.conversations import IMAGE, ConversationRecord, as_conversation
