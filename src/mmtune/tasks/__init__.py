@@ -28,6 +28,7 @@ _REGISTRY: dict[str, str] = {
     "vq-autoencoder": "mmtune.tasks.vq_autoencoder:VQAutoencoderTask",
     "text2image": "mmtune.tasks.text2image:Text2ImageTask",
     "sd-lora": "mmtune.tasks.sd_lora:SDLoRATask",
+    "vlm-sft": "mmtune.tasks.vlm_sft:VLMSFTTask",
 }
 
 

@@ -1,0 +1,192 @@
+"""Multimodal LLMs: any transformers image-text-to-text model, or a LLaVA composed from parts.
+
+`load_vlm(name)` reads a local `AutoModelForImageTextToText` folder (+ `AutoProcessor`), or builds
+the `tiny-llava` preset (random weights, MiniLM's word-piece vocabulary); `compose_llava(vision,
+language)` joins a CLIP/SigLIP vision checkpoint and a causal LM with a 2-layer GELU projector into
+a plain `LlavaForConditionalGeneration` whose processor has an `<image>` token and a chat template.
+`parts(model)` groups parameters into vision / projector / language for freezing and learning rates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmtune.errors import ConfigError
+
+# USER/ASSISTANT turns as in LLaVA-1.5; an assistant turn ends with the end-of-sequence token.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}ASSISTANT: {% elif m['role'] == 'user' %}USER: {% else %}SYSTEM: {% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+PRESETS = ("tiny-llava",)
+
+
+def _tokenizer_with_image(tok):
+    """The tokenizer with `<image>` (special) and a pad token, and a chat template if it has none."""
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _llava_processor(tok, image_processor, patch_size: int, vision_type: str):
+    from transformers import LlavaProcessor
+
+    with_cls = vision_type.startswith("clip")  # SigLIP has no [CLS] token to drop
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                          vision_feature_select_strategy="default" if with_cls else "full",
+                          num_additional_image_tokens=1 if with_cls else 0,
+                          chat_template=tok.chat_template)  # fmt: skip
+
+
+def _llava_config(vision_config, text_config, tok):
+    from transformers import LlavaConfig
+
+    with_cls = vision_config.model_type.startswith("clip")
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return LlavaConfig(vision_config=vision_config, text_config=text_config,
+                       image_token_index=tok.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default" if with_cls else "full",
+                       image_seq_length=patches)  # fmt: skip
+
+
+def tiny_llava():
+    """(model, processor): a random LLaVA small enough for tests (MiniLM's word pieces)."""
+    from transformers import (
+        BertTokenizerFast,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    from mmtune.models.load import minilm_dir
+
+    tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+    tok.eos_token, tok.bos_token = tok.sep_token, tok.cls_token
+    tok = _tokenizer_with_image(tok)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8)  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                       eos_token_id=tok.sep_token_id, tie_word_embeddings=False)  # fmt: skip
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model = LlavaForConditionalGeneration(_llava_config(vision, text, tok))
+    return model, _llava_processor(tok, images, 8, "clip_vision_model")
+
+
+def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
+    """(LLaVA, processor) from a CLIP/SigLIP vision checkpoint and a causal-LM checkpoint."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+    )
+
+    if projector != "mlp2x_gelu":
+        raise ConfigError(f"options.projector: only mlp2x_gelu is built, not {projector!r}")
+    vconf = AutoConfig.from_pretrained(vision)
+    vconf = getattr(vconf, "vision_config", vconf)  # a whole CLIP/SigLIP: its image side
+    if not vconf.model_type.startswith(("clip", "siglip")):
+        raise ConfigError(
+            f"options.vision: {vision} is a {vconf.model_type}, not a CLIP/SigLIP checkpoint"
+        )
+    tok = _tokenizer_with_image(AutoTokenizer.from_pretrained(language))
+    lm = AutoModelForCausalLM.from_pretrained(language)
+    model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok))
+    source = AutoModel.from_pretrained(vision)
+    source = getattr(source, "vision_model", source)  # a whole CLIP/SigLIP: its image side
+    model.model.vision_tower.load_state_dict(source.state_dict())
+    model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    if len(tok) != model.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
+        model.resize_token_embeddings(len(tok))
+    processor = _llava_processor(
+        tok, AutoImageProcessor.from_pretrained(vision), vconf.patch_size, vconf.model_type
+    )
+    return model, processor
+
+
+def load_vlm(name: str):
+    """(model, processor) of the `tiny-llava` preset or a local image-text-to-text folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if name == "tiny-llava":
+        return tiny_llava()
+    if not Path(name).is_dir():
+        raise ConfigError(
+            f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder"
+        )
+    return AutoModelForImageTextToText.from_pretrained(name), AutoProcessor.from_pretrained(name)
+
+
+def save_vlm(model: nn.Module, processor, folder: Path) -> None:
+    """The transformers config and processor (no weights): what `rebuild_vlm` needs."""
+    model.config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def rebuild_vlm(folder: Path):
+    """(model with random weights, processor) from a folder written by `save_vlm`."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def parts(model: nn.Module) -> dict[str, str]:
+    """{parameter name: "vision" | "projector" | "language"} (the LM head counts as language)."""
+    inner = getattr(model, "model", model)
+    vision = (
+        getattr(inner, "vision_tower", None)
+        or getattr(inner, "visual", None)
+        or getattr(inner, "vision_model", None)
+    )
+    projector = getattr(inner, "multi_modal_projector", None) or getattr(inner, "connector", None)
+    projector = projector or getattr(vision, "merger", None)  # Qwen2-VL keeps it in the vision side
+    group = {}
+    for part, module in (("projector", projector), ("vision", vision)):
+        for p in module.parameters() if module is not None else ():
+            group.setdefault(id(p), part)
+    return {n: group.get(id(p), "language") for n, p in model.named_parameters()}
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", model)
+    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+    if lm is None:
+        raise ConfigError(f"{type(model).__name__}: no language model found for LoRA")
+    return lm
+
+
+def set_trainable(model: nn.Module, frozen: dict[str, bool]) -> None:
+    """Freeze by part (`frozen["vision"]` …); with LoRA adapters only they train in the language side."""
+    lora = any("lora_" in n for n, _ in model.named_parameters())
+    for (name, p), part in zip(model.named_parameters(), parts(model).values(), strict=True):
+        if lora and part == "language":
+            p.requires_grad = "lora_" in name
+        else:
+            p.requires_grad = not frozen[part]
+
+
+@torch.no_grad()
+def generate_reply(model: nn.Module, processor, inputs: dict, max_new_tokens: int) -> list[int]:
+    """Greedy continuation ids of one encoded prompt (without the prompt or special tokens)."""
+    n = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+    return out[0, n:].tolist()

@@ -1,0 +1,325 @@
+"""Supervised fine-tuning of multimodal LLMs (LLaVA and other image-text-to-text models).
+
+The model: a local transformers folder or the `tiny-llava` preset (`model.name`), or a LLaVA
+composed from `options.vision` + `options.language`. The data: conversations (LLaVA or messages
+files, `mmtune.data.conversations`) and VQA/caption records converted on the fly. The loss is on
+the assistant's tokens only unless `options.train_on_prompt`; evaluation decodes greedily and
+scores VQA accuracy on question records, BLEU/CIDEr on caption records.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmtune.caption_metrics import caption_metrics
+from mmtune.data.conversations import IMAGE, ConversationRecord, as_conversation
+from mmtune.data.images import BadImage, load_image
+from mmtune.errors import DataError
+from mmtune.models import vlm
+from mmtune.runs import SPEC_FILE
+from mmtune.tasks.base import Evaluation, Task
+from mmtune.vqa_metrics import vqa_metrics
+
+
+class VLMOptions(BaseModel):
+    """`options:` of the vlm-sft task."""
+
+    model_config = ConfigDict(extra="forbid")
+    vision: str | None = Field(
+        None, description="Compose a LLaVA: CLIP/SigLIP vision checkpoint folder."
+    )
+    language: str | None = Field(None, description="Compose a LLaVA: causal language model folder.")
+    projector: str = Field("mlp2x_gelu", description="Composed LLaVA's projector (mlp2x_gelu).")
+    max_length: int = Field(
+        2048, gt=0, description="Tokens per sample; cutting an image is an error."
+    )
+    train_on_prompt: bool = Field(False, description="Also learn the system and user tokens.")
+    freeze_vision: bool = Field(True, description="Keep the vision tower fixed.")
+    freeze_projector: bool = Field(False, description="Keep the projector fixed.")
+    freeze_language: bool = Field(False, description="Keep the language model fixed.")
+    lora_r: int = Field(
+        0, ge=0, description="LoRA rank on the language model's linear layers (0: off)."
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator.")
+    lr_vision: float = Field(1.0, ge=0, description="Learning-rate multiplier of the vision tower.")
+    lr_projector: float = Field(1.0, ge=0, description="Learning-rate multiplier of the projector.")
+    lr_language: float = Field(
+        1.0, ge=0, description="Learning-rate multiplier of the language model."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Greedy decoding length at evaluation.")
+
+
+def _content(text: str) -> list[dict]:
+    """Text with <image> marks → chat-template parts ({"type": "image"} / {"type": "text"})."""
+    out = []
+    for i, piece in enumerate(text.split(IMAGE)):
+        if i:
+            out.append({"type": "image"})
+        if piece:
+            out.append({"type": "text", "text": piece})
+    return out
+
+
+def _pixels(image) -> Image.Image:
+    return (
+        Image.fromarray(image).convert("RGB")
+        if isinstance(image, np.ndarray)
+        else load_image(image)
+    )
+
+
+class Encoder:
+    """Conversations → input ids, labels (-100 where not learnt) and the processor's image tensors."""
+
+    def __init__(self, processor, max_length: int, train_on_prompt: bool):
+        self.processor, self.max_length, self.train_on_prompt = (
+            processor,
+            max_length,
+            train_on_prompt,
+        )
+        tok = processor.tokenizer
+        self.image_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE))
+        # per-token outputs of the tokenizer; everything else the processor returns is the images'
+        self.text_keys = {
+            *tok.model_input_names,
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+            "mm_token_type_ids",
+        }
+
+    def render(self, messages: list[dict], generation: bool = False) -> str:
+        msgs = [{"role": m["role"], "content": _content(m["content"])} for m in messages]
+        if not msgs:
+            return ""
+        return self.processor.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation
+        )
+
+    def segments(self, messages: list[dict], generation: bool = False) -> list[tuple[str, bool]]:
+        """(text, is the assistant's reply) pieces whose concatenation is the rendered chat."""
+        out, done = [], ""
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                prompt = self.render(messages[:k], generation=True)
+                out.append((self._after(done, prompt), False))
+                done = prompt
+            full = self.render(messages[: k + 1])
+            out.append((self._after(done, full), m["role"] == "assistant"))
+            done = full
+        if generation:
+            out.append((self._after(done, self.render(messages, generation=True)), False))
+        return out
+
+    @staticmethod
+    def _after(prefix: str, text: str) -> str:
+        if not text.startswith(prefix):
+            raise DataError(
+                "the chat template renders a conversation's turns differently as it grows"
+            )
+        return text[len(prefix) :]
+
+    def encode(self, rec: ConversationRecord, generation: bool = False) -> dict:
+        """{"input_ids" (L,), "labels" (L,), image tensors…} of one conversation."""
+        images = [_pixels(im) for im in rec.images]
+        messages = (
+            rec.messages[:-1]
+            if generation and rec.messages[-1]["role"] == "assistant"
+            else rec.messages
+        )
+        ids, labels, extra, used = [], [], {}, 0
+        for text, reply in self.segments(messages, generation):
+            n = text.count(getattr(self.processor, "image_token", IMAGE))
+            enc = self.processor(text=[text], images=images[used : used + n] or None,
+                                 add_special_tokens=False, return_tensors="pt")  # fmt: skip
+            used += n
+            piece = enc["input_ids"][0].tolist()
+            ids += piece
+            learn = reply or (self.train_on_prompt and not generation)
+            labels += [t if learn and t != self.image_id else -100 for t in piece]
+            for key, value in enc.items():
+                if key not in self.text_keys and torch.is_tensor(value):
+                    extra.setdefault(key, []).append(value)
+        if len(ids) > self.max_length:
+            if self.image_id in ids[self.max_length :]:
+                raise DataError(
+                    f"sample {rec.id}: options.max_length={self.max_length} would cut its image tokens"
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if not generation and all(t == -100 for t in labels):
+            raise DataError(
+                f"sample {rec.id}: no assistant token is left to learn within options.max_length"
+            )
+        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        out.update({k: torch.cat(v) for k, v in extra.items()})
+        return out
+
+
+def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
+    """Pad ids (pad_id), labels (-100) and the attention mask; concatenate image tensors."""
+    longest = max(len(it["input_ids"]) for it in items)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for it in items:
+        gap = longest - len(it["input_ids"])
+        for key, fill in (("input_ids", pad_id), ("labels", -100)):
+            pad = torch.full((gap,), fill, dtype=torch.long)
+            batch[key].append(torch.cat([pad, it[key]] if left else [it[key], pad]))
+        mask = torch.cat([torch.zeros(gap), torch.ones(len(it["input_ids"]))] if left else
+                         [torch.ones(len(it["input_ids"])), torch.zeros(gap)]).long()  # fmt: skip
+        batch["attention_mask"].append(mask)
+    out = {k: torch.stack(v) for k, v in batch.items()}
+    for key in {k for it in items for k in it} - set(out):
+        out[key] = torch.cat([it[key] for it in items if key in it])
+    return out
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """One encoded conversation per record (None for an unreadable image: skipped by collate)."""
+
+    def __init__(self, records, encoder: Encoder):
+        self.records, self.encoder = [as_conversation(r) for r in records], encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            return self.encoder.encode(self.records[i])
+        except BadImage:
+            return None
+
+
+class VLMSFTTask(Task):
+    """Fine-tune a multimodal LLM on conversations; answer questions about images."""
+
+    name = "vlm-sft"
+    Options = VLMOptions
+    metric, higher_is_better = "vqa.acc", True
+    routes = ("predict",)
+
+    # ------------------------------------------------------------ model
+
+    def build(self):
+        o = self.opts
+        if o.vision or o.language:
+            if not (o.vision and o.language):
+                raise DataError("compose a LLaVA with both options.vision and options.language")
+            model, self.processor = vlm.compose_llava(o.vision, o.language, o.projector)
+        else:
+            model, self.processor = vlm.load_vlm(self.cfg.model.name)
+        return self._adapt(model)
+
+    def _adapt(self, model):
+        """LoRA on the language model (when asked), then freezing by part."""
+        o = self.opts
+        if o.lora_r:
+            from mmtune.models.lora import add_lora
+
+            add_lora(model, vlm.language_model(model), r=o.lora_r, alpha=o.lora_alpha)
+        vlm.set_trainable(model, {"vision": o.freeze_vision, "projector": o.freeze_projector,
+                                  "language": o.freeze_language})  # fmt: skip
+        return model
+
+    def save(self, model, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        vlm.save_vlm(model, self.processor, folder)
+        spec = {"kind": "vlm", "lora_r": self.opts.lora_r, "lora_alpha": self.opts.lora_alpha}
+        (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+
+    def load(self, folder: Path):
+        model, self.processor = vlm.rebuild_vlm(folder)
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        if spec.get("lora_r"):
+            from mmtune.models.lora import add_lora
+
+            add_lora(model, vlm.language_model(model), r=spec["lora_r"], alpha=spec["lora_alpha"])
+        return model
+
+    # ------------------------------------------------------------ data
+
+    @property
+    def encoder(self) -> Encoder:
+        return Encoder(self.processor, self.opts.max_length, self.opts.train_on_prompt)
+
+    def dataset(self, records, train: bool):
+        return ConversationDataset(records, self.encoder)
+
+    def collate(self, items):
+        items = [it for it in items if it is not None]
+        return collate_encoded(items, self.processor.tokenizer.pad_token_id) if items else {}
+
+    # ------------------------------------------------------------ training
+
+    def loss(self, model, batch):
+        inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        out = model(**inputs)
+        return {"loss": out.loss, "samples": len(batch["input_ids"])}
+
+    def lr_scales(self, model) -> dict[str, float]:
+        o = self.opts
+        scale = {"vision": o.lr_vision, "projector": o.lr_projector, "language": o.lr_language}
+        prefix = (
+            "model."
+            if any(n.startswith("model.model.") for n, _ in model.named_parameters())
+            else ""
+        )
+        return {prefix + n: scale[part] for n, part in vlm.parts(model).items()}
+
+    # ------------------------------------------------------------ evaluation and use
+
+    def reply(self, model, rec: ConversationRecord) -> str:
+        """The model's greedy answer to a conversation's last user turn."""
+        enc = self.encoder.encode(rec, generation=True)
+        batch = collate_encoded([enc], self.processor.tokenizer.pad_token_id)
+        batch.pop("labels")
+        batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+        with self.ctx.autocast():
+            ids = vlm.generate_reply(model, self.processor, batch, self.opts.max_new_tokens)
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def evaluate(self, model, records) -> Evaluation:
+        questions = [r for r in records if getattr(r, "question", "")]
+        captioned = [r for r in records if not getattr(r, "question", "") and r.captions]
+        metrics = {}
+        if questions:
+            preds = [self.reply(model, as_conversation(r)) for r in questions]
+            m = vqa_metrics(preds, [r.answers for r in questions], [r.question_type for r in questions],
+                            [r.answer_type for r in questions])  # fmt: skip
+            metrics.update({f"vqa.{k}": v for k, v in m.items()})
+            exact = [
+                p.strip().lower() in {a.strip().lower() for a in r.answers}
+                for p, r in zip(preds, questions, strict=True)
+            ]
+            metrics["vqa.exact_match"] = float(np.mean(exact))
+        if captioned:
+            hyps = [self.reply(model, as_conversation(r)) for r in captioned]
+            m = caption_metrics(hyps, [r.captions for r in captioned])
+            metrics.update({f"caption.{k}": v for k, v in m.items()})
+        return Evaluation(metrics)
+
+    def predict_inputs(self, records) -> list[dict]:
+        conv = [as_conversation(r) for r in records]
+        return [{"image": _pixels(c.images[0]) if c.images else None,
+                 "question": c.messages[0]["content"].replace(IMAGE, "").strip()} for c in conv]  # fmt: skip
+
+    def predict(self, model, inputs: list[dict]) -> list[dict]:
+        """Each {"image": PIL/path, "question": str} → {"answer"}."""
+        out = []
+        for inp in inputs:
+            image = inp.get("image")
+            content = f"{IMAGE}\n{inp['question']}" if image is not None else inp["question"]
+            image = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+            rec = ConversationRecord(image=image, id="input", images=[image] if image is not None else [],
+                                     messages=[{"role": "user", "content": content}])  # fmt: skip
+            out.append({"answer": self.reply(model, rec)})
+        return out
+
+    def format_prediction(self, output: dict) -> str:
+        return output["answer"]

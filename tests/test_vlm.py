@@ -1,0 +1,185 @@
+"""vlm-sft: conversation files, assistant-only labels, freezing, one step learns, LLaVA from parts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmtune.config import Config
+from mmtune.data.conversations import ConversationRecord, as_conversation, read_conversations
+from mmtune.data.vqa_formats import QARecord
+from mmtune.errors import DataError
+from mmtune.tasks import Context, get_task
+
+IMG = np.zeros((32, 32, 3), dtype=np.uint8)
+REPLIES = ["a red circle", "it is on the left", "two squares"]
+
+
+def _task(**options):
+    cfg = Config(
+        task="vlm-sft", model={"name": "tiny-llava"}, options={"max_length": 256, **options}
+    )
+    task = get_task("vlm-sft")(Context(cfg))
+    torch.manual_seed(0)
+    return task, task.build()
+
+
+def _dialog() -> ConversationRecord:
+    turns = [{"role": "system", "content": "you answer briefly"}]
+    for q, a in zip(["<image>\nwhat is it", "where is it", "what else"], REPLIES, strict=True):
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return ConversationRecord(image=IMG, id="d1", messages=turns, images=[IMG])
+
+
+def _runs(ids, labels) -> list[list[int]]:
+    """The contiguous runs of learnt (label != -100) tokens."""
+    out, cur = [], []
+    for t, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            out, cur = out + [cur], []
+    return out + [cur] if cur else out
+
+
+def test_llava_and_messages_files_read_alike(tmp_path):
+    llava = [{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Black."}]}]  # fmt: skip
+    (tmp_path / "l.json").write_text(json.dumps(llava))
+    msgs = {"id": "a", "images": ["x.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat?"}]},
+        {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "Black."}]}  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n" + json.dumps(msgs) + "\n")
+    a, b = (
+        read_conversations(tmp_path / "l.json").records[0],
+        read_conversations(tmp_path / "m.jsonl").records[0],
+    )
+    assert a.messages == b.messages and a.images == b.images == [str(tmp_path / "x.png")]
+    assert [m["role"] for m in a.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_malformed_records_name_their_line(tmp_path):
+    good = {
+        "image": "x.png",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    }
+    bad = {"image": "x.png", "conversations": [{"from": "robot", "value": "hi"}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:2"):
+        read_conversations(tmp_path / "c.jsonl")
+    two = {"images": ["x.png", "y.png"], "messages": [{"role": "user", "content": "<image> a"},
+                                                      {"role": "assistant", "content": "b"}]}  # fmt: skip
+    (tmp_path / "d.jsonl").write_text(json.dumps(two) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: 1 <image> placeholders for 2 images"):
+        read_conversations(tmp_path / "d.jsonl")
+
+
+def test_vqa_and_caption_records_become_conversations():
+    qa = as_conversation(
+        QARecord(image=IMG, id="q", question="how many", answers=["2", "two", "2"])
+    )
+    assert [m["content"] for m in qa.messages] == ["<image>\nhow many", "2"]
+    cap = as_conversation(QARecord(image=IMG, id="c", captions=["a blue square"]))
+    assert [m["content"] for m in cap.messages] == ["<image>\nDescribe the image.", "a blue square"]
+
+
+def test_llava_labels_are_exactly_the_assistant_replies_turn_by_turn():
+    task, _ = _task()
+    enc = task.encoder.encode(_dialog())
+    tok = task.processor.tokenizer
+    runs = _runs(enc["input_ids"], enc["labels"])
+    assert [tok.decode(r, skip_special_tokens=True).strip() for r in runs] == REPLIES
+    assert all(r[-1] == tok.eos_token_id for r in runs)  # each reply learns to stop
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert (enc["input_ids"] == image_id).sum() == 16  # (32 / 8)² patches, [CLS] dropped
+    task_all, _ = _task(train_on_prompt=True)
+    full = task_all.encoder.encode(_dialog())
+    want = torch.where(full["input_ids"] == image_id, -100, full["input_ids"])
+    assert torch.equal(full["labels"], want)
+
+
+def test_cutting_an_image_is_an_error_naming_the_sample():
+    task, _ = _task(max_length=8)
+    with pytest.raises(
+        DataError, match="sample d1: options.max_length=8 would cut its image tokens"
+    ):
+        task.encoder.encode(_dialog())
+
+
+def test_frozen_parts_stay_bit_identical_and_one_step_lowers_the_loss():
+    from mmtune.models.vlm import parts
+
+    task, model = _task(freeze_vision=True, freeze_projector=True)
+    batch = task.collate([task.encoder.encode(_dialog())] * 2)
+    group = parts(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trained, lr=0.5)
+    losses = []
+    for _ in range(2):
+        loss = task.loss(model, batch)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[1] < losses[0]
+    for n, p in model.named_parameters():
+        same = torch.equal(p, before[n])
+        assert same == (group[n] in ("vision", "projector")), n
+    scales = _task(lr_vision=0.0, lr_projector=10.0)[0].lr_scales(model)
+    assert {scales[n] for n in group if group[n] == "projector"} == {10.0}
+
+
+def test_lora_trains_only_adapters_in_the_language_model():
+    _, model = _task(lora_r=4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert any("language_model" in n and "lora_" in n for n in trainable)
+
+
+def test_llava_composed_from_parts_keeps_their_weights_and_loads_in_plain_transformers(tmp_path):
+    from transformers import (
+        AutoModelForImageTextToText,
+        BertTokenizerFast,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from mmtune.models.load import minilm_dir
+
+    torch.manual_seed(1)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=32, patch_size=8))  # fmt: skip
+    vision.save_pretrained(tmp_path / "v")
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path / "v")
+    tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+    tok.eos_token = tok.sep_token
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))  # fmt: skip
+    lm.save_pretrained(tmp_path / "l")
+    tok.save_pretrained(tmp_path / "l")
+    task, model = _task(vision=str(tmp_path / "v"), language=str(tmp_path / "l"))
+    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
+                       vision.embeddings.patch_embedding.weight)  # fmt: skip
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) + 1 and torch.equal(
+        emb[: len(tok)], lm.get_input_embeddings().weight
+    )
+    batch = task.collate([task.encoder.encode(_dialog())])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval().save_pretrained(tmp_path / "hf")
+    task.processor.save_pretrained(tmp_path / "hf")
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, plain(**inputs).logits, atol=1e-5)
