@@ -45,7 +45,7 @@ def test_suggestions_when_the_batch_does_not_fit(tiny_cfg):
     peak = 2 * 4096**2 + 50_000 * 4096 + 10_000_000
     tips = suggest(fit, 0, 4096, budget=peak // 2, cfg=cfg)
     assert tips[0].startswith("data.batch_size=") and "train.grad_accum=" in tips[0]
-    assert any(t.startswith("train.gradcache_chunk=") for t in tips)
+    assert any(t.startswith("options.gradcache_chunk=") for t in tips)
     assert any("grad_checkpointing" in t for t in tips) and any("bf16" in t for t in tips)
 
 

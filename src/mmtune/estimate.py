@@ -244,7 +244,7 @@ def suggest(mem_fit, update: int, target: int, budget: int, cfg) -> list[str]:
     gradcache = lambda c: peak(c) + quad * (c * target - c**2)  # noqa: E731
     chunk = _largest(lambda c: gradcache(c) <= budget, target)
     if chunk:
-        out.append(f"train.gradcache_chunk={chunk} keeps data.batch_size={target} exactly "
+        out.append(f"options.gradcache_chunk={chunk} keeps data.batch_size={target} exactly "
                    f"(about {_gb(gradcache(chunk))})")  # fmt: skip
     if not cfg.model.grad_checkpointing:
         out.append("model.grad_checkpointing=true recomputes activations: less memory, ~30% slower")
