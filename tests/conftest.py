@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +50,8 @@ def tiny_cfg(tmp_path):
 
 
 def write_image(path, size=(20, 20), color=(200, 30, 30), fmt=None) -> str:
-    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    # crc32, not hash(): str hashes change from process to process, the images must not
+    rng = np.random.default_rng(zlib.crc32(str(Path(path).name).encode()))
     arr = np.clip(rng.normal(color, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
     Image.fromarray(arr).save(path, format=fmt)
     return str(path)

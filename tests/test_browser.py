@@ -16,10 +16,10 @@ from tests.test_serve import LiveServer, make_images, make_run
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
     reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)",
-)
+)]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -83,6 +84,7 @@ def _rank_worker(rank: int, port: int, tmp: str) -> None:
     trainer.acc.wait_for_everyone()
 
 
+@pytest.mark.distributed
 def test_two_ranks_share_weights_but_not_augmentation(tmp_path):
     """X3 [dist]: 2 ranks: identical initial weights, different augmentation draws."""
     mp.start_processes(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2,
@@ -136,6 +138,7 @@ def _why(run) -> str:
     return "\n".join(ln for ln in lines if "Error" in ln or "error:" in ln)[-3000:]
 
 
+@pytest.mark.distributed
 def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):
     """F1 [dist]: torchrun --max-restarts 1, rank 1 killed after a checkpoint: all restart,
     resume automatically and finish with the uninterrupted run's weights. R8 [dist]: after the
@@ -155,6 +158,7 @@ def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):
         assert kept in (["last"], ["best", "last"]), kept  # no temp or trash folder of any rank
 
 
+@pytest.mark.distributed
 def test_lost_rank_without_restarts_fails_naming_the_rank(tmp_path):
     """F2 [dist]: a rank lost without restarts → non-zero exit naming the rank, no hang."""
     run = _torchrun(tmp_path, "lost", 0, faulty=True)

@@ -15,6 +15,8 @@ from torch import nn
 
 from mmtune.losses import clip_loss, siglip_loss
 
+pytestmark = pytest.mark.distributed
+
 N, WORLD, VOCAB, L = 8, 2, 50, 5
 CASES = [("clip", False), ("clip", True), ("siglip", False), ("siglip", True)]
 

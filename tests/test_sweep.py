@@ -120,6 +120,7 @@ def _trials(folder: Path, name: str) -> list:
     return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_trials(tmp_path):
     """X4: a real sweep process SIGKILLed during its second trial, then the same command again."""
     args = _args(tmp_path, SPACE, "--trials", "3", "--name", "k", "--pruner", "none",
@@ -145,6 +146,8 @@ def test_killed_sweep_resumes_without_repeating_trials(tmp_path):
     assert (tmp_path / "k" / "trial-0000" / "metrics.jsonl").read_text() == first  # not re-run
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     """X5: --jobs 2 on one SQLite study: distinct trial numbers, two worker processes at once."""
     args = _args(tmp_path, SPACE, "--trials", "4", "--name", "j", "--jobs", "2")

@@ -118,7 +118,7 @@ def _fusion_presets() -> dict:
 
 
 def load_model(model_cfg):
-    """(model, processor, preset defaults) for `model.name` (preset / checkpoint / run folder)."""
+    """(model, processor) for `model.name` (preset / checkpoint / open_clip folder / run folder)."""
     from mmtune.models import load as L
 
     if model_cfg.vision is not None:
