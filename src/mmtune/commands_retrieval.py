@@ -24,6 +24,7 @@ def _threads() -> None:
 def cmd_embed(args, extra) -> int:
     from mmtune.embed import embed_items, image_items, text_items
     from mmtune.models import load_run
+    from mmtune.onnx_encoder import maybe_onnx
 
     if extra:
         raise UserError(f"unexpected arguments {extra}")
@@ -36,6 +37,7 @@ def cmd_embed(args, extra) -> int:
         items += text_items(args.texts)
     _threads()
     model, proc = load_run(args.checkpoint)
+    model = maybe_onnx(model, proc, args.backend, args.quantize)
     rep = embed_items(
         model, proc, items, args.output, args.batch_size, args.max_pixels,
         progress=not args.no_progress, checkpoint=str(Path(args.checkpoint).resolve()),
@@ -124,9 +126,10 @@ def cmd_serve(args, extra) -> int:
     _threads()
 
     def load():
-        return Backend.from_run(ckpt, args.index, tuple(cfg.tasks))
+        return Backend.from_run(ckpt, args.index, tuple(cfg.tasks), args.backend, args.quantize)
 
-    app = create_app(load, cfg, api_key=key)
+    # an ONNX export that fails must stop the command with its message, so it loads first
+    app = create_app(load() if args.backend == "onnx" else load, cfg, api_key=key)
     print(f"serving {ckpt} on http://{cfg.host}:{cfg.port}/", flush=True)
     run_server(app, cfg.host, cfg.port, cfg.access_log)
     return 0
@@ -146,6 +149,17 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+def add_backend_args(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="run the encoders on PyTorch or, exported, on ONNX Runtime (faster on CPU)",
+    )
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="with --backend onnx: int8 dynamic quantisation of the weights")  # fmt: skip
+
+
 def add_parser(sub) -> None:
     e = sub.add_parser("embed", help="embed images and/or texts into a Parquet file")
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -156,6 +170,7 @@ def add_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
     e.add_argument("--no-progress", action="store_true")
+    add_backend_args(e)
     e.set_defaults(func=cmd_embed)
 
     ix = sub.add_parser("index", help="build FAISS indexes")
@@ -185,6 +200,7 @@ def add_parser(sub) -> None:
     v.add_argument("--config", "-c", help="serve YAML (configs/serve.yaml); key=value overrides")
     v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, help="port (default 8000)")
+    add_backend_args(v)
     v.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export to a transformers folder or ONNX")

@@ -18,10 +18,15 @@ log = logging.getLogger("mmtune.serve")
 
 
 class Backend:
-    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes)."""
+    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes).
 
-    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = ""):
+    `encoder` embeds in the model's place (an `OnnxDualEncoder`); `predict` routes use the model.
+    """
+
+    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = "",
+                 encoder=None):  # fmt: skip
         self.model, self.processor, self.index = model.eval(), processor, index
+        self.encoder = model if encoder is None else encoder.eval()
         self.tasks = tasks or {}
         self.name = name
         self.device = next(model.parameters()).device
@@ -34,10 +39,12 @@ class Backend:
             )
 
     @classmethod
-    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=("contrastive",)):
+    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=("contrastive",),
+                 backend: str = "torch", quantize: str = "none"):  # fmt: skip
         """Load a run / checkpoint / exported model folder, the index, and the named tasks."""
         from mmtune.config import load_config
         from mmtune.models import load_run
+        from mmtune.onnx_encoder import maybe_onnx
         from mmtune.retrieval import VectorIndex
         from mmtune.tasks import Context, get_task
 
@@ -50,10 +57,11 @@ class Backend:
             task = get_task(name)(Context(cfg, proc))
             if hasattr(task, "predict"):
                 tasks[name] = task
-        return cls(model, proc, index, tasks, name=str(checkpoint))
+        encoder = maybe_onnx(model, proc, backend, quantize)
+        return cls(model, proc, index, tasks, name=str(checkpoint), encoder=encoder)
 
     def scale(self) -> float:
-        return float(self.model.scale().detach())
+        return float(self.encoder.scale().detach())
 
     def preprocess(self, image) -> np.ndarray:
         """A decoded RGB PIL image → (3, S, S) float32, as the model's processor prepares it."""
@@ -63,13 +71,13 @@ class Backend:
     def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Batch function: list of (3, S, S) → (B, D) normalised float32."""
         px = torch.from_numpy(np.stack(pixels)).to(self.device)
-        return self.model.encode_image(px).float().cpu().numpy()
+        return self.encoder.encode_image(px).float().cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Batch function: list of strings → (B, D) normalised float32."""
         tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
-        return self.model.encode_text(**tok).float().cpu().numpy()
+        return self.encoder.encode_text(**tok).float().cpu().numpy()
 
     def predict(self, task_name: str, inputs: list[dict]) -> list[dict]:
         """The task's own `predict` (VQA, captioning… add routes by registering tasks)."""
