@@ -11,7 +11,7 @@ over `--rounds` rounds:
 
 Each ratio is the median of the per-round ratios; `noise` says how loaded the machine was.
 
-Usage: python bench/bench_contention.py [--steps 40] [--rounds 3] [--env KEY=VALUE ...]
+Usage: python bench/bench_contention.py [--steps 20] [--rounds 3] [--env KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def _cpu_model() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for mmtune's workers")
@@ -171,11 +172,15 @@ def main() -> None:
         w.close()
     result = summarise(rounds, args, env, a.info, old.info)
     busy1, total1 = cpu_busy()
+    wall = time.perf_counter() - start
+    ours = resource.getrusage(resource.RUSAGE_CHILDREN)  # every worker and competitor, waited for
     result["noise"] = {
         "loadavg_1min_start_end": [load0[0], os.getloadavg()[0]],
         "machine_busy_fraction": (busy1 - busy0) / max(total1 - total0, 1e-9),
+        # CPU the machine spent on other users' processes, in cores, averaged over the run
+        "other_users_cores": (busy1 - busy0 - ours.ru_utime - ours.ru_stime) / wall,
         "alone_spread": max(x["alone"] for x in rounds) / min(x["alone"] for x in rounds),
-        "seconds": time.perf_counter() - start,
+        "seconds": wall,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
