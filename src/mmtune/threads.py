@@ -5,7 +5,8 @@ thread spins at a barrier (up to ~300,000 iterations) before it sleeps; when ano
 deschedules one team member, its siblings burn their time slices spinning for it, and the
 whole process falls to a fraction of its share. Passive waiting makes an idle thread sleep at
 once, so a busy core goes to whoever has work. libgomp reads these variables once, when it is
-loaded, hence `apply()` runs on `import mmtune` and at the start of the `mmtune` entry point.
+loaded, hence `apply()` runs on `import mmtune` and at the start of the `mmtune` entry point
+(a program that imports torch before mmtune keeps libgomp's default: export OMP_WAIT_POLICY).
 Measured in docs/benchmarks.md (`make bench-contention`).
 """
 
