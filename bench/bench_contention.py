@@ -99,7 +99,12 @@ class Worker:
         return self._read()["samples_per_s"]
 
     def close(self) -> None:
-        self.p.stdin.close()
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            self.p.wait(60)
+
+    def kill(self) -> None:
+        self.p.kill()
         self.p.wait()
 
 
@@ -121,11 +126,13 @@ def one_round(a: Worker, b: Worker, old: Worker) -> dict:
     old.go()
     old_alone = old.result()
     hog = busy()
-    time.sleep(0.5)  # the competitor is running before the burst starts
-    a.go()
-    shared = a.result()
-    hog.kill()
-    hog.wait()
+    try:
+        time.sleep(0.5)  # the competitor is running before the burst starts
+        a.go()
+        shared = a.result()
+    finally:
+        hog.kill()
+        hog.wait()
     a.go(), b.go()
     pair = (a.result(), b.result())
     return {"alone": alone, "old_alone": old_alone, "shared": shared, "pair": pair}
@@ -165,11 +172,16 @@ def main() -> None:
     b = Worker("new", args.steps, args.config, env)
     old = Worker("old", args.steps, args.config, {})
     rounds = []
-    for r in range(args.rounds):
-        rounds.append(one_round(a, b, old))
-        print(f"round {r + 1}: " + json.dumps(rounds[-1]), flush=True)
-    for w in (a, b, old):
-        w.close()
+    try:
+        for r in range(args.rounds):
+            rounds.append(one_round(a, b, old))
+            print(f"round {r + 1}: " + json.dumps(rounds[-1]), flush=True)
+        for w in (a, b, old):
+            w.close()
+    finally:  # interrupted: no training left running on the machine
+        for w in (a, b, old):
+            if w.p.poll() is None:
+                w.kill()
     result = summarise(rounds, args, env, a.info, old.info)
     busy1, total1 = cpu_busy()
     wall = time.perf_counter() - start
