@@ -88,9 +88,9 @@ def test_embed_cli_onnx_equals_torch(world, tmp_path):
 class Svd(nn.Module):
     """A text tower ONNX cannot express (no linalg_svd in opset 17): (B, L) → (B, 4)."""
 
-    def __init__(self):
+    def __init__(self, vocab: int):
         super().__init__()
-        self.emb = nn.Embedding(100, 16)
+        self.emb = nn.Embedding(vocab, 16)
 
     def forward(self, input_ids, attention_mask=None):
         h = self.emb(input_ids)  # (B, L, 16)
@@ -103,13 +103,15 @@ def test_a_model_that_cannot_be_exported_is_one_line_error(world, tmp_path):
 
     _, proc = load_run(world["run"])
     vision = nn.Sequential(nn.Flatten(), nn.LazyLinear(4))
-    model = DualEncoder(vision, Svd(), 4, 4, 4, vision_pooling="none", text_pooling="none")
+    text = Svd(len(proc.tokenizer))
+    model = DualEncoder(vision, text, 4, 4, 4, vision_pooling="none", text_pooling="none")
     with torch.no_grad():
         model.encode_image(torch.zeros(1, 3, proc.image_size, proc.image_size))
     with pytest.raises(UserError) as e:
         maybe_onnx(model, proc, "onnx")
     msg = str(e.value)
-    assert "cannot be exported" in msg and "--backend torch" in msg and "\n" not in msg
+    assert "cannot be exported" in msg and "linalg_svd" in msg and "--backend torch" in msg
+    assert "\n" not in msg
 
 
 def test_quantize_without_onnx_backend_exits_2(world, tmp_path):

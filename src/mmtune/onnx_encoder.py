@@ -11,7 +11,10 @@ they use the PyTorch model.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,20 @@ def quantize_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+@contextmanager
+def _quiet_stdout_fd():
+    """Silence file descriptor 1: on failure the exporter's C++ side dumps its whole graph there."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def export_encoders(model, processor, folder: Path) -> float:
     """Write image_encoder.onnx / text_encoder.onnx for `model`; max abs diff to PyTorch."""
     from mmtune.export import _plain, export_onnx
@@ -68,7 +85,8 @@ def export_encoders(model, processor, folder: Path) -> float:
         raise UserError(f"--backend onnx: {name} is not a dual encoder; use --backend torch")
     plain, _ = _plain(model)
     try:
-        diff = export_onnx(plain, processor, folder)
+        with _quiet_stdout_fd():
+            diff = export_onnx(plain, processor, folder)
     except Exception as e:  # the exporter's errors are long; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--backend onnx: {name} cannot be exported ({first[:200]}); "
