@@ -84,7 +84,8 @@ text2image-guidance: setup
 bench-contention: setup
 	$(BIN)/python bench/bench_contention.py
 
-# Serving load test (64 clients, 2,000 requests; batched vs batch size 1) → runs/bench/serve.json.
+# Serving load test (64 clients, 2,000 requests; batched vs batch size 1; --backend onnx and
+# --quantize int8 beside PyTorch, int8 quality on runs/demo's test split) → runs/bench/serve.json.
 # One torch thread: the server shares the 2 cores with its event loop and the load generator.
 bench-serve: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_serve.py

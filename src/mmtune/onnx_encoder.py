@@ -158,4 +158,9 @@ def maybe_onnx(model, processor, backend: str = "torch", quantize: str = "none")
         if quantize != "none":
             raise UserError("--quantize int8 needs --backend onnx")
         return model
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError("--backend onnx needs onnxruntime: pip install 'mmtune[export]'") from None
     return OnnxDualEncoder.from_model(model, processor, quantize)
