@@ -99,7 +99,13 @@ text2image-shapes: setup
 text2image-guidance: setup
 	$(BIN)/python bench/bench_guidance.py runs/text2image-shapes --guidance 1 1.5 2 3 -n 32
 
-# Serving load test (64 clients, 2,000 requests; batched vs batch size 1) → runs/bench/serve.json.
+# Training on a busy CPU (demo config; alone, beside a busy process, two side by side, vs the old
+# defaults) → runs/bench/contention.json. A few minutes; the figures are in docs/benchmarks.md.
+bench-contention: setup
+	$(BIN)/python bench/bench_contention.py
+
+# Serving load test (64 clients, 2,000 requests; batched vs batch size 1; --backend onnx and
+# --quantize int8 beside PyTorch, int8 quality on runs/demo's test split) → runs/bench/serve.json.
 # One torch thread: the server shares the 2 cores with its event loop and the load generator.
 bench-serve: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_serve.py

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mmtune  # noqa: F401  (first: its OpenMP wait policy must be set before torch loads)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -141,7 +141,7 @@ def test_open_clip_model_fine_tunes_evaluates_and_exports_back(tmp_path):
     assert main(["eval", "--checkpoint", str(run), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["zeroshot.top1"] == pytest.approx(metrics["zeroshot.top1"])
     assert main(["export", str(run), "--format", "open-clip", "-o", str(tmp_path / "x")]) == 0
-    from mmtune.models import load_run
+    from mmtune.runs import load_run
 
     model, proc = load_run(run)
     ref = load_open_clip_ref(tmp_path / "x")  # open_clip's own model from the exported folder

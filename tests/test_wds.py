@@ -231,8 +231,8 @@ def test_img2dataset_shards_split_by_rank_and_worker(i2d):
 def test_embed_reads_img2dataset_shards_by_pattern(tmp_path, i2d):
     """`mmtune embed --images PATTERN`: each image embeds as the same JPEG bytes do decoded by
     Pillow, with img2dataset's caption (`KEY.txt`)."""
-    from mmtune.models import load_run
     from mmtune.retrieval import read_embeddings
+    from mmtune.runs import load_run
     from tests.test_serve import make_run
 
     run = make_run(tmp_path / "run")

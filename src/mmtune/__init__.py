@@ -11,6 +11,10 @@ The Python API mirrors the command line::
 
 from __future__ import annotations
 
+from mmtune import threads as _threads
+
+_threads.apply()  # before anything imports torch: libgomp reads its policy once, at load
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -11,6 +11,7 @@ from mmtune.errors import UserError
 
 def cmd_embed(args, extra) -> int:
     from mmtune.embed import embed_items, image_items, text_items
+    from mmtune.onnx_encoder import maybe_onnx
     from mmtune.runs import load_run
 
     if extra:
@@ -24,6 +25,7 @@ def cmd_embed(args, extra) -> int:
         items += text_items(args.texts)
     threads()
     model, proc = load_run(args.checkpoint)
+    model = maybe_onnx(model, proc, args.backend, args.quantize)
     rep = embed_items(
         model, proc, items, args.output, args.batch_size, args.max_pixels,
         progress=not args.no_progress, checkpoint=str(Path(args.checkpoint).resolve()),
@@ -86,6 +88,17 @@ def cmd_search(args, extra) -> int:
     return 0
 
 
+def add_backend_args(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="run the encoders on PyTorch or, exported, on ONNX Runtime (faster on CPU)",
+    )
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="with --backend onnx: int8 dynamic quantisation of the weights")  # fmt: skip
+
+
 def add_parser(sub) -> None:
     e = sub.add_parser("embed", help="embed images and/or texts into a Parquet file")
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -96,6 +109,7 @@ def add_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
     e.add_argument("--no-progress", action="store_true")
+    add_backend_args(e)
     e.set_defaults(func=cmd_embed)
 
     ix = sub.add_parser("index", help="build FAISS indexes")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from mmtune.cli.common import overrides, threads
+from mmtune.cli.retrieval import add_backend_args
 from mmtune.errors import UserError
 
 
@@ -17,6 +18,7 @@ def add_parser(sub) -> None:
     v.add_argument("--config", "-c", help="serve YAML (configs/serve.yaml); key=value overrides")
     v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, help="port (default 8000)")
+    add_backend_args(v)
     v.set_defaults(func=cmd_serve)
 
 
@@ -46,9 +48,10 @@ def cmd_serve(args, extra) -> int:
     threads()
 
     def load():
-        return Backend.from_run(ckpt, args.index, cfg.tasks)
+        return Backend.from_run(ckpt, args.index, cfg.tasks, args.backend, args.quantize)
 
-    app = create_app(load, cfg, api_key=key)
+    # an ONNX export that fails must stop the command with its message, so it loads first
+    app = create_app(load() if args.backend == "onnx" else load, cfg, api_key=key)
     print(f"serving {ckpt} on http://{cfg.host}:{cfg.port}/", flush=True)
     run_server(app, cfg.host, cfg.port, cfg.access_log)
     return 0

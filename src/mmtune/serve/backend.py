@@ -18,13 +18,17 @@ log = logging.getLogger("mmtune.serve")
 
 
 class Backend:
-    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes)."""
+    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes).
+
+    `encoder` embeds in the model's place (an `OnnxDualEncoder`); `predict` routes use the model.
+    """
 
     def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = "",
-                 embeds: bool = True):  # fmt: skip
+                 embeds: bool = True, encoder=None):  # fmt: skip
         """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
         verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search."""
         self.model, self.processor, self.index = model.eval(), processor, index
+        self.encoder = model if encoder is None else encoder.eval()
         self.tasks = tasks or {}
         self.name = name
         self.device = next(model.parameters()).device
@@ -37,9 +41,11 @@ class Backend:
             )
 
     @classmethod
-    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=None):
+    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=None, backend: str = "torch",
+                 quantize: str = "none"):  # fmt: skip
         """Load a run / checkpoint / exported model folder and the index; the run's task serves
         what its `routes` declare (its `predict` unless `task_names` leaves it out)."""
+        from mmtune.onnx_encoder import maybe_onnx
         from mmtune.retrieval import VectorIndex
         from mmtune.runs import open_run
 
@@ -47,10 +53,12 @@ class Backend:
         index = VectorIndex.load(index_dir) if index_dir else None
         wanted = "predict" in task.routes and (task_names is None or task.name in task_names)
         tasks = {task.name: task} if wanted else {}
-        return cls(model, task.processor, index, tasks, str(checkpoint), "embed" in task.routes)
+        embeds = "embed" in task.routes
+        encoder = maybe_onnx(model, task.processor, backend, quantize) if embeds else None
+        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder)
 
     def scale(self) -> float:
-        return float(self.model.scale().detach())
+        return float(self.encoder.scale().detach())
 
     def preprocess(self, image) -> np.ndarray:
         """A decoded RGB PIL image → (3, S, S) float32, as the model's processor prepares it."""
@@ -60,13 +68,13 @@ class Backend:
     def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Batch function: list of (3, S, S) → (B, D) normalised float32."""
         px = torch.from_numpy(np.stack(pixels)).to(self.device)
-        return self.model.encode_image(px).float().cpu().numpy()
+        return self.encoder.encode_image(px).float().cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Batch function: list of strings → (B, D) normalised float32."""
         tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
-        return self.model.encode_text(**tok).float().cpu().numpy()
+        return self.encoder.encode_text(**tok).float().cpu().numpy()
 
     def predict(self, task_name: str, inputs: list[dict]) -> list[dict]:
         """The task's own `predict` (VQA, captioning… add routes by registering tasks)."""
