@@ -51,9 +51,16 @@ def worker(steps: int, config: str) -> None:
     from mmtune.tasks import Context, get_task
 
     out = tempfile.mkdtemp(prefix="contention-")
-    cfg = load_config(config, {"train.max_steps": steps, "train.eval_every": 0,
-                               "train.progress": False, "train.log_every": steps,
-                               "output_dir": out})  # fmt: skip
+    cfg = load_config(
+        config,
+        {
+            "train.max_steps": steps,
+            "train.eval_every": 0,
+            "train.progress": False,
+            "train.log_every": steps,
+            "output_dir": out,
+        },
+    )
     splits = build_data(cfg)
     task = get_task(cfg.task)(Context(cfg, splits))
     model = task.build()
@@ -78,9 +85,13 @@ class Worker:
         if mode == "old":  # the old defaults: nothing set before torch loads
             for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MMTUNE_THREADS"):
                 env.pop(k, None)
-        self.p = subprocess.Popen([sys.executable, "-c", WORKER, mode, str(steps), config],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env=env)  # fmt: skip
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", WORKER, mode, str(steps), config],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -149,8 +160,9 @@ def _cpu_model() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
         return platform.processor() or platform.machine()
-    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                  if ln.startswith("Model name")), platform.machine())  # fmt: skip
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), platform.machine()
+    )
     flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
     isa = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{model}, {os.cpu_count()} CPUs, {isa}"
@@ -208,8 +220,10 @@ def summarise(rounds: list[dict], args, env: dict, new_info: dict, old_info: dic
     return {
         "machine": _cpu_model(),
         "command": "make bench-contention" + "".join(f" --env {k}={v}" for k, v in env.items()),
-        "steps": args.steps, "rounds": args.rounds,
-        "threads": new_info["threads"], "old_threads": old_info["threads"],
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": new_info["threads"],
+        "old_threads": old_info["threads"],
         "env": env,
         "shared_ratio": med(lambda x: x["shared"] / x["alone"]),
         "pair_ratio_a": med(lambda x: x["pair"][0] / x["alone"]),
@@ -218,7 +232,7 @@ def summarise(rounds: list[dict], args, env: dict, new_info: dict, old_info: dic
         "alone_samples_per_s": med(lambda x: x["alone"]),
         "old_alone_samples_per_s": med(lambda x: x["old_alone"]),
         "rounds_raw": rounds,
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def sweep(run: str, scales: list[float], n: int, seed: int = 0, reranker: str | None = None,
-          best_of: list[int] | None = None) -> list[dict]:  # fmt: skip
+def sweep(
+    run: str, scales: list[float], n: int, seed: int = 0, reranker: str | None = None, best_of: list[int] | None = None
+) -> list[dict]:
     import numpy as np
 
     from mmtune.config import load_config
@@ -44,10 +45,7 @@ def sweep(run: str, scales: list[float], n: int, seed: int = 0, reranker: str | 
         row = {"guidance": g, "candidates": n}
         for name, prompts in (("seen", seen_prompts()), ("heldout", heldout_prompts())):
             images = generate_images(model, proc, prompts, n, seed, g, opts.temperature, opts.top_k)
-            ok = [
-                [all(check(im, p)) for im in cands]
-                for p, cands in zip(prompts, images, strict=True)
-            ]
+            ok = [[all(check(im, p)) for im in cands] for p, cands in zip(prompts, images, strict=True)]
             row[f"{name}.raw"] = round(float(np.mean(ok)), 4)
             if ranker:
                 scores = [ranker.scores(c, p) for p, c in zip(prompts, images, strict=True)]
@@ -66,8 +64,9 @@ def main() -> int:
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     ap.add_argument("-n", type=int, default=32, help="candidates per prompt")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--best-of", type=int, nargs="*", default=[],
-                    help="also re-rank only the first k candidates, for each k")  # fmt: skip
+    ap.add_argument(
+        "--best-of", type=int, nargs="*", default=[], help="also re-rank only the first k candidates, for each k"
+    )
     ap.add_argument("--reranker", default=None, help="dual-encoder run (default: the run's own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--distribution", choices=["clustered", "uniform"], default="clustered")
     p.add_argument("--config", default=str(ROOT / "configs" / "index-ivf.yaml"))
     p.add_argument("--output", default=str(ROOT / "runs" / "bench" / "index.json"))
-    p.add_argument("--sweep-nprobe", default="",
-                   help="also search at these nprobe values (comma-separated): recall/speedup curve")  # fmt: skip
+    p.add_argument(
+        "--sweep-nprobe", default="", help="also search at these nprobe values (comma-separated): recall/speedup curve"
+    )
     p.add_argument("overrides", nargs="*", help="index config overrides, e.g. nprobe=32")
     args = p.parse_args(argv)
 
@@ -101,8 +102,13 @@ def main(argv=None) -> int:
     for nprobe in [int(x) for x in args.sweep_nprobe.split(",") if x] if ivf is not None else []:
         ivf.nprobe = nprobe
         rows, qps = timed_search(approx, queries, args.k)
-        curve.append({"nprobe": nprobe, "recall_at_10": round(recall_of(rows, truth, args.k), 4),
-                      "speedup": round(qps / exact_qps, 2)})  # fmt: skip
+        curve.append(
+            {
+                "nprobe": nprobe,
+                "recall_at_10": round(recall_of(rows, truth, args.k), 4),
+                "speedup": round(qps / exact_qps, 2),
+            }
+        )
         print(json.dumps(curve[-1]), flush=True)
     if ivf is not None:
         ivf.nprobe = cfg.nprobe

@@ -45,25 +45,21 @@ def check(name: str, work: Path) -> str:
     hf, proc = load_open_clip(work / "oc")
     seconds = time.perf_counter() - start
     model = HFDualEncoder(hf)
-    px = torch.randn(
-        2, 3, proc.image_size, proc.image_size, generator=torch.Generator().manual_seed(0)
-    )
+    px = torch.randn(2, 3, proc.image_size, proc.image_size, generator=torch.Generator().manual_seed(0))
     ids = tok.SimpleTokenizer(context_length=proc.max_length)(TEXTS)
     with torch.no_grad():
         d_img = (F.normalize(ref.encode_image(px), dim=-1) - model.encode_image(px)).abs().max()
-        d_txt = (
-            (F.normalize(ref.encode_text(ids), dim=-1) - model.encode_text(**proc.tokenize(TEXTS)))
-            .abs()
-            .max()
-        )
+        d_txt = (F.normalize(ref.encode_text(ids), dim=-1) - model.encode_text(**proc.tokenize(TEXTS))).abs().max()
     (work / "back").mkdir()
     write_open_clip(hf, proc, work / "back")
     back = load_open_clip_ref(work / "back").state_dict()
     same = all(torch.equal(v, back[k]) for k, v in ref.state_dict().items())
     params = sum(p.numel() for p in hf.parameters()) / 1e6
-    return (f"{name}: {params:.1f}M parameters; max |Δ| image {float(d_img):.1e}, text "
-            f"{float(d_txt):.1e}; logit scale equal {bool(ref.logit_scale == hf.logit_scale)}; "
-            f"round trip bit-exact {same}; convert {seconds:.1f} s")  # fmt: skip
+    return (
+        f"{name}: {params:.1f}M parameters; max |Δ| image {float(d_img):.1e}, text "
+        f"{float(d_txt):.1e}; logit scale equal {bool(ref.logit_scale == hf.logit_scale)}; "
+        f"round trip bit-exact {same}; convert {seconds:.1f} s"
+    )
 
 
 def main(names: list[str]) -> None:

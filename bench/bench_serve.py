@@ -56,17 +56,24 @@ def bench_model(folder: Path) -> Path:
     return folder
 
 
-BACKENDS = {"torch": [], "onnx": ["--backend", "onnx"],
-            "int8": ["--backend", "onnx", "--quantize", "int8"]}  # fmt: skip
+BACKENDS = {"torch": [], "onnx": ["--backend", "onnx"], "int8": ["--backend", "onnx", "--quantize", "int8"]}
 
 
 def start_server(run: Path, batch: int, wait_ms: float, backend: str = "torch"):
     """`mmtune serve` on a free port: (process, host, port)."""
     cmd = [
-        sys.executable, "-m", "mmtune.cli", "serve", str(run), "port=0", "access_log=false",
-        f"max_batch_size={batch}", f"max_wait_ms={wait_ms}", "max_queue=100000",
+        sys.executable,
+        "-m",
+        "mmtune.cli",
+        "serve",
+        str(run),
+        "port=0",
+        "access_log=false",
+        f"max_batch_size={batch}",
+        f"max_wait_ms={wait_ms}",
+        "max_queue=100000",
         *BACKENDS[backend],
-    ]  # fmt: skip
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         m = re.search(r"Uvicorn running on http://([\d.]+):(\d+)", line)
@@ -107,10 +114,7 @@ async def _client(host, port, bodies, state, latencies) -> None:
 async def load(host: str, port: int, n: int, clients: int, offset: int) -> dict:
     """Send n requests with `clients` concurrent keep-alive connections; throughput and latency."""
     bodies = [
-        json.dumps(
-            {"texts": [f"a photo of the digit {NAMES[i % 10]}, sample {offset + i}"]}
-        ).encode()
-        for i in range(n)
+        json.dumps({"texts": [f"a photo of the digit {NAMES[i % 10]}, sample {offset + i}"]}).encode() for i in range(n)
     ]
     state, latencies = {"next": 0, "errors": 0}, []
     t = time.perf_counter()
@@ -234,9 +238,12 @@ def main(argv=None) -> int:
     rounds = []
     for _ in range(args.rounds):
         r = {}
-        for name, batch, wait in (("torch", args.max_batch_size, args.max_wait_ms),
-                                  ("batch1", 1, 0.0), ("onnx", args.max_batch_size, args.max_wait_ms),
-                                  ("int8", args.max_batch_size, args.max_wait_ms)):  # fmt: skip
+        for name, batch, wait in (
+            ("torch", args.max_batch_size, args.max_wait_ms),
+            ("batch1", 1, 0.0),
+            ("onnx", args.max_batch_size, args.max_wait_ms),
+            ("int8", args.max_batch_size, args.max_wait_ms),
+        ):
             backend = "torch" if name == "batch1" else name
             r[name] = measure(run, batch, wait, args.requests, args.clients, backend)
         rounds.append(r)
@@ -265,9 +272,7 @@ def main(argv=None) -> int:
         # CPU per request: what each backend costs, however much CPU other users left it
         "onnx_cpu_speedup": per_round_speedup(rounds, "onnx", "server_cpu_ms_per_request"),
         "int8_cpu_speedup": per_round_speedup(rounds, "int8", "server_cpu_ms_per_request"),
-        "speedups_by_round": {
-            k: [round(r[k]["rps"] / r["torch"]["rps"], 2) for r in rounds] for k in ("onnx", "int8")
-        },  # fmt: skip
+        "speedups_by_round": {k: [round(r[k]["rps"] / r["torch"]["rps"], 2) for r in rounds] for k in ("onnx", "int8")},
         "threads": os.environ.get("MMTUNE_THREADS", "torch default"),
         "command": "make bench-serve",
     }
@@ -278,8 +283,9 @@ def main(argv=None) -> int:
     drops = [v for k, v in result["int8"].items() if k.endswith("_drop")]
     ok = result["errors"] == 0 and result["batching_speedup"] >= 3
     ok = ok and result["onnx_speedup"] >= 1.8 and all(d <= 0.01 for d in drops)
-    print("targets (errors = 0, batching_speedup ≥ 3, onnx_speedup ≥ 1.8, int8 drops ≤ 0.01):",
-          "met" if ok else "NOT met")  # fmt: skip
+    print(
+        "targets (errors = 0, batching_speedup ≥ 3, onnx_speedup ≥ 1.8, int8 drops ≤ 0.01):", "met" if ok else "NOT met"
+    )
     return 0 if ok else 1
 
 

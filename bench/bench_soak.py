@@ -57,19 +57,14 @@ def _bomb() -> bytes:
     """A ~70-byte PNG whose header declares 30000 × 30000 pixels."""
 
     def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def _raw(path: str, content: bytes, ctype: str) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(content)}\r\n\r\n"
-    )
+    head = f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: {ctype}\r\nContent-Length: {len(content)}\r\n\r\n"
     return head.encode() + content
 
 
@@ -100,8 +95,12 @@ def request_mix(rng: random.Random) -> tuple[list, list]:
     big = LIMITS["max_body_bytes"] * 10
     many = [f"label {i}" for i in range(LIMITS["max_labels"] + 1)]
     invalid = [
-        ("oversized_body", b"POST /v1/embed HTTP/1.1\r\nHost: soak\r\nContent-Type: "
-         b"application/json\r\nContent-Length: %d\r\n\r\n" % big, 413),
+        (
+            "oversized_body",
+            b"POST /v1/embed HTTP/1.1\r\nHost: soak\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % big,
+            413,
+        ),
         ("corrupt_image", _form("/v1/embed", images[0][:150]), 422),
         ("not_an_image", _form("/v1/embed", b"<html><body>404</body></html>"), 415),
         ("decompression_bomb", _form("/v1/classify", _bomb(), {"labels": labels}), 413),
@@ -113,7 +112,7 @@ def request_mix(rng: random.Random) -> tuple[list, list]:
         ("wrong_content_type", _raw("/v1/embed", b"texts=a", "text/plain"), 415),
         ("unknown_field", _json("/v1/embed", {"texts": ["a"], "model": "other/model"}), 422),
         ("text_too_long", _json("/v1/embed", {"texts": ["x" * 600]}), 422),
-    ]  # fmt: skip
+    ]
     rng.shuffle(valid)
     return valid, invalid
 
@@ -172,9 +171,7 @@ async def soak(host, port, pid, seconds: float, clients: int, seed: int) -> dict
     stop_at = t0 + seconds
     warmup = min(30.0, seconds / 5)
     tasks = [
-        asyncio.create_task(
-            _client(host, port, valid, invalid, stop_at, random.Random(seed + i), tally)
-        )
+        asyncio.create_task(_client(host, port, valid, invalid, stop_at, random.Random(seed + i), tally))
         for i in range(clients)
     ]
     await asyncio.sleep(warmup)
@@ -199,12 +196,9 @@ async def soak(host, port, pid, seconds: float, clients: int, seed: int) -> dict
 
 def start_server(run: Path, threads: str) -> tuple[subprocess.Popen, str, int]:
     over = [f"{k}={v}" for k, v in LIMITS.items()]
-    cmd = [sys.executable, "-m", "mmtune.cli", "serve", str(run), "port=0", "access_log=false",
-           *over]  # fmt: skip
+    cmd = [sys.executable, "-m", "mmtune.cli", "serve", str(run), "port=0", "access_log=false", *over]
     env = {**os.environ, "MMTUNE_THREADS": threads}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         m = re.search(r"Uvicorn running on http://([\d.]+):(\d+)", line)
         if m:  # keep reading its log, so a full pipe never blocks the server
@@ -272,9 +266,7 @@ def main(argv=None) -> int:
         and t["invalid"] > 0
         and t["valid"] > 0
     )
-    print(
-        "targets (valid_5xx = 0, invalid 4xx = 1.0, rss_growth ≤ 0.10):", "met" if ok else "NOT met"
-    )
+    print("targets (valid_5xx = 0, invalid 4xx = 1.0, rss_growth ≤ 0.10):", "met" if ok else "NOT met")
     return 0 if ok else 1
 
 

@@ -36,8 +36,9 @@ def sweep_seconds(cache: bool, trials: int, steps: int, out: Path) -> float:
     fixed = {**space.fixed, "train.max_steps": steps, "train.eval_every": 0}
     space = dataclasses.replace(space, fixed=fixed)
     name = "cached" if cache else "uncached"
-    sw = Sweep(base, space, out / name, name, trials, "random", "none", cache=cache,
-               objective=objective_of(base.load()))  # fmt: skip
+    sw = Sweep(
+        base, space, out / name, name, trials, "random", "none", cache=cache, objective=objective_of(base.load())
+    )
     sw.folder.mkdir(parents=True)
     start = time.perf_counter()
     work(sw)
@@ -58,10 +59,15 @@ def main() -> None:
         without = sweep_seconds(False, args.trials, args.steps, tmp)
     finally:
         shutil.rmtree(tmp)
-    res = {"trials": args.trials, "steps": args.steps, "threads": os.environ.get("MMTUNE_THREADS"),
-           "seconds_per_trial_uncached": round(without, 2),
-           "seconds_per_trial_cached": round(with_cache, 2),
-           "ratio": round(without / with_cache, 2), "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+    res = {
+        "trials": args.trials,
+        "steps": args.steps,
+        "threads": os.environ.get("MMTUNE_THREADS"),
+        "seconds_per_trial_uncached": round(without, 2),
+        "seconds_per_trial_cached": round(with_cache, 2),
+        "ratio": round(without / with_cache, 2),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

@@ -58,11 +58,22 @@ def dual_encoder(tokenizer):
     """A random-initialised VisionTextDualEncoderModel (ViT + BERT towers)."""
     from transformers import BertConfig, VisionTextDualEncoderModel, ViTConfig
 
-    vit = ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=HIDDEN,
-                    num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=HIDDEN * 4)  # fmt: skip
-    bert = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=HIDDEN * 4,
-                      max_position_embeddings=MAX_LEN)  # fmt: skip
+    vit = ViTConfig(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=HIDDEN * 4,
+    )
+    bert = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=HIDDEN * 4,
+        max_position_embeddings=MAX_LEN,
+    )
     from transformers import BertModel, ViTModel
 
     torch.manual_seed(0)
@@ -97,8 +108,7 @@ def compare(model, records, tokenizer, args) -> tuple[float, dict]:
     """Baseline and mmtune alternated over `args.rounds`: best samples/s of each."""
     base, ours = 0.0, {"samples_per_s": 0.0}
     for _ in range(args.rounds):
-        base = max(base, baseline_run(copy.deepcopy(model), records, tokenizer, args.batch,
-                                      args.steps))  # fmt: skip
+        base = max(base, baseline_run(copy.deepcopy(model), records, tokenizer, args.batch, args.steps))
         run = mmtune_run(copy.deepcopy(model), records, tokenizer, args.batch, args.steps)
         ours = max(ours, run, key=lambda r: r["samples_per_s"])
     return base, ours
@@ -108,8 +118,7 @@ def baseline_run(hf_model, records, tokenizer, batch: int, steps: int) -> float:
     """transformers' example, as run_clip.py writes it: samples/s of `Trainer.train()`."""
     from transformers import Trainer, TrainingArguments, ViTImageProcessor
 
-    processor = ViTImageProcessor(size={"height": IMAGE, "width": IMAGE},
-                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    processor = ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
     class Pairs(torch.utils.data.Dataset):
         def __len__(self):
@@ -118,25 +127,35 @@ def baseline_run(hf_model, records, tokenizer, batch: int, steps: int) -> float:
         def __getitem__(self, i):
             r = records[i]
             px = processor(images=_pil(r), return_tensors="pt")["pixel_values"][0]
-            tok = tokenizer(r.captions[0], max_length=MAX_LEN, padding="max_length",
-                            truncation=True)  # fmt: skip
-            return {"pixel_values": px, "input_ids": tok["input_ids"],
-                    "attention_mask": tok["attention_mask"]}  # fmt: skip
+            tok = tokenizer(r.captions[0], max_length=MAX_LEN, padding="max_length", truncation=True)
+            return {"pixel_values": px, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def collate(items):
-        return {"pixel_values": torch.stack([x["pixel_values"] for x in items]),
-                "input_ids": torch.tensor([x["input_ids"] for x in items]),
-                "attention_mask": torch.tensor([x["attention_mask"] for x in items]),
-                "return_loss": True}  # fmt: skip
+        return {
+            "pixel_values": torch.stack([x["pixel_values"] for x in items]),
+            "input_ids": torch.tensor([x["input_ids"] for x in items]),
+            "attention_mask": torch.tensor([x["attention_mask"] for x in items]),
+            "return_loss": True,
+        }
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=batch, max_steps=steps,
-                                 learning_rate=1e-4, warmup_steps=0, weight_decay=0.1,
-                                 report_to=[], save_strategy="no", logging_strategy="no",
-                                 dataloader_num_workers=0, remove_unused_columns=False,
-                                 use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
-        trainer = Trainer(model=hf_model, args=args, train_dataset=Pairs(),
-                          data_collator=collate)  # fmt: skip
+        args = TrainingArguments(
+            out,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=1e-4,
+            warmup_steps=0,
+            weight_decay=0.1,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = Trainer(model=hf_model, args=args, train_dataset=Pairs(), data_collator=collate)
         start = time.perf_counter()
         trainer.train()
         return steps * batch / (time.perf_counter() - start)
@@ -153,9 +172,18 @@ def mmtune_run(hf_model, records, tokenizer, batch: int, steps: int) -> dict:
     from mmtune.tasks.contrastive import ContrastiveTask
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, {"data.batch_size": batch, "train.max_steps": steps,
-                                 "train.lr": 1e-4, "train.warmup_steps": 0, "train.log_every": 10**6,
-                                 "train.progress": False, "output_dir": out})  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "data.batch_size": batch,
+                "train.max_steps": steps,
+                "train.lr": 1e-4,
+                "train.warmup_steps": 0,
+                "train.log_every": 10**6,
+                "train.progress": False,
+                "output_dir": out,
+            },
+        )
         proc = Processor(tokenizer, IMAGE, max_length=MAX_LEN)
         model = HFDualEncoder(hf_model)
         task = ContrastiveTask(Context(cfg))
@@ -180,8 +208,7 @@ def gradcache_bench(batch: int = 4096, chunk: int = 256) -> dict:
 
     out = {}
     for name, gc in (("plain", None), ("gradcache", chunk)):
-        cfg = load_config(None, {"model.name": "tiny-clip", "data.batch_size": batch,
-                                 "options.gradcache_chunk": gc})  # fmt: skip
+        cfg = load_config(None, {"model.name": "tiny-clip", "data.batch_size": batch, "options.gradcache_chunk": gc})
         model, task, records, autocast, device = _setup(cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
         b = make_batch(task, records, batch, device)
@@ -227,14 +254,20 @@ def main() -> None:
     gc = gradcache_bench()
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"threads, torch {torch.__version__}, no GPU",
-        "command": "make bench-train", "batch": args.batch, "steps": args.steps,
+        f"threads, torch {torch.__version__}, no GPU",
+        "command": "make bench-train",
+        "batch": args.batch,
+        "steps": args.steps,
         "rounds": args.rounds,
-        "jpeg_baseline_samples_per_s": jbase, "jpeg_mmtune_samples_per_s": jours["samples_per_s"],
+        "jpeg_baseline_samples_per_s": jbase,
+        "jpeg_mmtune_samples_per_s": jours["samples_per_s"],
         "throughput_ratio": jours["samples_per_s"] / jbase,
-        "baseline_samples_per_s": base, "mmtune_samples_per_s": ours["samples_per_s"],
+        "baseline_samples_per_s": base,
+        "mmtune_samples_per_s": ours["samples_per_s"],
         "throughput_ratio_in_memory": ours["samples_per_s"] / base,
-        "achieved_flops": achieved, "peak_flops_fp32": peak32, "peak_flops_bf16": peak16,
+        "achieved_flops": achieved,
+        "peak_flops_fp32": peak32,
+        "peak_flops_bf16": peak16,
         "mfu": achieved / peak32,
         "loader_images_per_s": ours["loader_images_per_s"],
         "loader_headroom": ours["loader_images_per_s"] / ours["samples_per_s"],
@@ -242,7 +275,7 @@ def main() -> None:
         "gradcache": gc,
         "gradcache_memory_ratio": gc["plain"]["peak_bytes"] / gc["gradcache"]["peak_bytes"],
         "gradcache_time_ratio": gc["gradcache"]["seconds"] / gc["plain"]["seconds"],
-    }  # fmt: skip
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for k, v in result.items():

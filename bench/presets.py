@@ -16,15 +16,39 @@ import time
 import torch
 
 SIZES = {
-    "vit-b16": {"image": 224, "patch": 16, "hidden": 768, "layers": 12, "heads": 12,
-                "text_layers": 12, "max_len": 77, "embed": 512},
-    "tiny": {"image": 32, "patch": 16, "hidden": 64, "layers": 2, "heads": 2,
-             "text_layers": 2, "max_len": 16, "embed": 32},
-}  # fmt: skip
+    "vit-b16": {
+        "image": 224,
+        "patch": 16,
+        "hidden": 768,
+        "layers": 12,
+        "heads": 12,
+        "text_layers": 12,
+        "max_len": 77,
+        "embed": 512,
+    },
+    "tiny": {
+        "image": 32,
+        "patch": 16,
+        "hidden": 64,
+        "layers": 2,
+        "heads": 2,
+        "text_layers": 2,
+        "max_len": 16,
+        "embed": 32,
+    },
+}
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
-BF16_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]  # fmt: skip
+BF16_PEAKS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+]
 
 
 def device_bf16_peak(device: torch.device) -> tuple[float, str]:
@@ -71,12 +95,22 @@ def dual_encoder(s: dict, vocab_size: int):
     )
 
     h, heads = s["hidden"], s["heads"]
-    vit = ViTConfig(image_size=s["image"], patch_size=s["patch"], hidden_size=h,
-                    num_hidden_layers=s["layers"], num_attention_heads=heads,
-                    intermediate_size=4 * h)  # fmt: skip
-    bert = BertConfig(vocab_size=vocab_size, hidden_size=h, num_hidden_layers=s["text_layers"],
-                      num_attention_heads=heads, intermediate_size=4 * h,
-                      max_position_embeddings=s["max_len"])  # fmt: skip
+    vit = ViTConfig(
+        image_size=s["image"],
+        patch_size=s["patch"],
+        hidden_size=h,
+        num_hidden_layers=s["layers"],
+        num_attention_heads=heads,
+        intermediate_size=4 * h,
+    )
+    bert = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=h,
+        num_hidden_layers=s["text_layers"],
+        num_attention_heads=heads,
+        intermediate_size=4 * h,
+        max_position_embeddings=s["max_len"],
+    )
     torch.manual_seed(0)
     cfg = VisionTextDualEncoderConfig.from_vision_text_configs(vit, bert, projection_dim=s["embed"])
     return VisionTextDualEncoderModel(cfg, vision_model=ViTModel(vit), text_model=BertModel(bert))
@@ -110,10 +144,19 @@ def train_preset(name: str, tiny: bool, steps: int, batch: int | None, tokenizer
     proc = Processor(tokenizer, s["image"], max_length=s["max_len"], padding="max_length")
     model = HFDualEncoder(dual_encoder(s, tokenizer.vocab_size))
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, {"data.batch_size": batch, "train.max_steps": steps,
-                                 "train.precision": "bf16", "train.warmup_steps": 0,
-                                 "train.log_every": 10**6, "train.progress": False,
-                                 "data.num_workers": workers, "output_dir": out})  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "data.batch_size": batch,
+                "train.max_steps": steps,
+                "train.precision": "bf16",
+                "train.warmup_steps": 0,
+                "train.log_every": 10**6,
+                "train.progress": False,
+                "data.num_workers": workers,
+                "output_dir": out,
+            },
+        )
         task = ContrastiveTask(Context(cfg, proc, device=device))
         warm = Trainer(cfg, task, model, records, [], out)
         task.ctx.device = warm.acc.device
@@ -131,13 +174,22 @@ def train_preset(name: str, tiny: bool, steps: int, batch: int | None, tokenizer
         mem, mem_source = _peak_memory(device)
     peak, peak_source = device_bf16_peak(device)
     return {
-        "preset": name, "tiny": tiny, "device": _device_name(device), "precision": trainer.precision,
-        "batch": batch, "steps": steps, "image": s["image"], "tokens": s["max_len"],
-        "samples_per_s": sps, "flops_per_sample": flops / batch,
-        "peak_memory_bytes": mem, "peak_memory_source": mem_source,
-        "bf16_peak_flops": peak, "bf16_peak_source": peak_source,
+        "preset": name,
+        "tiny": tiny,
+        "device": _device_name(device),
+        "precision": trainer.precision,
+        "batch": batch,
+        "steps": steps,
+        "image": s["image"],
+        "tokens": s["max_len"],
+        "samples_per_s": sps,
+        "flops_per_sample": flops / batch,
+        "peak_memory_bytes": mem,
+        "peak_memory_source": mem_source,
+        "bf16_peak_flops": peak,
+        "bf16_peak_source": peak_source,
         "mfu": flops * sps / batch / peak,
-    }  # fmt: skip
+    }
 
 
 def _device_name(device: torch.device) -> str:
@@ -168,7 +220,14 @@ def serve_images(name: str, tiny: bool, batch: int, rounds: int = 5) -> dict:
             _sync(device)
             best = max(best, batch / (time.perf_counter() - start))
     mem, mem_source = _peak_memory(device)
-    return {"preset": name, "tiny": tiny, "device": _device_name(device),
-            "precision": "bf16" if bf16 else "fp32", "batch": batch, "image": s["image"],
-            "images_per_s": best, "peak_memory_bytes": mem,
-            "peak_memory_source": mem_source}  # fmt: skip
+    return {
+        "preset": name,
+        "tiny": tiny,
+        "device": _device_name(device),
+        "precision": "bf16" if bf16 else "fp32",
+        "batch": batch,
+        "image": s["image"],
+        "images_per_s": best,
+        "peak_memory_bytes": mem,
+        "peak_memory_source": mem_source,
+    }

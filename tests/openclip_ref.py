@@ -27,9 +27,11 @@ def _stand_in_torchvision() -> list[str]:
     misc = types.ModuleType("torchvision.ops.misc")
     misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
     added = []
-    for name, module in (("torchvision", types.ModuleType("torchvision")),
-                         ("torchvision.ops", types.ModuleType("torchvision.ops")),
-                         ("torchvision.ops.misc", misc)):  # fmt: skip
+    for name, module in (
+        ("torchvision", types.ModuleType("torchvision")),
+        ("torchvision.ops", types.ModuleType("torchvision.ops")),
+        ("torchvision.ops.misc", misc),
+    ):
         if name not in sys.modules:
             sys.modules[name] = module
             added.append(name)
@@ -76,17 +78,14 @@ def save_open_clip(cfg: dict, folder: Path, seed: int = 0, preprocess: dict | No
     model_mod, _ = open_clip_modules()
     torch.manual_seed(seed)
     model = model_mod.CLIP(**cfg).eval()
-    with (
-        torch.no_grad()
-    ):  # move every weight off its init (LayerNorms start at 1/0, scale at ln 1/0.07)
+    with torch.no_grad():  # move every weight off its init (LayerNorms start at 1/0, scale at ln 1/0.07)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
         model.logit_scale.fill_(3.3)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": cfg, "preprocess_cfg": preprocess or {}}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))  # fmt: skip
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return model
 
 

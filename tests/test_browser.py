@@ -16,10 +16,13 @@ from tests.test_serve import LiveServer, make_images, make_run
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)",
-)]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (CHROMIUM and DRIVER),
+        reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,8 @@ def test_typing_a_query_shows_result_images(site, browser):
     def loaded_images(driver):
         imgs = driver.find_elements(By.CSS_SELECTOR, "#results figure img")
         done = [
-            im for im in imgs
-            if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im)
-        ]  # fmt: skip
+            im for im in imgs if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im)
+        ]
         return done if len(done) == 5 else False
 
     imgs = WebDriverWait(browser, 30).until(loaded_images)

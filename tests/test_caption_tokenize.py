@@ -46,8 +46,15 @@ def test_tokenize_equals_pycocoevalcap_ptb_tokenizer():
 def test_tokenize_differs_from_a_plain_word_split():
     # the cases the former regex split wrongly: the reference keeps these tokens whole
     assert tokenize("a well-known 3.5 m pole isn't here") == [
-        "a", "well-known", "3.5", "m", "pole", "is", "n't", "here"
-    ]  # fmt: skip
+        "a",
+        "well-known",
+        "3.5",
+        "m",
+        "pole",
+        "is",
+        "n't",
+        "here",
+    ]
 
 
 def test_metrics_on_raw_captions_equal_pycocoevalcap():

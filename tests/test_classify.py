@@ -33,9 +33,16 @@ def comparison(tmp_path_factory):
     (test_classify_probe covers larger C on separable features).
     """
     tmp = tmp_path_factory.mktemp("classify")
-    args = ["classify", "--config", str(CONFIG), *_tiny(tmp),
-            "options.probe_c_grid=[0.1, 1.0, 10.0]", "options.alphas=[0.0, 0.5, 1.0]",
-            "options.per_method={}", "train.lr=3e-3"]  # fmt: skip
+    args = [
+        "classify",
+        "--config",
+        str(CONFIG),
+        *_tiny(tmp),
+        "options.probe_c_grid=[0.1, 1.0, 10.0]",
+        "options.alphas=[0.0, 0.5, 1.0]",
+        "options.per_method={}",
+        "train.lr=3e-3",
+    ]
     assert main(args) == 0
     run = tmp / "cmp"
     return run, json.loads((run / "metrics.json").read_text())
@@ -113,8 +120,15 @@ def test_lp_ft_alone_fits_its_own_probe_first(tmp_path):
     """Without a linear-probe run to start from, lp-ft's head is the probe it fits on train."""
     from mmtune.checkpoint import read_safetensors
 
-    args = ["train", "--config", str(CONFIG), *_tiny(tmp_path), "options.method=lp-ft",
-            "options.probe_c_grid=[1.0]", "train.lr=1e-12"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(CONFIG),
+        *_tiny(tmp_path),
+        "options.method=lp-ft",
+        "options.probe_c_grid=[1.0]",
+        "train.lr=1e-12",
+    ]
     assert main(args) == 0
     run = tmp_path / "cmp"
     head = read_safetensors(run / "checkpoints" / "last" / "model.safetensors")["head.weight"]
@@ -141,8 +155,9 @@ def _tiny_classifier():
 
 def test_image_side_is_the_vision_tower_and_projection():
     clf, names = _tiny_classifier()
-    expected = {n for n, _ in clf.backbone.named_parameters()
-                if n.startswith(("hf.vision_model.", "hf.visual_projection."))}  # fmt: skip
+    expected = {
+        n for n, _ in clf.backbone.named_parameters() if n.startswith(("hf.vision_model.", "hf.visual_projection."))
+    }
     # CLIP's pre-layernorm output and pooled path use every vision parameter
     assert names == expected
 
@@ -153,9 +168,11 @@ def test_unfreeze_top_k_trains_the_top_blocks_projection_and_head():
 
     clf, names = _tiny_classifier()
     set_trainable(clf, names, top_k=1)
-    expected = sum(p.numel() for n, p in clf.named_parameters()
-                   if n.startswith(("backbone.hf.vision_model.encoder.layers.1.",
-                                    "backbone.hf.visual_projection.", "head.")))  # fmt: skip
+    expected = sum(
+        p.numel()
+        for n, p in clf.named_parameters()
+        if n.startswith(("backbone.hf.vision_model.encoder.layers.1.", "backbone.hf.visual_projection.", "head."))
+    )
     assert count_parameters(clf)[0] == expected
 
 
@@ -166,8 +183,12 @@ def test_unfreeze_patterns_and_their_errors():
     clf, names = _tiny_classifier()
     set_trainable(clf, names, patterns=["*post_layernorm*"])
     trained = {n for n, p in clf.named_parameters() if p.requires_grad}
-    assert trained == {"backbone.hf.vision_model.post_layernorm.weight",
-                       "backbone.hf.vision_model.post_layernorm.bias", "head.weight", "head.bias"}  # fmt: skip
+    assert trained == {
+        "backbone.hf.vision_model.post_layernorm.weight",
+        "backbone.hf.vision_model.post_layernorm.bias",
+        "head.weight",
+        "head.bias",
+    }
     with pytest.raises(ConfigError, match="matches no image-side parameter"):
         set_trainable(clf, names, patterns=["*text_model*"])
 

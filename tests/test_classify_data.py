@@ -23,8 +23,9 @@ def _image_folder(root: Path, classes: dict[str, int]) -> Path:
 
 
 def _classify(tmp_path, *extra) -> list[str]:
-    over = tiny_overrides(tmp_path, **{"data.batch_size": 4, "train.max_steps": 2,
-                                       "data.shift": "[]", "options.compare": "[finetune]"})  # fmt: skip
+    over = tiny_overrides(
+        tmp_path, **{"data.batch_size": 4, "train.max_steps": 2, "data.shift": "[]", "options.compare": "[finetune]"}
+    )
     return ["classify", "--config", str(CONFIG), *[f"{k}={v}" for k, v in over.items()], *extra]
 
 
@@ -39,8 +40,9 @@ def _one_line_error(capsys, *needles) -> str:
 def test_image_folder_trains_and_reports(tmp_path):
     train = _image_folder(tmp_path / "train", {"red": 8, "blue": 8})
     val = _image_folder(tmp_path / "val", {"red": 2, "blue": 3})
-    args = _classify(tmp_path, f"data.dataset={train}", f"data.val={val}",
-                     f"data.test={val}", "data.format=imagefolder")  # fmt: skip
+    args = _classify(
+        tmp_path, f"data.dataset={train}", f"data.val={val}", f"data.test={val}", "data.format=imagefolder"
+    )
     assert main(args) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "finetune.test.top1" in m
@@ -70,9 +72,13 @@ def test_csv_label_outside_the_class_list(tmp_path, capsys):
         "image,label\n" + "".join(f"{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(6))
     )
     (tmp_path / "val.csv").write_text("image,label\n6.png,cat\n7.png,horse\n")
-    args = _classify(tmp_path, f"data.dataset={tmp_path / 'train.csv'}",
-                     f"data.val={tmp_path / 'val.csv'}", "data.label_column=label",
-                     "data.caption_column=null")  # fmt: skip
+    args = _classify(
+        tmp_path,
+        f"data.dataset={tmp_path / 'train.csv'}",
+        f"data.val={tmp_path / 'val.csv'}",
+        "data.label_column=label",
+        "data.caption_column=null",
+    )
     assert main(args) == 2
     _one_line_error(capsys, "val.csv", "'horse'", "['cat', 'dog']")
 
@@ -81,8 +87,9 @@ def test_a_checkpoint_without_an_image_tower(tmp_path, capsys):
     from transformers import BertConfig, BertModel
 
     bert = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)  # fmt: skip
+    BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(bert)
     assert main(_classify(tmp_path, f"model.name={bert}")) == 2
     _one_line_error(capsys, "no image tower", str(bert))
 
@@ -100,7 +107,5 @@ def test_digits_shift_is_fixed_and_built_from_the_test_split():
         assert rec.label == clean.label
         assert np.array_equal(rec.image, 255 - clean.image)
     rotated = [r for r in a if "/rotate/" in r.id]
-    changed = np.mean(
-        [not np.array_equal(r.image, c.image) for r, c in zip(rotated, test, strict=True)]
-    )
+    changed = np.mean([not np.array_equal(r.image, c.image) for r, c in zip(rotated, test, strict=True)])
     assert changed > 0.95

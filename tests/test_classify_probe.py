@@ -33,10 +33,7 @@ def test_fit_matches_sklearn_for_every_strength():
         # it for weak regularisation, so probabilities agree only to ~1e-2)
         theirs = (torch.tensor(ref.coef_).double(), torch.tensor(ref.intercept_).double())
         xd = x[:400].double()
-        assert (
-            _objective(xd, y[:400], w.double(), b.double(), c)
-            <= _objective(xd, y[:400], *theirs, c) + 1e-6
-        )
+        assert _objective(xd, y[:400], w.double(), b.double(), c) <= _objective(xd, y[:400], *theirs, c) + 1e-6
         ours = torch.softmax(xt @ w.T + b, 1).numpy()
         np.testing.assert_allclose(ours, ref.predict_proba(xt.numpy()), atol=1e-2)
         acc = float((ours.argmax(1) == yt.numpy()).mean())
@@ -47,8 +44,7 @@ def test_sweep_picks_the_strength_sklearn_validation_picks():
     x, y = _features(n=900)
     grid = (0.01, 0.1, 1.0, 10.0, 100.0)
     res = sweep(x[:500], y[:500], x[500:700], y[500:700], 5, grid)
-    val = {c: _sklearn(x[:500], y[:500], c).score(x[500:700].numpy(), y[500:700].numpy())
-           for c in grid}  # fmt: skip
+    val = {c: _sklearn(x[:500], y[:500], c).score(x[500:700].numpy(), y[500:700].numpy()) for c in grid}
     assert val[res.c] == max(val.values())
     for c in grid:
         assert abs(res.val_top1[c] - val[c]) <= 0.005

@@ -11,16 +11,32 @@ from tests.test_data import make_bad_files
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_KEYS = {
-    "zeroshot.top1", "zeroshot.top5", "zeroshot.mean_per_class_recall",
-    "retrieval.i2t.R@1", "retrieval.i2t.R@5", "retrieval.i2t.R@10",
-    "retrieval.t2i.R@1", "retrieval.t2i.R@5", "retrieval.t2i.R@10",
-    "data.skipped", "train.samples_per_s", "train.seconds",
-}  # fmt: skip
+    "zeroshot.top1",
+    "zeroshot.top5",
+    "zeroshot.mean_per_class_recall",
+    "retrieval.i2t.R@1",
+    "retrieval.i2t.R@5",
+    "retrieval.i2t.R@10",
+    "retrieval.t2i.R@1",
+    "retrieval.t2i.R@5",
+    "retrieval.t2i.R@10",
+    "data.skipped",
+    "train.samples_per_s",
+    "train.seconds",
+}
 
 
 def _args(tmp_path, name, *extra):
-    return ["train", "model.name=tiny-clip", f"output_dir={tmp_path}", f"name={name}",
-            "data.batch_size=32", "train.max_steps=3", "train.progress=false", *extra]  # fmt: skip
+    return [
+        "train",
+        "model.name=tiny-clip",
+        f"output_dir={tmp_path}",
+        f"name={name}",
+        "data.batch_size=32",
+        "train.max_steps=3",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 def test_train_then_eval_through_the_cli(tmp_path, capsys):
@@ -29,8 +45,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics.keys() >= EXPECTED_KEYS
     assert metrics["data.skipped"] == 0 and metrics["eval.split"] == "test"
-    for f in ("config.yaml", "metrics.jsonl", "report.html", "checkpoints/last/COMPLETE",
-              "checkpoints/best/COMPLETE", "model/mmtune_model.json"):  # fmt: skip
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "report.html",
+        "checkpoints/last/COMPLETE",
+        "checkpoints/best/COMPLETE",
+        "model/mmtune_model.json",
+    ):
         assert (run / f).exists(), f
     kinds = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert "train" in kinds and kinds.count("eval") == 2
@@ -64,8 +86,9 @@ def _pairs_with_bad_files(folder):
 def test_run_with_bad_samples_skips_and_counts_each(tmp_path):
     """D1: a whole run over bad files: each skipped and counted by reason in metrics.json."""
     path, bad = _pairs_with_bad_files(tmp_path)
-    args = _args(tmp_path, "bad", f"data.dataset={path}", "data.val_fraction=0.0",
-                 f"data.test={path}", "data.batch_size=8")  # fmt: skip
+    args = _args(
+        tmp_path, "bad", f"data.dataset={path}", "data.val_fraction=0.0", f"data.test={path}", "data.batch_size=8"
+    )
     assert main(args) == 0
     m = json.loads((tmp_path / "bad" / "metrics.json").read_text())
     assert m["data.skipped"] == 2 * len(bad)  # counted in train and in test
@@ -84,9 +107,7 @@ def test_on_bad_sample_error_stops_naming_the_file(tmp_path, capsys):
 
 
 # Run configs name a task; the others (serve.yaml, index-*.yaml) are run by their own tests.
-SHIPPED = sorted(
-    p for p in (ROOT / "configs").glob("*.yaml") if "task" in (yaml.safe_load(p.read_text()) or {})
-)
+SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "task" in (yaml.safe_load(p.read_text()) or {}))
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -96,8 +117,15 @@ def test_every_shipped_config_validates_and_contrastive_ones_run(config, tmp_pat
     cfg = load_config(config)
     if cfg.task != "contrastive":
         pytest.skip(f"{config.name} is run by the tests of task {cfg.task!r}")
-    args = ["train", "--config", str(config), f"output_dir={tmp_path}", "train.max_steps=2",
-            "train.progress=false", "train.eval_every=0"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(config),
+        f"output_dir={tmp_path}",
+        "train.max_steps=2",
+        "train.progress=false",
+        "train.eval_every=0",
+    ]
     assert main(args) == 0
     saved = yaml.safe_load((tmp_path / cfg.name / "config.yaml").read_text())
     assert saved["model"]["name"] == cfg.model.name and saved["train"]["max_steps"] == 2

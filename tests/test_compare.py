@@ -29,13 +29,29 @@ def test_compare_lists_differences_and_figures(tmp_path, capsys):
     _run(tmp_path / "b", 1e-3, 8, {"top1": 0.75, "eval.split": "test", "data.train": 10})
     _run(tmp_path / "sweep" / "trial-0000", 2e-3, 8, evals=[(2, 0.25), (4, 0.5)])
     out = tmp_path / "t.json"
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "sweep"),
-                 "-o", str(out), "--metrics", "top*"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                str(tmp_path / "sweep"),
+                "-o",
+                str(out),
+                "--metrics",
+                "top*",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     rows = json.loads(out.read_text())
     assert [set(r) for r in rows] == [{"run", "status", "train.lr", "options.lora_r", "top1"}] * 3
     assert [(r["train.lr"], r["options.lora_r"], r["top1"]) for r in rows] == [
-        (1e-3, 4, 0.5), (1e-3, 8, 0.75), (2e-3, 8, 0.5)]  # fmt: skip
+        (1e-3, 4, 0.5),
+        (1e-3, 8, 0.75),
+        (2e-3, 8, 0.5),
+    ]
     assert rows[2]["status"] == "stopped at step 4 (last val)"
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     md = capsys.readouterr().out.splitlines()

@@ -71,8 +71,12 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize(
     "old,new",
-    [("train.loss", "options.loss"), ("eval.zeroshot", "options.zeroshot"), ("data.twins", "options.twins"),
-     ("train.tensorboard", "train.report_to")],
+    [
+        ("train.loss", "options.loss"),
+        ("eval.zeroshot", "options.zeroshot"),
+        ("data.twins", "options.twins"),
+        ("train.tensorboard", "train.report_to"),
+    ],
 )
 def test_moved_keys_say_where_they_went(old, new):
     with pytest.raises(ConfigError) as e:

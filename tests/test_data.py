@@ -120,15 +120,11 @@ def _bomb_png(path, w=20000, h=20000):
     """A ~100-byte PNG whose header declares w×h pixels (no pixel data worth decoding)."""
 
     def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     body = zlib.compress(b"\x00" * 64)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
     return path
 
 
@@ -136,14 +132,17 @@ def make_bad_files(folder):
     """missing, zero-byte, truncated JPEG, HTML saved as .jpg, decompression bomb."""
     (folder / "empty.jpg").write_bytes(b"")
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        buf, "JPEG"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
     (folder / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (folder / "page.jpg").write_text("<html><body>not found</body></html>")
     _bomb_png(folder / "bomb.png")
-    return {"missing.jpg": "missing", "empty.jpg": "empty", "trunc.jpg": "truncated",
-            "page.jpg": "not_image", "bomb.png": "too_large"}  # fmt: skip
+    return {
+        "missing.jpg": "missing",
+        "empty.jpg": "empty",
+        "trunc.jpg": "truncated",
+        "page.jpg": "not_image",
+        "bomb.png": "too_large",
+    }
 
 
 def test_each_bad_image_has_its_reason(tmp_path):

@@ -44,8 +44,7 @@ def test_same_seed_twice_gives_identical_losses_and_weights(tiny_cfg):
     a, b = tiny_cfg(name="a", **common), tiny_cfg(name="b", **common)
     api.train(a)
     api.train(b)
-    losses = [[r["loss"] for r in read_jsonl(c.run_dir / "metrics.jsonl") if r["kind"] == "train"]
-              for c in (a, b)]  # fmt: skip
+    losses = [[r["loss"] for r in read_jsonl(c.run_dir / "metrics.jsonl") if r["kind"] == "train"] for c in (a, b)]
     assert len(losses[0]) == 5 and losses[0] == losses[1]
     wa, wb = _weights(a.run_dir), _weights(b.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -68,8 +67,9 @@ def test_zero_and_two_workers_give_identical_batches(tiny_cfg):
 
 
 def _rank_worker(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     from mmtune.config import load_config
 
@@ -78,17 +78,21 @@ def _rank_worker(rank: int, port: int, tmp: str) -> None:
     model = trainer.acc.unwrap_model(trainer.model)
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
     batch = next(iter(trainer._loader(0, 0)))
-    torch.save({"weights": digest.hexdigest(), "pixels": batch["pixel_values"],
-                "indices": trainer._loader(0, 0).batch_sampler},
-               f"{tmp}/rank{rank}.pt")  # fmt: skip
+    torch.save(
+        {
+            "weights": digest.hexdigest(),
+            "pixels": batch["pixel_values"],
+            "indices": trainer._loader(0, 0).batch_sampler,
+        },
+        f"{tmp}/rank{rank}.pt",
+    )
     trainer.acc.wait_for_everyone()
 
 
 @pytest.mark.distributed
 def test_two_ranks_share_weights_but_not_augmentation(tmp_path):
     """X3 [dist]: 2 ranks: identical initial weights, different augmentation draws."""
-    mp.start_processes(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn")  # fmt: skip
+    mp.start_processes(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["weights"] == r1["weights"]  # the same initial weights on every rank
     seen0 = {i for b in r0["indices"] for i in b}
@@ -118,16 +122,38 @@ sys.exit(main(sys.argv[1:]))
 
 def _torchrun(tmp_path, name, restarts: int, faulty: bool):
     script = tmp_path / ("faulty.py" if faulty else "plain.py")
-    script.write_text(textwrap.dedent(FAULTY) if faulty else
-                      "import sys\nfrom mmtune.cli import main\nsys.exit(main(sys.argv[1:]))\n")  # fmt: skip
-    over = tiny_overrides(tmp_path, name=name, **{"train.max_steps": 5, "train.save_every": 2,
-                                                  "data.batch_size": 16,
-                                                  "train.deterministic": True,
-                                                  "train.dist_timeout_s": 60})  # fmt: skip
-    cmd = [*TORCHRUN, "--max-restarts", str(restarts), "--master-port", str(free_port()),
-           str(script), "train", "--resume", "auto", *(f"{k}={v}" for k, v in over.items())]  # fmt: skip
-    env = {**os.environ, "MMTUNE_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MMTUNE_TEST_MARKER": str(tmp_path / f"{name}.killed")}  # fmt: skip
+    script.write_text(
+        textwrap.dedent(FAULTY) if faulty else "import sys\nfrom mmtune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    over = tiny_overrides(
+        tmp_path,
+        name=name,
+        **{
+            "train.max_steps": 5,
+            "train.save_every": 2,
+            "data.batch_size": 16,
+            "train.deterministic": True,
+            "train.dist_timeout_s": 60,
+        },
+    )
+    cmd = [
+        *TORCHRUN,
+        "--max-restarts",
+        str(restarts),
+        "--master-port",
+        str(free_port()),
+        str(script),
+        "train",
+        "--resume",
+        "auto",
+        *(f"{k}={v}" for k, v in over.items()),
+    ]
+    env = {
+        **os.environ,
+        "MMTUNE_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MMTUNE_TEST_MARKER": str(tmp_path / f"{name}.killed"),
+    }
     # the timeout only guards against a hang; the run takes seconds
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

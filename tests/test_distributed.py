@@ -91,8 +91,7 @@ def _worker(rank: int, port: int, path: str, gradcache: int | None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
     results = {}
     for loss, class_aware in CASES:
@@ -119,8 +118,7 @@ def _worker(rank: int, port: int, path: str, gradcache: int | None) -> None:
 
 def _spawn(tmp_path, gradcache=None) -> dict:
     path = str(tmp_path / "dist.pt")
-    mp.start_processes(_worker, args=(free_port(), path, gradcache), nprocs=WORLD,
-                       start_method="spawn")  # fmt: skip
+    mp.start_processes(_worker, args=(free_port(), path, gradcache), nprocs=WORLD, start_method="spawn")
     return torch.load(path, weights_only=False)
 
 
@@ -157,5 +155,4 @@ def test_gather_is_identity_on_one_process():
 
     x = F.normalize(torch.randn(4, 3), dim=-1)
     assert gather_with_grad(x) is x
-    torch.testing.assert_close(distributed_clip_loss(x, x, torch.tensor(5.0)),
-                               clip_loss(x, x, torch.tensor(5.0)))  # fmt: skip
+    torch.testing.assert_close(distributed_clip_loss(x, x, torch.tensor(5.0)), clip_loss(x, x, torch.tensor(5.0)))

@@ -54,9 +54,7 @@ def test_images_and_texts_equal_the_model_and_bad_ones_are_counted(setup, capsys
 def test_pairs_file_source(setup):
     root, run, paths, model, proc = setup
     csv = root / "pairs.csv"
-    csv.write_text(
-        "image,caption\n" + "".join(f"imgs/{p.name},cap {i}\n" for i, p in enumerate(paths[:4]))
-    )
+    csv.write_text("image,caption\n" + "".join(f"imgs/{p.name},cap {i}\n" for i, p in enumerate(paths[:4])))
     items = E.image_items(csv)
     assert [it.path for it in items] == [str(p) for p in paths[:4]]
     assert [it.caption for it in E.text_items(csv)] == [f"cap {i}" for i in range(4)]

@@ -37,8 +37,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, accum,
     run (CPU, deterministic), optimizer state and schedule equal. R3: with accumulation 3 the
     stop falls after 3 micro-batches (an odd number): same step count and weights, no
     half-accumulated update. (R2, the data position: tests/test_reliability.py.)"""
-    common = {"train.max_steps": 6, "train.grad_accum": accum, "train.deterministic": True,
-              "data.augment": True}  # fmt: skip
+    common = {"train.max_steps": 6, "train.grad_accum": accum, "train.deterministic": True, "data.augment": True}
     straight = tiny_cfg(name="straight", **common)
     api.train(straight)
     part = tiny_cfg(name="parts", **common, **{"train.stop_after_steps": stop})

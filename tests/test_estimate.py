@@ -31,9 +31,7 @@ def test_prediction_is_within_25_percent_of_the_measured_peak(tiny_cfg):
     assert [m["batch"] for m in result["measured"]] == [32, 64, 128]
     model, task, records, autocast, device = _setup(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
-    actual = measure_step(
-        model, task, make_batch(task, records, 256, device), opt, autocast, device
-    )
+    actual = measure_step(model, task, make_batch(task, records, 256, device), opt, autocast, device)
     assert abs(result["peak_bytes"] / actual["peak_bytes"] - 1) < 0.25
     assert result["measured"][0]["peak_bytes"] < actual["peak_bytes"]  # it does grow
     assert result["suggestions"][0].startswith("data.batch_size=256 fits")
@@ -56,8 +54,16 @@ def test_estimate_runs_on_a_classify_config_with_quiet_stderr(tmp_path, capfd):
 
     config = Path(__file__).resolve().parents[1] / "configs" / "classify-digits.yaml"
     out = tmp_path / "est.json"
-    args = ["estimate", "--config", str(config), "--output", str(out), "model.name=tiny-clip",
-            "data.batch_size=8", "train.precision=fp32"]  # fmt: skip
+    args = [
+        "estimate",
+        "--config",
+        str(config),
+        "--output",
+        str(out),
+        "model.name=tiny-clip",
+        "data.batch_size=8",
+        "train.precision=fp32",
+    ]
     assert main(args) == 0  # was: AttributeError 'ImageClassifier' has no 'encode_image'
     err = capfd.readouterr().err
     assert "USDT" not in err and "profiler" not in err.lower()

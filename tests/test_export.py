@@ -108,9 +108,7 @@ def test_composed_model_exports(tmp_path):
         h = text(**tok).last_hidden_state
         m = tok["attention_mask"][..., None].float()
         got_i = F.normalize(cls @ proj["vision_projection.weight"].T, dim=-1).numpy()
-        got_t = F.normalize(
-            ((h * m).sum(1) / m.sum(1)) @ proj["text_projection.weight"].T, dim=-1
-        ).numpy()
+        got_t = F.normalize(((h * m).sum(1) / m.sum(1)) @ proj["text_projection.weight"].T, dim=-1).numpy()
     assert np.abs(got_i - img).max() <= TOL and np.abs(got_t - txt).max() <= TOL
     export_run(run, tmp_path / "onnx", "onnx")
     got_i, got_t = onnx_run(tmp_path / "onnx", px, tok)

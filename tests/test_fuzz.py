@@ -142,10 +142,18 @@ def test_random_json_bodies_never_get_a_5xx(client, route, body):
 @FUZZ
 @given(
     route=st.sampled_from(ROUTES),
-    ctype=st.sampled_from(["application/json", "text/plain", "multipart/form-data",
-                           "multipart/form-data; boundary=x", "", "application/x-www-form-urlencoded"]),
+    ctype=st.sampled_from(
+        [
+            "application/json",
+            "text/plain",
+            "multipart/form-data",
+            "multipart/form-data; boundary=x",
+            "",
+            "application/x-www-form-urlencoded",
+        ]
+    ),
     body=st.binary(max_size=300),
-)  # fmt: skip
+)
 @example(route="/v1/embed", ctype="application/json", body=b"\xff\xfe{")
 @example(route="/v1/classify", ctype="multipart/form-data; boundary=x", body=b"--x\r\n\r\n--x--")
 def test_raw_bodies_never_get_a_5xx(client, route, ctype, body):

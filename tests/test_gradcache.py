@@ -46,9 +46,7 @@ def test_dropout_masks_are_replayed():
     model = tiny_model()
     b = batch()
     torch.manual_seed(999)
-    gradcache_loss(
-        model, b, 3, lambda i, t, s, _, rows: clip_loss_rows(i, t, s, None, rows)
-    ).backward()
+    gradcache_loss(model, b, 3, lambda i, t, s, _, rows: clip_loss_rows(i, t, s, None, rows)).backward()
     assert not torch.allclose(model.vision[1].weight.grad, ref_grads["vision.1.weight"])
 
 

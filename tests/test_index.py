@@ -26,9 +26,7 @@ def clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, dim)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
-    x = c[rng.integers(centres, size=n)] + rng.standard_normal((n, dim)).astype(
-        np.float32
-    ) / np.sqrt(dim)
+    x = c[rng.integers(centres, size=n)] + rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -37,19 +35,14 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
-    )
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
 @pytest.fixture(scope="module")
 def data():
     x = clustered(6000, 32, 60, seed=0)
     rng = np.random.default_rng(1)  # queries: perturbed database vectors, so neighbours are real
-    q = (
-        x[rng.choice(len(x), 50, replace=False)]
-        + rng.standard_normal((50, 32)).astype(np.float32) * 0.05
-    )
+    q = x[rng.choice(len(x), 50, replace=False)] + rng.standard_normal((50, 32)).astype(np.float32) * 0.05
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return x, q, exact_topk(x, q, 10)
 

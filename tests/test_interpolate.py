@@ -25,8 +25,7 @@ def _run(folder, seed, model=None):
 def test_interpolated_run_holds_the_weighted_mean(tmp_path):
     a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
     out = tmp_path / "mix"
-    assert main(["interpolate", str(tmp_path / "a"), str(tmp_path / "b"),
-                 "--alpha", "0.25", "-o", str(out)]) == 0  # fmt: skip
+    assert main(["interpolate", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0.25", "-o", str(out)]) == 0
     mixed, _ = load_run(out)
     sa, sb = a.state_dict(), b.state_dict()
     for k, v in mixed.state_dict().items():
@@ -42,8 +41,7 @@ def test_interpolated_run_holds_the_weighted_mean(tmp_path):
 def test_several_alphas_and_exact_endpoints(tmp_path):
     a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
     out = tmp_path / "mix"
-    assert main(["interpolate", str(tmp_path / "a"), str(tmp_path / "b"),
-                 "--alpha", "0", "1", "-o", str(out)]) == 0  # fmt: skip
+    assert main(["interpolate", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0", "1", "-o", str(out)]) == 0
     for alpha, ref in ((0, a), (1, b)):
         model, _ = load_run(out / f"alpha-{alpha}")
         for k, v in model.state_dict().items():
@@ -57,8 +55,9 @@ def test_different_architectures_are_refused(tmp_path, capsys):
     model, _, _ = _tiny_clip()
     add_lora(model, model.tower("vision"))
     _run(tmp_path / "b", 1, model)
-    code = main(["interpolate", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0.5",
-                 "-o", str(tmp_path / "mix")])  # fmt: skip
+    code = main(
+        ["interpolate", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0.5", "-o", str(tmp_path / "mix")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "different architectures" in err and "\n" not in err
 

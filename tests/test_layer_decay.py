@@ -32,9 +32,7 @@ def test_optimizer_groups_carry_the_scales():
     groups = param_groups(_clf(0.5), 0.1)
     by_scale = {}
     for g in groups:
-        by_scale[g["lr_scale"]] = by_scale.get(g["lr_scale"], 0) + sum(
-            p.numel() for p in g["params"]
-        )
+        by_scale[g["lr_scale"]] = by_scale.get(g["lr_scale"], 0) + sum(p.numel() for p in g["params"])
     assert set(by_scale) == {1.0, 0.5, 0.25, 0.125}
     plain = param_groups(_clf(None), 0.1)
     assert [g["lr_scale"] for g in plain] == [1.0, 1.0]

@@ -66,8 +66,11 @@ def test_no_imports_of_private_names_across_modules():
     for path in _modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmtune"):
-                bad += [f"{path.relative_to(SRC)}: {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+                bad += [
+                    f"{path.relative_to(SRC)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not bad, bad
 
 
@@ -105,8 +108,13 @@ def test_no_task_or_head_names_tested_outside_tasks():
             if not isinstance(node, ast.Compare):
                 continue
             consts = [n for n in [node.left, *node.comparators] if isinstance(n, ast.Constant)]
-            consts += [e for n in [node.left, *node.comparators] if isinstance(n, ast.Tuple | ast.List | ast.Set)
-                       for e in n.elts if isinstance(e, ast.Constant)]  # fmt: skip
+            consts += [
+                e
+                for n in [node.left, *node.comparators]
+                if isinstance(n, ast.Tuple | ast.List | ast.Set)
+                for e in n.elts
+                if isinstance(e, ast.Constant)
+            ]
             hits = [c.value for c in consts if c.value in names]
             bad += [f"{path.relative_to(SRC)}:{node.lineno} tests {h!r}" for h in hits]
     assert not bad, bad

@@ -25,8 +25,11 @@ def _adapted(seed=0):
 def test_adapters_go_on_every_image_tower_linear_only():
     clf, names, _ = _adapted()
     fresh = _tiny_clip()[0]
-    tower_linears = {f"backbone.hf.vision_model.{n}" for n, m in fresh.hf.vision_model.named_modules()
-                     if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    tower_linears = {
+        f"backbone.hf.vision_model.{n}"
+        for n, m in fresh.hf.vision_model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     assert set(names) == tower_linears and len(names) == 2 * 6  # 2 layers × q k v out fc1 fc2
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -57,9 +60,7 @@ def test_lora_changes_the_output_relative_to_the_base():
     clf, _, _ = _adapted()
     torch.manual_seed(0)
     base = ImageClassifier(_tiny_clip()[0], torch.zeros(10, 16))
-    state = {
-        k.replace(".base_layer", ""): v for k, v in clf.state_dict().items() if "lora_" not in k
-    }
+    state = {k.replace(".base_layer", ""): v for k, v in clf.state_dict().items() if "lora_" not in k}
     base.load_state_dict(state)
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():

@@ -23,9 +23,7 @@ def _loop_clip(img, txt, scale, groups=None):
     """Soft-target symmetric InfoNCE with Python loops over scalar tensors (differentiable)."""
     b = img.shape[0]
     s = [[scale * torch.dot(img[i], txt[j]) for j in range(b)] for i in range(b)]
-    pos = [
-        [i == j if groups is None else groups[i] == groups[j] for j in range(b)] for i in range(b)
-    ]
+    pos = [[i == j if groups is None else groups[i] == groups[j] for j in range(b)] for i in range(b)]
     total = 0.0
     for i in range(b):
         lse_row = torch.log(sum(torch.exp(s[i][j]) for j in range(b)))
@@ -203,9 +201,7 @@ def test_local_block_is_image_to_text_only():
     scale = torch.tensor(2.0, dtype=torch.float64)
     block = clip_loss(img[2:4], txt, scale, row_offset=2)
     logits = scale * img @ txt.T
-    expected = sum(
-        math.log(sum(math.exp(logits[i, j]) for j in range(4))) - logits[i, i] for i in (2, 3)
-    )
+    expected = sum(math.log(sum(math.exp(logits[i, j]) for j in range(4))) - logits[i, i] for i in (2, 3))
     assert block.item() == pytest.approx(float(expected) / 2, abs=1e-12)
 
 

@@ -31,16 +31,12 @@ def _loop_retrieval(image_emb, text_emb, owners, ks):
 
 # image i = e_i so similarity (image i, text t) = TEXTS[t, i]; text t belongs to image OWNERS[t]
 IMAGES = torch.eye(3)
-TEXTS = torch.tensor(
-    [[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.6, 0.8], [0.8, 0.0, 0.6], [0.0, 0.0, 1.0]]
-)
+TEXTS = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.6, 0.8], [0.8, 0.0, 0.6], [0.0, 0.0, 1.0]])
 OWNERS = [0, 0, 1, 2, 2]
 
 
 def test_zeroshot_weights_hand_worked_class_major():
-    text = torch.tensor(
-        [[3.0, 4.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]], dtype=torch.float64
-    )
+    text = torch.tensor([[3.0, 4.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     weights = zeroshot_weights(text, n_classes=2, n_templates=2)
     # class 0: mean of (.6, .8, 0) and (0, 1, 0) = (.3, .9, 0); class 1: (.5, 0, .5)
     expected = torch.tensor(
@@ -88,9 +84,7 @@ def test_classification_metrics_match_sklearn(as_tensor):
 
 
 def test_classification_metrics_hand_worked_with_k_clipped():
-    logits = np.array(
-        [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.3, 0.6], [0.8, 0.15, 0.05]]
-    )
+    logits = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.3, 0.6], [0.8, 0.15, 0.05]])
     labels = np.array([0, 1, 2, 2, 1])
     got = classification_metrics(logits, labels, ks=(1, 2, 5))
     # top-1 preds 0, 1, 0, 2, 0 -> 3/5; label ranks 0, 0, 1, 0, 1 -> top2 = 5/5
@@ -154,9 +148,7 @@ def test_retrieval_metrics_skip_images_without_texts():
 
 
 def test_retrieval_metrics_count_ties_against_the_query():
-    got = retrieval_metrics(
-        torch.ones(3, 2) / math.sqrt(2), torch.ones(3, 2) / math.sqrt(2), [0, 1, 2]
-    )
+    got = retrieval_metrics(torch.ones(3, 2) / math.sqrt(2), torch.ones(3, 2) / math.sqrt(2), [0, 1, 2])
     assert got == pytest.approx(
         {
             "i2t.R@1": 0.0,

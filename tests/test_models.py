@@ -55,9 +55,7 @@ def test_save_reload_gives_identical_embeddings(tmp_path, name):
     tok = proc2.tokenize(["a photo of the number three.", "seven"])
     # equal up to the attention kernel (a preset may pick eager; a reload takes the default)
     torch.testing.assert_close(model.encode_image(px), again.encode_image(px), rtol=0, atol=1e-6)
-    torch.testing.assert_close(
-        model.encode_text(**tok), again.encode_text(**tok), rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(model.encode_text(**tok), again.encode_text(**tok), rtol=0, atol=1e-6)
     assert again.text_locked == model.text_locked
 
 
@@ -127,8 +125,7 @@ def test_pickled_weights_that_run_code_are_refused(tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    torch.save({"vision_model.embeddings.patch_embedding.weight": Evil()},
-               tmp_path / "m" / "pytorch_model.bin")  # fmt: skip
+    torch.save({"vision_model.embeddings.patch_embedding.weight": Evil()}, tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(ModelConfig(name=str(tmp_path / "m")))
     assert not marker.exists()
@@ -159,18 +156,37 @@ def test_composed_towers_train_with_siglip_and_reload(tmp_path):
     from mmtune.models.load import minilm_dir
     from mmtune.runs import load_run
 
-    vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=48), add_pooling_layer=False)  # fmt: skip
+    vit = ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+        ),
+        add_pooling_layer=False,
+    )
     vit.save_pretrained(tmp_path / "vit")
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    bert = BertModel(
+        BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     bert.save_pretrained(tmp_path / "bert")
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "bert")
-    cfg = load_config(None, {
-        "model.vision": str(tmp_path / "vit"), "model.text": str(tmp_path / "bert"),
-        "model.embed_dim": 8, "options.loss": "siglip", "train.max_steps": 2,
-        "data.batch_size": 16, "train.progress": False, "output_dir": str(tmp_path), "name": "c",
-    })  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "model.vision": str(tmp_path / "vit"),
+            "model.text": str(tmp_path / "bert"),
+            "model.embed_dim": 8,
+            "options.loss": "siglip",
+            "train.max_steps": 2,
+            "data.batch_size": 16,
+            "train.progress": False,
+            "output_dir": str(tmp_path),
+            "name": "c",
+        },
+    )
     metrics = api.train(cfg)
     assert 0.0 <= metrics["zeroshot.top1"] <= 1.0
     model, proc = load_run(tmp_path / "c")

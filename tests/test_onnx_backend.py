@@ -60,8 +60,7 @@ def test_onnx_server_gives_the_pytorch_embeddings(world):
 
 
 def test_int8_server_is_close_and_keeps_the_ranking(world):
-    img, txt = served(Backend.from_run(world["run"], backend="onnx", quantize="int8"),
-                      world["paths"])  # fmt: skip
+    img, txt = served(Backend.from_run(world["run"], backend="onnx", quantize="int8"), world["paths"])
     cos = np.concatenate([(img * world["img"]).sum(1), (txt * world["txt"]).sum(1)])
     assert cos.min() >= INT8_MIN_COSINE and cos.min() < 1 - 1e-6  # close, yet really quantised
     want = (world["txt"] @ world["img"].T).argmax(1)
@@ -76,9 +75,20 @@ def test_embed_cli_onnx_equals_torch(world, tmp_path):
     out = {}
     for backend in ("torch", "onnx"):
         out[backend] = tmp_path / f"{backend}.parquet"
-        args = ["embed", "--checkpoint", str(world["run"]), "--images", str(world["root"] / "imgs"),
-                "--texts", str(texts), "-o", str(out[backend]), "--no-progress",
-                "--backend", backend]  # fmt: skip
+        args = [
+            "embed",
+            "--checkpoint",
+            str(world["run"]),
+            "--images",
+            str(world["root"] / "imgs"),
+            "--texts",
+            str(texts),
+            "-o",
+            str(out[backend]),
+            "--no-progress",
+            "--backend",
+            backend,
+        ]
         assert main(args) == 0
     a, b = (pq.read_table(out[k]).to_pydict() for k in ("torch", "onnx"))
     assert a["id"] == b["id"] and len(a["id"]) == len(world["paths"]) + len(TEXTS)
@@ -117,6 +127,15 @@ def test_a_model_that_cannot_be_exported_is_one_line_error(world, tmp_path):
 def test_quantize_without_onnx_backend_exits_2(world, tmp_path):
     from mmtune.cli import main
 
-    args = ["embed", "--checkpoint", str(world["run"]), "--images", str(world["root"] / "imgs"),
-            "-o", str(tmp_path / "e.parquet"), "--quantize", "int8"]  # fmt: skip
+    args = [
+        "embed",
+        "--checkpoint",
+        str(world["run"]),
+        "--images",
+        str(world["root"] / "imgs"),
+        "-o",
+        str(tmp_path / "e.parquet"),
+        "--quantize",
+        "int8",
+    ]
     assert main(args) == 2

@@ -22,8 +22,7 @@ from tests.openclip_ref import (
 )
 
 TEXTS = ["a photo of a cat", "Hello, World!! it's 3.14 o'clock", "naïve café 🙂", "x"]
-CASES = [("ViT-B-32", {}), ("ViT-B-16-quickgelu", {}), ("ViT-L-14", {}),
-         ("ViT-B-32", {"context_length": 32})]  # fmt: skip
+CASES = [("ViT-B-32", {}), ("ViT-B-16-quickgelu", {}), ("ViT-L-14", {}), ("ViT-B-32", {"context_length": 32})]
 
 
 def _reference(model, cfg, pixels):
@@ -31,9 +30,7 @@ def _reference(model, cfg, pixels):
     _, tok = open_clip_modules()
     ids = tok.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))(TEXTS)
     with torch.no_grad():
-        return F.normalize(model.encode_image(pixels), dim=-1), F.normalize(
-            model.encode_text(ids), dim=-1
-        )
+        return F.normalize(model.encode_image(pixels), dim=-1), F.normalize(model.encode_text(ids), dim=-1)
 
 
 def _unit(features):
@@ -47,8 +44,7 @@ def test_offline_tokenizer_equals_open_clips():
     _, tok = open_clip_modules()
     texts = [*TEXTS, "  spaces\tand\nTABS  ", "UPPER lower MiXeD123", "a " * 100]
     ref = tok.SimpleTokenizer(context_length=77)(texts)
-    ours = clip_tokenizer(77)(texts, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt")  # fmt: skip
+    ours = clip_tokenizer(77)(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     assert torch.equal(ours["input_ids"] * ours["attention_mask"], ref)  # open_clip pads with 0
 
 
@@ -92,11 +88,16 @@ def test_convert_matches_open_clip_and_round_trips(name, text, tmp_path, capsys)
     assert bool(back_cfg["model_cfg"].get("quick_gelu")) == bool(cfg.get("quick_gelu"))
 
 
-@pytest.mark.parametrize(("name", "found"), [
-    ("ViT-B-16-SigLIP", "timm image tower"), ("xlm-roberta-base-ViT-B-32", "Hugging Face text"),
-    ("RN50", "ResNet image tower"), ("ViT-M-16-alt", "ls_init_value"),
-    ("coca_ViT-B-32", "CoCa"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [
+        ("ViT-B-16-SigLIP", "timm image tower"),
+        ("xlm-roberta-base-ViT-B-32", "Hugging Face text"),
+        ("RN50", "ResNet image tower"),
+        ("ViT-M-16-alt", "ls_init_value"),
+        ("coca_ViT-B-32", "CoCa"),
+    ],
+)
 def test_unsupported_towers_are_refused_naming_them(name, found, tmp_path, capsys):
     cfg = shipped_config(name, max_layers=None)
     (tmp_path / "oc").mkdir()
@@ -131,8 +132,15 @@ def test_open_clip_model_fine_tunes_evaluates_and_exports_back(tmp_path):
     cfg["vision_cfg"].update(width=64, head_width=32, image_size=32, patch_size=8)
     cfg["embed_dim"] = 32
     save_open_clip(cfg, tmp_path / "oc")
-    args = ["train", f"model.name={tmp_path / 'oc'}", f"output_dir={tmp_path}", "name=run",
-            "data.batch_size=16", "train.max_steps=3", "train.progress=false"]  # fmt: skip
+    args = [
+        "train",
+        f"model.name={tmp_path / 'oc'}",
+        f"output_dir={tmp_path}",
+        "name=run",
+        "data.batch_size=16",
+        "train.max_steps=3",
+        "train.progress=false",
+    ]
     assert main(args) == 0
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -156,8 +164,14 @@ def test_open_clip_model_fine_tunes_evaluates_and_exports_back(tmp_path):
 def test_export_refuses_a_model_whose_tokenizer_open_clip_would_not_use(tmp_path, capsys):
     """tiny-clip is a CLIPModel with a BERT word-piece vocabulary: open_clip would tokenize its
     prompts with CLIP's BPE and get other ids, so the export says so instead of writing it."""
-    args = ["train", "model.name=tiny-clip", f"output_dir={tmp_path}", "name=run",
-            "train.max_steps=1", "train.progress=false"]  # fmt: skip
+    args = [
+        "train",
+        "model.name=tiny-clip",
+        f"output_dir={tmp_path}",
+        "name=run",
+        "train.max_steps=1",
+        "train.progress=false",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     out = tmp_path / "x"

@@ -83,8 +83,10 @@ def test_r4_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_SAVE, str(root / "last")],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert proc.stdout.readline().strip() == "mid-save"
         proc.send_signal(signal.SIGKILL)
@@ -133,8 +135,7 @@ def test_r6_full_disk_during_a_save_stops_the_run_with_the_error(tmp_path):
     """R6: files limited to 2 MB (RLIMIT_FSIZE, as a full disk refuses writes; the weights are
     4 MB): `mmtune train` fails with the OS error, leaves no checkpoint and reports no success.
     (A read-only folder: tests/test_engine.py::test_r6_read_only_folder_fails_loudly.)"""
-    over = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.save_every": 1,
-                                       "train.eval_every": 0})  # fmt: skip
+    over = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.save_every": 1, "train.eval_every": 0})
 
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
@@ -142,9 +143,12 @@ def test_r6_full_disk_during_a_save_stops_the_run_with_the_error(tmp_path):
 
     run = subprocess.run(
         [sys.executable, "-m", "mmtune.cli", "train", *(f"{k}={v}" for k, v in over.items())],
-        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
         env={**os.environ, "MMTUNE_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert run.returncode != 0
     assert "File too large" in run.stderr, run.stderr[-2000:]
     run_dir = tmp_path / "run"
@@ -159,8 +163,7 @@ def saved_run(tmp_path_factory):
     from mmtune.config import load_config
 
     tmp = tmp_path_factory.mktemp("saves")
-    over = tiny_overrides(tmp, **{"train.max_steps": 4, "train.save_every": 1,
-                                  "train.eval_every": 1})  # fmt: skip
+    over = tiny_overrides(tmp, **{"train.max_steps": 4, "train.save_every": 1, "train.eval_every": 1})
     api.train(load_config(None, over))
     return tmp / "run"
 
@@ -217,8 +220,7 @@ def _decodable_bomb(path: Path, side: int) -> Path:
     row = b"\x00" * (1 + 3 * side)  # filter byte + pixels
     idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
 
 
@@ -229,8 +231,13 @@ def test_d2_png_declaring_a_huge_size_is_refused_from_its_header(tmp_path):
     tiny = _bomb_png(tmp_path / "tiny.png", 8000, 8000)
     real = _decodable_bomb(tmp_path / "real.png", 8000)
     assert tiny.stat().st_size < 1024 and real.stat().st_size < 400_000
-    out = subprocess.run([sys.executable, "-c", BOMB_MEMORY, str(real), str(tiny)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", BOMB_MEMORY, str(real), str(tiny)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     for line in out.splitlines():  # peak memory only grows: the real bomb is read first
         reason, grown_mb = line.split()
         assert reason == "too_large" and int(grown_mb) < 40, out
@@ -248,8 +255,7 @@ def test_d4_captions_not_utf8_are_filtered_and_long_ones_truncated(tmp_path):
         write_image(tmp_path / f"{i}.png")
     long = "a long caption " * 700
     (tmp_path / "pairs.csv").write_bytes(
-        b"image,caption\n0.png,a fine caption\n1.png,caf\xe9 au lait\n2.png,   \n3.png,"
-        + long.encode()
+        b"image,caption\n0.png,a fine caption\n1.png,caf\xe9 au lait\n2.png,   \n3.png," + long.encode()
     )
     recs = read_table(str(tmp_path / "pairs.csv"), "csv").records
     kept, counts = screen(recs)
@@ -314,8 +320,9 @@ def test_r8_keep_last_n_keeps_exactly_the_newest_n_and_best(tmp_path):
     from mmtune import checkpoint as ckpt
     from mmtune.config import load_config
 
-    over = tiny_overrides(tmp_path, **{"train.max_steps": 5, "train.save_every": 1, "train.eval_every": 1,
-                                       "train.keep_last": 3})  # fmt: skip
+    over = tiny_overrides(
+        tmp_path, **{"train.max_steps": 5, "train.save_every": 1, "train.eval_every": 1, "train.keep_last": 3}
+    )
     api.train(load_config(None, over))
     root = tmp_path / "run" / "checkpoints"
     names = sorted(p.name for p in root.iterdir())

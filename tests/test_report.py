@@ -17,13 +17,20 @@ DATA_URI = "data:image/png;base64,"
 TRAIN_EVAL_LINES = [
     {"kind": "train", "step": 10, "epoch": 0.5, "time": 3.2, "loss": 1.9, "lr": 0.001},
     {"kind": "train", "step": 20, "epoch": 1.0, "time": 6.1, "loss": None, "lr": 0.002},
-    {"kind": "train", "step": 30, "epoch": 1.5, "time": 9.0, "loss": 1.2, "loss.clip": 0.9,
-     "lr": 0.002, "grad_norm": 3.4, "samples_per_s": 410.0},
-    {"kind": "eval", "step": 30, "epoch": 1.5, "time": 9.5, "zeroshot.top1": 0.71,
-     "retrieval.i2t.R@1": 0.3},
-    {"kind": "eval", "step": 50, "epoch": 2.0, "time": 9.9, "zeroshot.top1": 0.81,
-     "retrieval.i2t.R@1": None},
-]  # fmt: skip
+    {
+        "kind": "train",
+        "step": 30,
+        "epoch": 1.5,
+        "time": 9.0,
+        "loss": 1.2,
+        "loss.clip": 0.9,
+        "lr": 0.002,
+        "grad_norm": 3.4,
+        "samples_per_s": 410.0,
+    },
+    {"kind": "eval", "step": 30, "epoch": 1.5, "time": 9.5, "zeroshot.top1": 0.71, "retrieval.i2t.R@1": 0.3},
+    {"kind": "eval", "step": 50, "epoch": 2.0, "time": 9.9, "zeroshot.top1": 0.81, "retrieval.i2t.R@1": None},
+]
 
 
 def _assert_png(path: Path) -> None:
@@ -48,7 +55,7 @@ def _make_run(root: Path) -> Path:
     (run / "metrics.json").write_text(json.dumps(final), encoding="utf-8")
     (run / "config.yaml").write_text("name: <script>alert(1)</script>\nlr: 1e-3\n")
     (run / "tables").mkdir()
-    table = {"title": "Per-class <acc>", "columns": ["class", "top1"], "rows": [["cat", 0.5], ["dog&co", 1]]}  # fmt: skip
+    table = {"title": "Per-class <acc>", "columns": ["class", "top1"], "rows": [["cat", 0.5], ["dog&co", 1]]}
     (run / "tables" / "x.json").write_text(json.dumps(table), encoding="utf-8")
     (run / "tables" / "broken.json").write_text("{not json", encoding="utf-8")
     (run / "plots").mkdir()
@@ -67,9 +74,17 @@ def test_read_jsonl_skips_bad_lines(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(3, "3"), (0.971234, "0.9712"), (41.2, "41.2"), (41234.5, "41,234"), (None, "NaN"),
-     (True, "true"), ("a", "a"), (1e-7, "1e-07")],
-)  # fmt: skip
+    [
+        (3, "3"),
+        (0.971234, "0.9712"),
+        (41.2, "41.2"),
+        (41234.5, "41,234"),
+        (None, "NaN"),
+        (True, "true"),
+        ("a", "a"),
+        (1e-7, "1e-07"),
+    ],
+)
 def test_fmt(value: object, text: str) -> None:
     assert _fmt(value) == text
 

@@ -15,28 +15,44 @@ def _write(path, data):
 
 def _vqa_files(tmp_path, results):
     ten = lambda *xs: [{"answer": a, "answer_id": i + 1} for i, a in enumerate(xs)]  # noqa: E731
-    anns = {"annotations": [
-        {"question_id": 1, "image_id": 9, "question_type": "what color is the", "answer_type": "other",
-         "answers": ten(*["red"] * 10)},
-        {"question_id": 2, "image_id": 9, "question_type": "how many", "answer_type": "number",
-         "answers": ten(*["2"] * 2, *["two"] * 2, *["3"] * 6)},
-        {"question_id": 3, "image_id": 9, "question_type": "is the", "answer_type": "yes/no",
-         "answers": ten(*["yes"] * 9, "no")},
-    ]}  # fmt: skip
+    anns = {
+        "annotations": [
+            {
+                "question_id": 1,
+                "image_id": 9,
+                "question_type": "what color is the",
+                "answer_type": "other",
+                "answers": ten(*["red"] * 10),
+            },
+            {
+                "question_id": 2,
+                "image_id": 9,
+                "question_type": "how many",
+                "answer_type": "number",
+                "answers": ten(*["2"] * 2, *["two"] * 2, *["3"] * 6),
+            },
+            {
+                "question_id": 3,
+                "image_id": 9,
+                "question_type": "is the",
+                "answer_type": "yes/no",
+                "answers": ten(*["yes"] * 9, "no"),
+            },
+        ]
+    }
     qs = {"questions": [{"question_id": i, "image_id": 9, "question": "?"} for i in (1, 2, 3)]}
-    return (_write(tmp_path / "anns.json", anns), _write(tmp_path / "qs.json", qs),
-            _write(tmp_path / "res.json", results))  # fmt: skip
+    return (
+        _write(tmp_path / "anns.json", anns),
+        _write(tmp_path / "qs.json", qs),
+        _write(tmp_path / "res.json", results),
+    )
 
 
 def test_score_vqa_hand_worked(tmp_path, capsys):
-    res = [{"question_id": 1, "answer": "Red"}, {"question_id": 2, "answer": "two"},
-           {"question_id": 3, "answer": "no"}]  # fmt: skip
+    res = [{"question_id": 1, "answer": "Red"}, {"question_id": 2, "answer": "two"}, {"question_id": 3, "answer": "no"}]
     a, q, r = _vqa_files(tmp_path, res)
     out = tmp_path / "m.json"
-    assert (
-        main(["score", "vqa", "--annotations", a, "--questions", q, "--results", r, "-o", str(out)])
-        == 0
-    )
+    assert main(["score", "vqa", "--annotations", a, "--questions", q, "--results", r, "-o", str(out)]) == 0
     m = json.loads(out.read_text())
     # q1: ten identical answers, so no normalisation: "Red" != "red" → 0 (the official quirk).
     # q2: "two" → "2" after normalisation; 4 of 10 give "2": each leave-one-out subset has 3 or 4
@@ -52,19 +68,14 @@ def test_score_vqa_bad_files_name_the_file(tmp_path, capsys):
     a, q, r = _vqa_files(tmp_path, [{"question_id": 1, "answer": "red"}])
     assert main(["score", "vqa", "--annotations", a, "--questions", q, "--results", r]) == 2
     err = capsys.readouterr().err
-    assert (
-        r in err
-        and "2 of 3 annotated questions have no answer" in err
-        and len(err.splitlines()) == 1
-    )
+    assert r in err and "2 of 3 annotated questions have no answer" in err and len(err.splitlines()) == 1
     (tmp_path / "res.json").write_text("[{")
     assert main(["score", "vqa", "--annotations", a, "--questions", q, "--results", r]) == 2
     assert f"{r}: not valid JSON" in capsys.readouterr().err
     _write(tmp_path / "res.json", [{"question_id": 1}])
     assert main(["score", "vqa", "--annotations", a, "--questions", q, "--results", r]) == 2
     assert "entry 0 has no 'answer'" in capsys.readouterr().err
-    assert main(["score", "vqa", "--annotations", str(tmp_path / "no.json"), "--questions", q,
-                 "--results", r]) == 2  # fmt: skip
+    assert main(["score", "vqa", "--annotations", str(tmp_path / "no.json"), "--questions", q, "--results", r]) == 2
     assert "no.json: no such file (--annotations)" in capsys.readouterr().err
 
 
@@ -84,14 +95,8 @@ def test_score_caption_equals_pycocoevalcap(tmp_path):
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    anns = [
-        {"image_id": i, "id": 10 * i + k, "caption": c}
-        for i, cs in REFS.items()
-        for k, c in enumerate(cs)
-    ]
-    refs = _write(
-        tmp_path / "refs.json", {"images": [{"id": i} for i in REFS], "annotations": anns}
-    )
+    anns = [{"image_id": i, "id": 10 * i + k, "caption": c} for i, cs in REFS.items() for k, c in enumerate(cs)]
+    refs = _write(tmp_path / "refs.json", {"images": [{"id": i} for i in REFS], "annotations": anns})
     res = _write(tmp_path / "res.json", [{"image_id": i, "caption": c} for i, c in HYPS.items()])
     out = tmp_path / "m.json"
     assert main(["score", "caption", "--references", refs, "--results", res, "-o", str(out)]) == 0
@@ -112,7 +117,4 @@ def test_score_caption_bad_files_name_the_file(tmp_path, capsys):
     assert f"{res}: image_id 2 has no reference caption" in capsys.readouterr().err
     bad = _write(tmp_path / "bad.json", [{"image_id": 1, "caption": "x"}])
     assert main(["score", "caption", "--references", bad, "--results", res]) == 2
-    assert (
-        f'{bad}: expected a JSON object with a "annotations" list (--references)'
-        in capsys.readouterr().err
-    )
+    assert f'{bad}: expected a JSON object with a "annotations" list (--references)' in capsys.readouterr().err

@@ -17,8 +17,14 @@ pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "sd-lora-tiny.yaml")
-SMALL = ["train.max_steps=3", "data.batch_size=4", "data.eval_batch_size=8",
-         "options.eval_samples=8", "train.progress=false", "train.log_every=1"]  # fmt: skip
+SMALL = [
+    "train.max_steps=3",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "options.eval_samples=8",
+    "train.progress=false",
+    "train.log_every=1",
+]
 
 
 def _base_tensors(model) -> dict[str, torch.Tensor]:
@@ -92,10 +98,7 @@ def test_generate_command_writes_the_grid(sd_run, tmp_path, capsys):
     from mmtune.tasks.sd_lora import generate_images
 
     out = tmp_path / "x.png"
-    assert (
-        main(["generate", "--checkpoint", str(sd_run), "a prompt", "-n", "2", "--out", str(out)])
-        == 0
-    )
+    assert main(["generate", "--checkpoint", str(sd_run), "a prompt", "-n", "2", "--out", str(out)]) == 0
     assert "a prompt" in capsys.readouterr().out
     expected = grid(generate_images(sd_run, ["a prompt"], n=2, seed=0, guidance=7.5), scale=2)
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
@@ -136,9 +139,7 @@ def test_training_changes_only_adapters_lowers_loss_and_reloads(tmp_path):
         "options.caption_dropout=0",
         "train.progress=false",
     ]
-    cfg = load_config(
-        CONFIG, {"output_dir": str(tmp_path), "name": "mem", **parse_overrides(overrides)}
-    )
+    cfg = load_config(CONFIG, {"output_dir": str(tmp_path), "name": "mem", **parse_overrides(overrides)})
     splits = build_data(cfg)
     batch = splits.train[:4]  # the fixed batch: trained on and scored with fixed noise
     task = SDLoRATask(Context(cfg, splits))
@@ -177,9 +178,7 @@ def _save_tiny_pipeline(folder: Path) -> None:
     DDPMScheduler.from_config(scheduler).save_pretrained(folder / "scheduler")
 
 
-def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(
-    tmp_path, pairs_folder, capsys
-):
+def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(tmp_path, pairs_folder, capsys):
     from mmtune.models.sd import check_pipeline_folder, load_base, load_sd_run
 
     folder = tmp_path / "pipe"
@@ -187,14 +186,22 @@ def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(
     preset = _base_tensors(load_base("tiny-sd"))
     images, rows = pairs_folder  # a pairs CSV as training data, the folder as base
     (images / "pairs.csv").write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c, _ in rows))
-    args = ["train", "-c", CONFIG, f"output_dir={tmp_path}", "name=f", f"model.name={folder}",
-            f"data.dataset={images / 'pairs.csv'}", "data.val_fraction=0.25", "eval.split=val",
-            *SMALL, "train.max_steps=1"]  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        CONFIG,
+        f"output_dir={tmp_path}",
+        "name=f",
+        f"model.name={folder}",
+        f"data.dataset={images / 'pairs.csv'}",
+        "data.val_fraction=0.25",
+        "eval.split=val",
+        *SMALL,
+        "train.max_steps=1",
+    ]
     assert main(args) == 0
     run = tmp_path / "f"
-    assert json.loads((run / "model" / "mmtune_model.json").read_text())["base"] == str(
-        folder.resolve()
-    )
+    assert json.loads((run / "model" / "mmtune_model.json").read_text())["base"] == str(folder.resolve())
     loaded = _base_tensors(load_sd_run(run)[0])
     assert loaded.keys() == preset.keys()
     assert all(torch.equal(loaded[k], preset[k]) for k in preset)
@@ -208,9 +215,7 @@ def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(
     with pytest.raises(CheckpointError, match=r"missing vae/diffusion_pytorch_model\.safetensors"):
         check_pipeline_folder(folder)
     code = main(["train", "-c", CONFIG, f"output_dir={tmp_path}", f"model.name={folder}", *SMALL])
-    assert (
-        code == 2 and "missing vae/diffusion_pytorch_model.safetensors" in capsys.readouterr().err
-    )
+    assert code == 2 and "missing vae/diffusion_pytorch_model.safetensors" in capsys.readouterr().err
     (folder / "vae" / "diffusion_pytorch_model.bin").rename(weights)
 
     with open(folder / "unet" / "diffusion_pytorch_model.safetensors", "ab") as f:
@@ -219,18 +224,19 @@ def test_pipeline_folder_trains_on_pairs_and_bad_folders_fail_clearly(
         load_sd_run(run)
 
     config = folder / "text_encoder" / "config.json"
-    config.write_text(
-        json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoModel": "x.Y"}})
-    )
+    config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(CheckpointError, match="ships its own modelling code"):
         check_pipeline_folder(folder)
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("options.resolution=20", "multiple of 8"), ("options.rnk=2", "options.rnk"),
-     ("options.targets=[nothing]", "match no linear layer")],
-)  # fmt: skip
+    [
+        ("options.resolution=20", "multiple of 8"),
+        ("options.rnk=2", "options.rnk"),
+        ("options.targets=[nothing]", "match no linear layer"),
+    ],
+)
 def test_bad_options_are_config_errors(tmp_path, override, message):
     from mmtune.config import load_config, parse_overrides
     from mmtune.tasks import Context

@@ -88,9 +88,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -194,9 +192,7 @@ def test_search_text_and_image_match_brute_force(server, world):
     assert [h["row"] for h in hits] == want
     assert [h["path"] for h in hits] == [world["emb"].meta["path"][i] for i in want]
     path = world["paths"][7]
-    r = httpx.post(
-        server.url + "/v1/search", files={"image": ("q.png", png_bytes(path))}, data={"k": "3"}
-    )
+    r = httpx.post(server.url + "/v1/search", files={"image": ("q.png", png_bytes(path))}, data={"k": "3"})
     assert r.status_code == 200, r.text
     top = r.json()["results"][0]
     assert top["path"] == str(path) and top["score"] == pytest.approx(1.0, abs=1e-5)
@@ -223,8 +219,14 @@ def test_result_images_inside_tar_shards_are_served(world, tmp_path):
     paths = world["paths"][:6]
     write_shards([Record(str(p), ["x"], None, p.name) for p in paths], tmp_path / "shards", 4)
     emb_file = tmp_path / "emb.parquet"
-    embed_items(world["model"], world["proc"], image_items(tmp_path / "shards"), emb_file,
-                progress=False, checkpoint=world["run"])  # fmt: skip
+    embed_items(
+        world["model"],
+        world["proc"],
+        image_items(tmp_path / "shards"),
+        emb_file,
+        progress=False,
+        checkpoint=world["run"],
+    )
     emb = read_embeddings(emb_file)
     save_index(tmp_path / "index", build_index(emb.vectors, IndexConfig()), emb, IndexConfig())
     backend = Backend.from_run(world["run"], tmp_path / "index")
@@ -293,17 +295,11 @@ def raw_request(url: str, head: bytes, body_chunks=()) -> tuple[int, bytes]:
 def test_body_over_the_limit_is_refused_before_it_is_read(server):
     """V1: a body over the limit, with and without Content-Length → 413 before it is all read."""
     # Content-Length declared over the limit: 413 while not one body byte has been sent.
-    head = (
-        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 50000000\r\n\r\n"
-    )
+    head = b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
     status, data = raw_request(server.url, head)
     assert status == 413 and b"limit" in data
     # chunked, no Content-Length: cut off once past the limit
-    head = (
-        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
+    head = b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"%x\r\n%s\r\n" % (100_000, b" " * 100_000)
     status, _ = raw_request(server.url, head, [chunk] * 5 + [b"0\r\n\r\n"])
     assert status == 413
@@ -371,13 +367,9 @@ def test_bad_forms_and_content_types(server, world):
     assert r.status_code == 422
     r = httpx.post(server.url + "/v1/classify", files=img, data={"labels": '["a"]', "model": "m"})
     assert r.status_code == 422 and "model" in r.json()["error"]
-    r = httpx.post(
-        server.url + "/v1/embed", content=b"hello", headers={"content-type": "text/plain"}
-    )
+    r = httpx.post(server.url + "/v1/embed", content=b"hello", headers={"content-type": "text/plain"})
     assert r.status_code == 415
-    r = httpx.post(
-        server.url + "/v1/embed", content=b"{not json", headers={"content-type": "application/json"}
-    )
+    r = httpx.post(server.url + "/v1/embed", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]
     r = httpx.post(server.url + "/v1/embed", data={"text": "x"}, files={"other": ("a", b"x")})
     assert r.status_code == 422
@@ -395,9 +387,7 @@ def test_batch_of_concurrent_requests_equals_requests_alone(world):
 
         async def together():
             async with httpx.AsyncClient(base_url=s.url) as c:
-                rs = await asyncio.gather(
-                    *(c.post("/v1/embed", json={"texts": [t]}) for t in texts)
-                )
+                rs = await asyncio.gather(*(c.post("/v1/embed", json={"texts": [t]}) for t in texts))
                 return [r.json() for r in rs]
 
         batched = asyncio.run(together())

@@ -72,8 +72,7 @@ def test_v5_requests_over_in_flight_and_waiting_limits_get_429_at_once(run):
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
                 first = asyncio.create_task(c.post("/v1/embed", json={"texts": ["slow 0"]}))
                 await asyncio.sleep(0.5)  # the only slot is now held by it
-                rest = [asyncio.create_task(c.post("/v1/embed", json={"texts": [f"t{i}"]}))
-                        for i in range(10)]  # fmt: skip
+                rest = [asyncio.create_task(c.post("/v1/embed", json={"texts": [f"t{i}"]})) for i in range(10)]
                 done, _ = await asyncio.wait(rest, timeout=FaultyBackend.delay / 2)
                 early = sorted(t.result().status_code for t in done)
                 return early, await asyncio.gather(first, *rest)
@@ -166,9 +165,12 @@ def _start_cli(args: list[str], env=None) -> tuple[subprocess.Popen, str]:
     """Start `mmtune serve … port=0`; return the process and its URL (read from its log)."""
     cmd = [sys.executable, "-m", "mmtune.cli", "serve", *args, "port=0", "access_log=false"]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "MMTUNE_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
@@ -195,9 +197,11 @@ def test_v10_v11_cli_serves_on_loopback_and_sigterm_finishes_requests_in_flight(
         "run_server(app, port=0)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(run)], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [sys.executable, str(script), str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = None
     for line in proc.stdout:
         m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
@@ -209,10 +213,7 @@ def test_v10_v11_cli_serves_on_loopback_and_sigterm_finishes_requests_in_flight(
 
     async def in_flight():
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            tasks = [
-                asyncio.create_task(c.post("/v1/embed", json={"texts": [f"t{i}"]}))
-                for i in range(3)
-            ]
+            tasks = [asyncio.create_task(c.post("/v1/embed", json={"texts": [f"t{i}"]})) for i in range(3)]
             await asyncio.sleep(0.4)  # all three sent; the first is in the model
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)

@@ -22,8 +22,10 @@ from tests.test_data import make_bad_files
 
 def _collate(items):
     items = [it for it in items if it is not None]
-    return {"index": torch.tensor([it["index"] for it in items]),
-            "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items]))}  # fmt: skip
+    return {
+        "index": torch.tensor([it["index"] for it in items]),
+        "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +58,13 @@ def test_written_samples_hold_the_original_bytes_and_metadata(tmp_path, pairs_fo
         ext = "jpg" if name.endswith("jpg") else "png"
         assert sample[ext] == (folder / name).read_bytes()
         assert sample["txt"].decode() == caption
-        assert json.loads(sample["json"]) == {"captions": [caption], "label": None, "id": name,
-                                              "index": i}  # fmt: skip
+        assert json.loads(sample["json"]) == {"captions": [caption], "label": None, "id": name, "index": i}
     with tarfile.open(tmp_path / "s" / "00000.tar") as tar:  # readable by any tar reader
-        assert tar.getnames()[:3] == ["000000000.jpg" if rows[0][0].endswith("jpg") else
-                                      "000000000.png", "000000000.txt", "000000000.json"]  # fmt: skip
+        assert tar.getnames()[:3] == [
+            "000000000.jpg" if rows[0][0].endswith("jpg") else "000000000.png",
+            "000000000.txt",
+            "000000000.json",
+        ]
 
 
 def test_zero_and_two_workers_give_identical_batches(digit_shards):
@@ -137,8 +141,14 @@ def _weights(run_dir):
 
 def test_training_from_shards_resumes_exactly(tiny_cfg, digit_shards):
     folder, _ = digit_shards
-    common = {"data.shards": str(folder), "data.num_workers": 2, "data.augment": True,
-              "data.batch_size": 16, "train.max_steps": 6, "train.deterministic": True}  # fmt: skip
+    common = {
+        "data.shards": str(folder),
+        "data.num_workers": 2,
+        "data.augment": True,
+        "data.batch_size": 16,
+        "train.max_steps": 6,
+        "train.deterministic": True,
+    }
     straight = tiny_cfg(name="straight", **common)
     api.train(straight)
     part = tiny_cfg(name="parts", **common, **{"train.stop_after_steps": 4})
@@ -153,8 +163,14 @@ def test_shard_trained_run_matches_folder_trained_run(tiny_cfg, tmp_path):
     accuracy within the seed-to-seed spread (±0.1 over seeds 0-2, measured), far above chance."""
     folder = tmp_path / "shards"
     write_shards(digits_splits(0)["train"], folder, samples_per_shard=300)
-    common = {"data.batch_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
-              "train.warmup_steps": 5, "options.class_aware": True, "train.log_every": 50}  # fmt: skip
+    common = {
+        "data.batch_size": 64,
+        "train.max_steps": 200,
+        "train.lr": 3e-3,
+        "train.warmup_steps": 5,
+        "options.class_aware": True,
+        "train.log_every": 50,
+    }
     plain = api.train(tiny_cfg(name="folder", **common))["zeroshot.top1"]
     shards = api.train(tiny_cfg(name="sharded", **common, **{"data.shards": str(folder)}))
     assert plain > 0.5 and shards["zeroshot.top1"] > 0.5  # chance is 0.1

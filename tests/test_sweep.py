@@ -28,9 +28,7 @@ def _args(tmp_path, space: dict, *flags: str, **extra) -> list[str]:
     over = tiny_overrides(tmp_path, **{"train.eval_every": 2, "eval.metric": "zeroshot.top1"})
     over.update(extra)
     cfg = Path(__file__).parents[1] / "configs" / "demo.yaml"
-    return ["sweep", "-c", str(cfg), "--space", str(path), *flags] + [
-        f"{k}={v}" for k, v in over.items()
-    ]
+    return ["sweep", "-c", str(cfg), "--space", str(path), *flags] + [f"{k}={v}" for k, v in over.items()]
 
 
 @pytest.mark.parametrize(
@@ -123,8 +121,7 @@ def _trials(folder: Path, name: str) -> list:
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_trials(tmp_path):
     """X4: a real sweep process SIGKILLed during its second trial, then the same command again."""
-    args = _args(tmp_path, SPACE, "--trials", "3", "--name", "k", "--pruner", "none",
-                 **{"train.max_steps": 8})  # fmt: skip
+    args = _args(tmp_path, SPACE, "--trials", "3", "--name", "k", "--pruner", "none", **{"train.max_steps": 8})
     env = {**os.environ, "MMTUNE_THREADS": "1"}
     cmd = [sys.executable, "-m", "mmtune.cli", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,5 +158,4 @@ def test_two_workers_share_one_study(tmp_path):
     assert len(pids) == 2 and os.getpid() not in pids
     a, b = ([t for t in trials if t.user_attrs["pid"] == p] for p in pids)
     # some trial of one worker ran while a trial of the other did: two trials at once
-    assert any(x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete
-               for x in a for y in b)  # fmt: skip
+    assert any(x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete for x in a for y in b)

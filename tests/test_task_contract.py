@@ -111,8 +111,14 @@ def test_the_contributing_example_task_needs_no_other_change(tmp_path, monkeypat
     (tmp_path / "rotation_example.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(tasks._REGISTRY, "rotation", "rotation_example:RotationTask")
-    tree = {"task": "rotation", "output_dir": str(tmp_path), "name": "rot", "model": {"name": "tiny-clip"},
-            "data": {"dataset": "digits", "batch_size": 8}, "train": {"max_steps": 2, "progress": False}}  # fmt: skip
+    tree = {
+        "task": "rotation",
+        "output_dir": str(tmp_path),
+        "name": "rot",
+        "model": {"name": "tiny-clip"},
+        "data": {"dataset": "digits", "batch_size": 8},
+        "train": {"max_steps": 2, "progress": False},
+    }
     (tmp_path / "rot.yaml").write_text(yaml.safe_dump(tree))
     _check(*_fit(load_config(tmp_path / "rot.yaml")))
 

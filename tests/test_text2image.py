@@ -19,14 +19,12 @@ from mmtune.models.prior import Prior, sample
 from mmtune.models.vq import VectorQuantizer, VQModel, hinge_d_loss, vq_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-VQ_SPEC = {"image_size": 32, "downsample": 4, "channels": 8, "code_dim": 8, "codes": 16,
-           "disc_channels": 8}  # fmt: skip
+VQ_SPEC = {"image_size": 32, "downsample": 4, "channels": 8, "code_dim": 8, "codes": 16, "disc_channels": 8}
 
 
 def _prior(**kw) -> Prior:
     torch.manual_seed(0)
-    spec = {"text_vocab": 10, "text_len": 5, "codes": 7, "tokens": 6, "dim": 32, "layers": 2,
-            "heads": 4} | kw  # fmt: skip
+    spec = {"text_vocab": 10, "text_len": 5, "codes": 7, "tokens": 6, "dim": 32, "layers": 2, "heads": 4} | kw
     return Prior(spec).eval()
 
 
@@ -84,18 +82,15 @@ def test_discriminator_hinge_loss_and_gradient_separation():
         loss.backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    g_full = grads(vq_losses(m, x, adv_weight=1.0, adv_start=0, commit_weight=0.25,
-                             perceptual_weight=0.0)["loss"])  # fmt: skip
+    g_full = grads(vq_losses(m, x, adv_weight=1.0, adv_start=0, commit_weight=0.25, perceptual_weight=0.0)["loss"])
     rec, _, _ = m.reconstruct(x)
     d_only = grads(hinge_d_loss(m.discriminator(x)[0], m.discriminator(rec.detach())[0]))
     for name, g in d_only.items():  # the discriminator learns from its own loss only
         assert torch.allclose(g_full[name], g, atol=1e-6), name
-    g_no_adv = grads(vq_losses(m, x, adv_weight=0.0, adv_start=0, commit_weight=0.25,
-                               perceptual_weight=0.0)["loss"])  # fmt: skip
+    g_no_adv = grads(vq_losses(m, x, adv_weight=0.0, adv_start=0, commit_weight=0.25, perceptual_weight=0.0)["loss"])
     assert not torch.allclose(g_full["decoder.0.weight"], g_no_adv["decoder.0.weight"])
     # before adv_start the generator feels no adversarial term
-    g_early = grads(vq_losses(m, x, adv_weight=1.0, adv_start=10**6, commit_weight=0.25,
-                              perceptual_weight=0.0)["loss"])  # fmt: skip
+    g_early = grads(vq_losses(m, x, adv_weight=1.0, adv_start=10**6, commit_weight=0.25, perceptual_weight=0.0)["loss"])
     assert torch.allclose(g_early["decoder.0.weight"], g_no_adv["decoder.0.weight"], atol=1e-6)
 
 
@@ -105,9 +100,7 @@ def test_prior_loss_only_on_image_tokens_and_causal(rope2d):
     text, codes = torch.randint(10, (3, 5)), torch.randint(7, (3, 6))
     logits = p(text, codes)
     assert logits.shape == (3, 6, 7)  # one prediction per image token, none for the caption
-    assert torch.allclose(
-        p.loss(text, codes), F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-    )
+    assert torch.allclose(p.loss(text, codes), F.cross_entropy(logits.flatten(0, 1), codes.flatten()))
     later = codes.clone()
     later[:, 3] = (later[:, 3] + 1) % 7
     assert torch.allclose(p(text, later)[:, :4], logits[:, :4], atol=1e-6)  # no peeking ahead
@@ -174,8 +167,7 @@ def test_checker_recognises_rendered_scenes():
     assert np.mean(hits) >= 0.99
     img = shapes_gen.render([shapes_gen.Obj("red", "circle", "top left")])
     assert check(img, "a red circle at the top left") == [True]
-    for wrong in ("a red square at the top left", "a blue circle at the top left",
-                  "a red circle at the bottom right"):  # fmt: skip
+    for wrong in ("a red square at the top left", "a blue circle at the top left", "a red circle at the bottom right"):
         assert check(img, wrong) == [False], wrong
     assert check(np.full((32, 32, 3), 255, np.uint8), "a gray square at the top right") == [False]
     assert find_objects(np.full((32, 32, 3), 255, np.uint8)) == []
@@ -194,8 +186,7 @@ def test_checker_recognises_smoothed_scenes_and_rejects_smears():
     tokenizer reconstructs them) are still read right; a blob like neither shape is no object."""
     images, scenes = shapes_gen.generate(200, seed=7, allow_held_out=True)
     for sigma in (0.5, 0.7):  # (at 0.8 the edges of red, green and blue fade past the palette)
-        hits = [ok for img, objs in zip(images, scenes, strict=True)
-                for ok in check(_blur(img, sigma), objs)]  # fmt: skip
+        hits = [ok for img, objs in zip(images, scenes, strict=True) for ok in check(_blur(img, sigma), objs)]
         assert np.mean(hits) >= 0.99, sigma
     disk = shapes_gen.render([shapes_gen.Obj("blue", "circle", "bottom right")])
     tips = np.argwhere((disk != 255).any(-1))
@@ -226,9 +217,7 @@ def test_heldout_prompts_never_in_training_captions():
         objs = shapes_gen.parse_caption(r.captions[0])
         assert objs and not any((o.colour, o.shape, o.quadrant) in held for o in objs)
     for prompt in shapes_gen.heldout_prompts():
-        assert any(
-            (o.colour, o.shape, o.quadrant) in held for o in shapes_gen.parse_caption(prompt)
-        )
+        assert any((o.colour, o.shape, o.quadrant) in held for o in shapes_gen.parse_caption(prompt))
     # the seen twin set: the same layout, every combination one that training captions show
     train_objs = {o for r in splits["train"] for o in shapes_gen.parse_caption(r.captions[0])}
     seen = shapes_gen.seen_prompts()
@@ -242,28 +231,38 @@ def test_heldout_prompts_never_in_training_captions():
     assert np.array_equal(again["train"][5].image, splits["train"][5].image)
 
 
-TINY = ["data.dataset=shapes-gen-mini", "data.batch_size=8", "data.eval_batch_size=64",
-        "train.max_steps=3", "train.warmup_steps=1", "train.progress=false", "train.log_every=1"]  # fmt: skip
+TINY = [
+    "data.dataset=shapes-gen-mini",
+    "data.batch_size=8",
+    "data.eval_batch_size=64",
+    "train.max_steps=3",
+    "train.warmup_steps=1",
+    "train.progress=false",
+    "train.log_every=1",
+]
 
 
 def _train(tmp_path, config, *extra):
     name = config.removesuffix(".yaml")
-    args = ["train", "-c", str(ROOT / "configs" / config), f"output_dir={tmp_path}",
-            f"name={name}", *TINY, *extra]  # fmt: skip
+    args = ["train", "-c", str(ROOT / "configs" / config), f"output_dir={tmp_path}", f"name={name}", *TINY, *extra]
     assert main(args) == 0
     return tmp_path / name, json.loads((tmp_path / name / "metrics.json").read_text())
 
 
 def test_shipped_configs_and_generate(tmp_path, capsys):
-    vq_run, m = _train(tmp_path, "vq-shapes.yaml", "options.channels=8", "options.codes=32",
-                       "options.adv_start=1", "options.perceptual_weight=0.1")  # fmt: skip
+    vq_run, m = _train(
+        tmp_path,
+        "vq-shapes.yaml",
+        "options.channels=8",
+        "options.codes=32",
+        "options.adv_start=1",
+        "options.perceptual_weight=0.1",
+    )
     assert m["vq.psnr"] > 0 and 0 < m["vq.codebook_usage"] <= 1
     assert (vq_run / "plots" / "vq_reconstructions.png").is_file()
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(vq_run)]) == 0  # reloads the same model
-    again = {
-        ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()
-    }
+    again = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()}
     assert float(again["vq.psnr"]) == pytest.approx(m["vq.psnr"], abs=1e-3)
     from mmtune.models import count_parameters
     from mmtune.runs import load_run
@@ -271,9 +270,16 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
     vq_model, _ = load_run(vq_run)  # the figures describe the VQ model, not the config's backbone
     assert (m["model.trainable_params"], m["model.total_params"]) == count_parameters(vq_model)
     rr_run, _ = _train(tmp_path, "rerank-shapes.yaml", "model.name=tiny-clip")
-    t2i, m = _train(tmp_path, "text2image-shapes.yaml", f"options.vq_run={vq_run}",
-                    f"options.reranker={rr_run}", "options.dim=32", "options.layers=1",
-                    "options.candidates=2", "options.nll_samples=16")  # fmt: skip
+    t2i, m = _train(
+        tmp_path,
+        "text2image-shapes.yaml",
+        f"options.vq_run={vq_run}",
+        f"options.reranker={rr_run}",
+        "options.dim=32",
+        "options.layers=1",
+        "options.candidates=2",
+        "options.nll_samples=16",
+    )
     for k in ("gen.checker_acc", "gen.checker_acc_no_rerank"):
         assert 0.0 <= m[k] <= 1.0
     assert m["gen.prompts"] == len(shapes_gen.heldout_prompts()) and m["prior.nll"] > 0
@@ -281,8 +287,17 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
     assert 'alt="samples_prompts"' in (t2i / "report.html").read_text()  # the sample grid
     capsys.readouterr()
     out = tmp_path / "grid.png"
-    args = ["generate", "--checkpoint", str(t2i), "a red circle at the top left",
-            "a blue square at the bottom right", "-n", "3", "--out", str(out)]  # fmt: skip
+    args = [
+        "generate",
+        "--checkpoint",
+        str(t2i),
+        "a red circle at the top left",
+        "a blue square at the bottom right",
+        "-n",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     scores = [float(s) for s in re.findall(r"score (-?[0-9.]+)", printed)]
@@ -294,8 +309,20 @@ def test_shipped_configs_and_generate(tmp_path, capsys):
     with Image.open(out) as im:
         assert im.size == (2 + 66, 2 + 2 * 66)
     assert main(["generate", "--checkpoint", str(rr_run), "x", "--out", str(out)]) == 2
-    assert main(["train", "-c", str(ROOT / "configs" / "text2image-shapes.yaml"),
-                 f"output_dir={tmp_path}", "name=bad", "options.vq_run=", *TINY]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "-c",
+                str(ROOT / "configs" / "text2image-shapes.yaml"),
+                f"output_dir={tmp_path}",
+                "name=bad",
+                "options.vq_run=",
+                *TINY,
+            ]
+        )
+        == 2
+    )
 
 
 def test_twins_are_one_edit_away_and_never_held_out():
@@ -312,11 +339,10 @@ def test_twins_are_one_edit_away_and_never_held_out():
             assert not any((o.colour, o.shape, o.quadrant) in held for o in t)
             assert len({o.colour for o in t}) == len(t) == len({o.quadrant for o in t})
             # the same words in another binding, or exactly one attribute of one object changed
-            swapped = sorted(w for o in t for w in astuple(o)) == sorted(
-                w for o in scene for w in astuple(o)
+            swapped = sorted(w for o in t for w in astuple(o)) == sorted(w for o in scene for w in astuple(o))
+            changed = sum(
+                a != b for o, p in zip(t, scene, strict=True) for a, b in zip(astuple(o), astuple(p), strict=True)
             )
-            changed = sum(a != b for o, p in zip(t, scene, strict=True)
-                          for a, b in zip(astuple(o), astuple(p), strict=True))  # fmt: skip
             assert swapped or changed == 1, (scene, t)
             seen_swap |= swapped and len(scene) == 2
     assert seen_swap

@@ -15,8 +15,9 @@ def run(code: str, **env) -> subprocess.CompletedProcess:
     """`python -c code` in a fresh interpreter with only `env` of the thread variables set."""
     base = {k: v for k, v in os.environ.items() if k not in CLEAN}
     base["PYTHONPATH"] = os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", code], env={**base, **env},
-                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=120, check=True
+    )
 
 
 WAIT = "import os, {m}; print(os.environ.get('OMP_WAIT_POLICY'))"

@@ -19,9 +19,7 @@ REPLIES = ["a red circle", "it is on the left", "two squares"]
 
 
 def _task(**options):
-    cfg = Config(
-        task="vlm-sft", model={"name": "tiny-llava"}, options={"max_length": 256, **options}
-    )
+    cfg = Config(task="vlm-sft", model={"name": "tiny-llava"}, options={"max_length": 256, **options})
     task = get_task("vlm-sft")(Context(cfg))
     torch.manual_seed(0)
     return task, task.build()
@@ -47,14 +45,29 @@ def _runs(ids, labels) -> list[list[int]]:
 
 
 def test_llava_and_messages_files_read_alike(tmp_path):
-    llava = [{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Black."}]}]  # fmt: skip
+    llava = [
+        {
+            "id": "a",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "A cat."},
+                {"from": "human", "value": "Colour?"},
+                {"from": "gpt", "value": "Black."},
+            ],
+        }
+    ]
     (tmp_path / "l.json").write_text(json.dumps(llava))
-    msgs = {"id": "a", "images": ["x.png"], "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat?"}]},
-        {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Colour?"},
-        {"role": "assistant", "content": "Black."}]}  # fmt: skip
+    msgs = {
+        "id": "a",
+        "images": ["x.png"],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat?"}]},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "Colour?"},
+            {"role": "assistant", "content": "Black."},
+        ],
+    }
     (tmp_path / "m.jsonl").write_text("\n" + json.dumps(msgs) + "\n")
     a, b = (
         read_conversations(tmp_path / "l.json").records[0],
@@ -73,17 +86,17 @@ def test_malformed_records_name_their_line(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(DataError, match=r"c\.jsonl:2"):
         read_conversations(tmp_path / "c.jsonl")
-    two = {"images": ["x.png", "y.png"], "messages": [{"role": "user", "content": "<image> a"},
-                                                      {"role": "assistant", "content": "b"}]}  # fmt: skip
+    two = {
+        "images": ["x.png", "y.png"],
+        "messages": [{"role": "user", "content": "<image> a"}, {"role": "assistant", "content": "b"}],
+    }
     (tmp_path / "d.jsonl").write_text(json.dumps(two) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl:1: 1 <image> placeholders for 2 images"):
         read_conversations(tmp_path / "d.jsonl")
 
 
 def test_vqa_and_caption_records_become_conversations():
-    qa = as_conversation(
-        QARecord(image=IMG, id="q", question="how many", answers=["2", "two", "2"])
-    )
+    qa = as_conversation(QARecord(image=IMG, id="q", question="how many", answers=["2", "two", "2"]))
     assert [m["content"] for m in qa.messages] == ["<image>\nhow many", "2"]
     cap = as_conversation(QARecord(image=IMG, id="c", captions=["a blue square"]))
     assert [m["content"] for m in cap.messages] == ["<image>\nDescribe the image.", "a blue square"]
@@ -106,9 +119,7 @@ def test_llava_labels_are_exactly_the_assistant_replies_turn_by_turn():
 
 def test_cutting_an_image_is_an_error_naming_the_sample():
     task, _ = _task(max_length=8)
-    with pytest.raises(
-        DataError, match="sample d1: options.max_length=8 would cut its image tokens"
-    ):
+    with pytest.raises(DataError, match="sample d1: options.max_length=8 would cut its image tokens"):
         task.encoder.encode(_dialog())
 
 
@@ -157,25 +168,41 @@ def test_llava_composed_from_parts_keeps_their_weights_and_loads_in_plain_transf
     from mmtune.models.load import minilm_dir
 
     torch.manual_seed(1)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, image_size=32, patch_size=8))  # fmt: skip
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     vision.save_pretrained(tmp_path / "v")
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(tmp_path / "v")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "v"
+    )
     tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
     tok.eos_token = tok.sep_token
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))  # fmt: skip
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     lm.save_pretrained(tmp_path / "l")
     tok.save_pretrained(tmp_path / "l")
     task, model = _task(vision=str(tmp_path / "v"), language=str(tmp_path / "l"))
-    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
-                       vision.embeddings.patch_embedding.weight)  # fmt: skip
-    emb = model.get_input_embeddings().weight
-    assert emb.shape[0] == len(tok) + 1 and torch.equal(
-        emb[: len(tok)], lm.get_input_embeddings().weight
+    assert torch.equal(
+        model.model.vision_tower.embeddings.patch_embedding.weight, vision.embeddings.patch_embedding.weight
     )
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) + 1 and torch.equal(emb[: len(tok)], lm.get_input_embeddings().weight)
     batch = task.collate([task.encoder.encode(_dialog())])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.eval().save_pretrained(tmp_path / "hf")

@@ -10,9 +10,18 @@ from mmtune.cli import main
 from tests.conftest import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name=tiny-clip", "data.batch_size=8", "data.eval_batch_size=32",
-        "train.max_steps=2", "train.warmup_steps=1", "train.progress=false", "train.precision=fp32",
-        "options.fusion_layers=1", "options.fusion_dim=32", "options.questions_per_image=2"]  # fmt: skip
+TINY = [
+    "model.name=tiny-clip",
+    "data.batch_size=8",
+    "data.eval_batch_size=32",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "train.progress=false",
+    "train.precision=fp32",
+    "options.fusion_layers=1",
+    "options.fusion_dim=32",
+    "options.questions_per_image=2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +33,16 @@ def _small_shapes(tmp_path_factory, monkeypatch):
 
 
 def _train(tmp_path, name, *extra, config="vqa-shapes.yaml"):
-    args = ["train", "-c", str(ROOT / "configs" / config), f"output_dir={tmp_path}",
-            f"name={name}", "data.dataset=shapes-mini", *TINY, *extra]  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / config),
+        f"output_dir={tmp_path}",
+        f"name={name}",
+        "data.dataset=shapes-mini",
+        *TINY,
+        *extra,
+    ]
     assert main(args) == 0
     return tmp_path / name, json.loads((tmp_path / name / "metrics.json").read_text())
 
@@ -40,8 +57,9 @@ def _accuracy_by_predict(run: Path) -> float:
     records = api.build_data(task.cfg).test
     outs = task.predict(model, task.predict_inputs(records))
     answers = [o["answer"] for o in outs]
-    return vqa_metrics(answers, [r.answers for r in records], [r.question_type for r in records],
-                       [r.answer_type for r in records])["acc"]  # fmt: skip
+    return vqa_metrics(
+        answers, [r.answers for r in records], [r.question_type for r in records], [r.answer_type for r in records]
+    )["acc"]
 
 
 def test_classifier_train_eval_predict(tmp_path, capsys):
@@ -57,8 +75,12 @@ def test_classifier_train_eval_predict(tmp_path, capsys):
     again = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines() if ln.strip()}
     assert again["vqa.acc"] == pytest.approx(metrics["vqa.acc"], abs=1e-4)  # reload = same model
     img = write_image(tmp_path / "x.png", size=(75, 75))
-    assert main(["predict", "--checkpoint", str(run), "--image", img,
-                 "--question", "what is the shape of the red object?"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["predict", "--checkpoint", str(run), "--image", img, "--question", "what is the shape of the red object?"]
+        )
+        == 0
+    )
     from mmtune.data.builtin.shapes import ANSWERS
 
     assert capsys.readouterr().out.strip() in ANSWERS
@@ -89,9 +111,7 @@ def test_generator_head(tmp_path, capsys):
     assert spec["heads_spec"]["answer"]["kind"] == "decoder"
     img = write_image(tmp_path / "x.png", size=(75, 75))
     capsys.readouterr()
-    assert (
-        main(["predict", "--checkpoint", str(run), "--image", img, "--question", "how many?"]) == 0
-    )
+    assert main(["predict", "--checkpoint", str(run), "--image", img, "--question", "how many?"]) == 0
 
 
 def test_baseline_without_cross_attention(tmp_path):
@@ -107,25 +127,45 @@ def _vqa2_files(folder: Path, split: str, n_images=4, drop_answers=False, bad_im
         write_image(folder / f"COCO_{split}2014_{i + 1:012d}.jpg", color=(30 * i, 100, 50))
         for j in range(2):
             qid = (i + 1) * 10 + j
-            questions.append({"question_id": qid, "image_id": 99 if bad_image and i == 0 else i + 1,
-                              "question": f"what colour is thing {j}?"})  # fmt: skip
-            answers = [{"answer": a, "answer_id": k + 1}
-                       for k, a in enumerate(["red"] * 4 + ["Red."] * 3 + ["blue"] * 3)]  # fmt: skip
-            anns.append({"question_id": qid, "image_id": i + 1, "question_type": "what color",
-                         "answer_type": "other", "answers": [] if drop_answers and qid == 11 else answers})  # fmt: skip
+            questions.append(
+                {
+                    "question_id": qid,
+                    "image_id": 99 if bad_image and i == 0 else i + 1,
+                    "question": f"what colour is thing {j}?",
+                }
+            )
+            answers = [
+                {"answer": a, "answer_id": k + 1} for k, a in enumerate(["red"] * 4 + ["Red."] * 3 + ["blue"] * 3)
+            ]
+            anns.append(
+                {
+                    "question_id": qid,
+                    "image_id": i + 1,
+                    "question_type": "what color",
+                    "answer_type": "other",
+                    "answers": [] if drop_answers and qid == 11 else answers,
+                }
+            )
     q = folder / f"v2_OpenEnded_mscoco_{split}2014_questions.json"
     q.write_text(json.dumps({"questions": questions}))
-    (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(
-        json.dumps({"annotations": anns})
-    )
+    (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps({"annotations": anns}))
     return q
 
 
 def test_vqa_v2_format(tmp_path):
     train, val = _vqa2_files(tmp_path, "train"), _vqa2_files(tmp_path, "val")
-    args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
-            "name=v2", f"data.dataset={train}", f"data.val={val}", f"data.test={val}", *TINY,
-            "options.curriculum_epochs=0"]  # the shapes config's curriculum names shapes' types  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "vqa-shapes.yaml"),
+        f"output_dir={tmp_path}",
+        "name=v2",
+        f"data.dataset={train}",
+        f"data.val={val}",
+        f"data.test={val}",
+        *TINY,
+        "options.curriculum_epochs=0",
+    ]  # the shapes config's curriculum names shapes' types
     args[args.index("data.batch_size=8")] = "data.batch_size=2"
     assert main(args) == 0
     m = json.loads((tmp_path / "v2" / "metrics.json").read_text())
@@ -151,8 +191,14 @@ def _dialog_jsonl(folder: Path) -> Path:
     for i in range(8):
         img = Path(write_image(folder / f"d{i}.png", color=(200, 20 * i, 20))).name
         rows.append({"image": img, "question": "is it red?", "answers": ["yes"] * 3 + ["no"]})
-        rows.append({"image": img, "question": "and the shade?", "answers": "dark",
-                     "history": [{"question": "is it red?", "answer": "yes"}]})  # fmt: skip
+        rows.append(
+            {
+                "image": img,
+                "question": "and the shade?",
+                "answers": "dark",
+                "history": [{"question": "is it red?", "answer": "yes"}],
+            }
+        )
     path = folder / "dialog.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -171,31 +217,71 @@ def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
     text = proc.tokenizer.decode(enc["input_ids"][1], skip_special_tokens=False)
     assert text.startswith("[CLS] and the shade? [SEP] is it red? yes [SEP]")
     for head in ("classifier", "generator"):
-        args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
-                f"name={head}", f"data.dataset={path}", "data.val_fraction=0.25", *TINY,
-                f"options.head={head}", "options.decoder_layers=1", "data.batch_size=2",
-                "options.curriculum_epochs=0"]  # fmt: skip
+        args = [
+            "train",
+            "-c",
+            str(ROOT / "configs" / "vqa-shapes.yaml"),
+            f"output_dir={tmp_path}",
+            f"name={head}",
+            f"data.dataset={path}",
+            "data.val_fraction=0.25",
+            *TINY,
+            f"options.head={head}",
+            "options.decoder_layers=1",
+            "data.batch_size=2",
+            "options.curriculum_epochs=0",
+        ]
         assert main(args) == 0
     img = str(tmp_path / "d0.png")
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(tmp_path / "generator"), "--image", img,
-                 "--question", "and the shade?", "--history", "is it red? yes"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "generator"),
+                "--image",
+                img,
+                "--question",
+                "and the shade?",
+                "--history",
+                "is it red? yes",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() != ""
 
 
 def test_pretrain_then_finetune(tmp_path, capsys):
-    args = ["train", "-c", str(ROOT / "configs" / "pretrain-fusion-shapes.yaml"),
-            f"output_dir={tmp_path}", "name=pre", "data.dataset=shapes-mini", *TINY[:6],
-            "options.fusion_layers=1", "options.fusion_dim=32"]  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "pretrain-fusion-shapes.yaml"),
+        f"output_dir={tmp_path}",
+        "name=pre",
+        "data.dataset=shapes-mini",
+        *TINY[:6],
+        "options.fusion_layers=1",
+        "options.fusion_dim=32",
+    ]
     assert main(args) == 0
     run = tmp_path / "pre"
     m = json.loads((run / "metrics.json").read_text())
     assert {"pretrain.itm_acc", "pretrain.mlm_acc", "pretrain.itc"} <= m.keys()
     spec = json.loads((run / "model" / "mmtune_model.json").read_text())["fusion"]
     assert set(spec["heads_spec"]) == {"itm", "mlm"} and spec["spatial"] is True  # the config's
-    bad = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
-           "name=bad", "data.dataset=shapes-mini", *TINY, f"model.name={run}",
-           "options.spatial=false"]  # fmt: skip
+    bad = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "vqa-shapes.yaml"),
+        f"output_dir={tmp_path}",
+        "name=bad",
+        "data.dataset=shapes-mini",
+        *TINY,
+        f"model.name={run}",
+        "options.spatial=false",
+    ]
     assert main(bad) == 2  # fine-tuning must keep the pre-trained encoder's kind
     assert "options.spatial=False does not match the loaded fusion model" in capsys.readouterr().err
     ft, m2 = _train(tmp_path, "ft", f"model.name={run}")
@@ -216,9 +302,7 @@ def test_repeated_questions_run_through_the_text_tower_once():
     assert torch.equal(ids[rows][inverse], ids) and torch.equal(mask[rows][inverse], mask)
     model, _, _ = shapes_fusion_preset(dim=32, vision_layers=1, text_layers=1)
     calls = []
-    model.tower("text").register_forward_hook(
-        lambda m, args, kw, out: calls.append(kw), with_kwargs=True
-    )
+    model.tower("text").register_forward_hook(lambda m, args, kw, out: calls.append(kw), with_kwargs=True)
     out = text_tokens(model, ids, mask)
     assert calls[0]["input_ids"].shape[0] == 3
     ref = model.tower("text")(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -229,13 +313,14 @@ def test_curriculum_draws_only_its_question_types_for_its_epochs():
     from mmtune.data.vqa_formats import QARecord
     from mmtune.tasks.vqa import QuestionsDataset
 
-    recs = [QARecord(image=f"i{i}.png", question=f"q{i}{t}", answers=["a"], image_id=f"i{i}",
-                     question_type=t) for i in range(3) for t in ("nonrel.shape", "rel.count")]  # fmt: skip
-    recs.append(QARecord(image="j.png", question="q", answers=["a"], image_id="j",
-                         question_type="rel.closest"))  # fmt: skip
+    recs = [
+        QARecord(image=f"i{i}.png", question=f"q{i}{t}", answers=["a"], image_id=f"i{i}", question_type=t)
+        for i in range(3)
+        for t in ("nonrel.shape", "rel.count")
+    ]
+    recs.append(QARecord(image="j.png", question="q", answers=["a"], image_id="j", question_type="rel.closest"))
     ds = QuestionsDataset(recs, None, seed=0, curriculum=(["nonrel"], 2))
-    for epoch, expected in [(0, {"nonrel.shape"}), (1, {"nonrel.shape"}),
-                            (2, {"nonrel.shape", "rel.count"})]:  # fmt: skip
+    for epoch, expected in [(0, {"nonrel.shape"}), (1, {"nonrel.shape"}), (2, {"nonrel.shape", "rel.count"})]:
         ds.set_epoch(epoch)
         drawn = {q.question_type for g in range(3) for q in ds.questions(g)}
         assert drawn == expected, epoch
@@ -243,9 +328,17 @@ def test_curriculum_draws_only_its_question_types_for_its_epochs():
 
 
 def test_curriculum_types_that_match_no_question_are_refused(tmp_path, capsys):
-    args = ["train", "-c", str(ROOT / "configs" / "vqa-shapes.yaml"), f"output_dir={tmp_path}",
-            "name=cur", "data.dataset=shapes-mini", *TINY, "options.curriculum_epochs=1",
-            "options.curriculum_types=[nonrelational]"]  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "vqa-shapes.yaml"),
+        f"output_dir={tmp_path}",
+        "name=cur",
+        "data.dataset=shapes-mini",
+        *TINY,
+        "options.curriculum_epochs=1",
+        "options.curriculum_types=[nonrelational]",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "curriculum_types ['nonrelational'] match no training question" in err
@@ -272,8 +365,7 @@ def test_grid_positions_follow_the_cells_row_major():
     assert pos[0].tolist() == [0.0, 0.0]
     assert pos[1].tolist() == [-1.0, -1.0] and pos[5].tolist() == [1.0, -1.0]  # x along a row
     assert pos[6].tolist() == [-1.0, -0.5] and pos[25].tolist() == [1.0, 1.0]
-    assert torch.equal(grid_positions(4), torch.tensor([[-1.0, -1.0], [1.0, -1.0],
-                                                        [-1.0, 1.0], [1.0, 1.0]]))  # fmt: skip
+    assert torch.equal(grid_positions(4), torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]))
     with pytest.raises(ValueError, match="square grid of image tokens, got 11"):
         grid_positions(11)
 

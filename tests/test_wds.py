@@ -48,15 +48,27 @@ def write_img2dataset(folder, records, per_shard: int, stats: bool = True) -> li
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for pos, rec in enumerate(part):
                 key = f"{shard:05d}{pos:04d}"
-                meta = {"url": f"http://example.com/{rec.id}.jpg", "key": key,
-                        "status": "success", "error_message": None, "caption": rec.captions[0],
-                        "width": 8, "height": 8}  # fmt: skip
+                meta = {
+                    "url": f"http://example.com/{rec.id}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "caption": rec.captions[0],
+                    "width": 8,
+                    "height": 8,
+                }
                 _add(tar, f"{key}.jpg", _jpeg(rec.image))
                 _add(tar, f"{key}.txt", rec.captions[0].encode())
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
         if stats:
-            s = {"count": len(part), "successes": len(part), "failed_to_download": 0,
-                 "failed_to_resize": 0, "start_time": 0.0, "end_time": 1.0}  # fmt: skip
+            s = {
+                "count": len(part),
+                "successes": len(part),
+                "failed_to_download": 0,
+                "failed_to_resize": 0,
+                "start_time": 0.0,
+                "end_time": 1.0,
+            }
             (folder / f"{shard:05d}_stats.json").write_text(json.dumps(s))
         counts.append(len(part))
     return counts
@@ -71,8 +83,7 @@ def i2d(tmp_path_factory):
 
 def test_brace_patterns_expand_like_bash():
     assert expand_braces("s/{00000..00003}.tar") == [f"s/0000{i}.tar" for i in range(4)]
-    assert expand_braces("{a,b}-{8..10}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar",
-                                                  "b-8.tar", "b-9.tar", "b-10.tar"]  # fmt: skip
+    assert expand_braces("{a,b}-{8..10}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "b-8.tar", "b-9.tar", "b-10.tar"]
     assert expand_braces("plain.tar") == ["plain.tar"]
 
 
@@ -98,20 +109,19 @@ def test_bad_members_are_counted_by_reason_never_raised(tmp_path, capsys):
     folder.mkdir()
     good = _jpeg(np.full((8, 8), 5))
     with tarfile.open(folder / "00000.tar", "w") as tar:
-        _add(tar, "a.jpg", good), _add(tar, "a.txt", b"fine")  # fmt: skip
+        _add(tar, "a.jpg", good), _add(tar, "a.txt", b"fine")
         _add(tar, "b.txt", b"no image")  # missing image member
-        _add(tar, "c.jpg", good[:40]), _add(tar, "c.txt", b"truncated jpeg")  # fmt: skip
-        _add(tar, "d.webp", b"<html>"), _add(tar, "d.cls", b"3")  # fmt: skip
-        _add(tar, "e.png", good), _add(tar, "e.cls", b"seven")  # fmt: skip
-        _add(tar, "f.jpg", good), _add(tar, "f.json", b"{not json")  # fmt: skip
+        _add(tar, "c.jpg", good[:40]), _add(tar, "c.txt", b"truncated jpeg")
+        _add(tar, "d.webp", b"<html>"), _add(tar, "d.cls", b"3")
+        _add(tar, "e.png", good), _add(tar, "e.cls", b"seven")
+        _add(tar, "f.jpg", good), _add(tar, "f.json", b"{not json")
         _add(tar, "g.jpg", good)  # no text at all
     total, bad = check_shards(folder / "00000.tar")
     assert total == 7
-    assert dict(bad) == {"missing": 1, "truncated": 1, "not_image": 1, "bad_cls": 1,
-                         "bad_json": 1, "missing_text": 1}  # fmt: skip
+    assert dict(bad) == {"missing": 1, "truncated": 1, "not_image": 1, "bad_cls": 1, "bad_json": 1, "missing_text": 1}
     with tarfile.open(folder / "whole.tar", "w") as tar:
         for key in "xyz":
-            _add(tar, f"{key}.jpg", good + bytes(3000)), _add(tar, f"{key}.txt", b"a caption")  # fmt: skip
+            _add(tar, f"{key}.jpg", good + bytes(3000)), _add(tar, f"{key}.txt", b"a caption")
     whole = (folder / "whole.tar").read_bytes()
     (folder / "whole.tar").unlink()
     (folder / "00001.tar").write_bytes(whole[:8000])  # a download cut inside the second image
@@ -125,9 +135,18 @@ def test_bad_members_are_counted_by_reason_never_raised(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["train", "check"])
 def test_a_pattern_matching_nothing_is_one_line(tmp_path, command, capsys):
     pattern = f"{tmp_path}/nothing-{{00000..00009}}.tar"
-    args = (["data", "check", pattern] if command == "check" else
-            ["train", "model.name=tiny-clip", f"data.shards={pattern}", f"output_dir={tmp_path}",
-             "train.max_steps=1", "train.progress=false"])  # fmt: skip
+    args = (
+        ["data", "check", pattern]
+        if command == "check"
+        else [
+            "train",
+            "model.name=tiny-clip",
+            f"data.shards={pattern}",
+            f"output_dir={tmp_path}",
+            "train.max_steps=1",
+            "train.progress=false",
+        ]
+    )
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"mmtune: error: shard pattern {pattern} matches no file"
@@ -135,16 +154,20 @@ def test_a_pattern_matching_nothing_is_one_line(tmp_path, command, capsys):
 
 def test_training_from_img2dataset_shards_resumes_exactly(tiny_cfg, i2d):
     folder, _ = i2d
-    common = {"data.shards": f"{folder}/{{00000..00004}}.tar", "data.num_workers": 2,
-              "data.augment": True, "data.batch_size": 16, "train.max_steps": 6,
-              "train.deterministic": True}  # fmt: skip
+    common = {
+        "data.shards": f"{folder}/{{00000..00004}}.tar",
+        "data.num_workers": 2,
+        "data.augment": True,
+        "data.batch_size": 16,
+        "train.max_steps": 6,
+        "train.deterministic": True,
+    }
     straight = tiny_cfg(name="straight", **common)
     api.train(straight)
     part = tiny_cfg(name="parts", **common, **{"train.stop_after_steps": 4})
     api.train(part)
     api.train(tiny_cfg(name="parts", **common), resume="auto")
-    a, b = (load_file(str(r / "checkpoints/last/model.safetensors"))
-            for r in (straight.run_dir, part.run_dir))  # fmt: skip
+    a, b = (load_file(str(r / "checkpoints/last/model.safetensors")) for r in (straight.run_dir, part.run_dir))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = tiny_cfg(name="other", **{**common, "seed": 1})  # the data really drives training
     api.train(other)
@@ -215,8 +238,9 @@ def test_img2dataset_shards_split_by_rank_and_worker(i2d):
         return torch.tensor([it["index"] for it in items if it is not None])
 
     def batches(rank, world, start, workers):
-        s = ShardStream(f"{i2d[0]}/{{00000..00004}}.tar", ImageTransform(8), collate, 10,
-                        seed=5, buffer=32, rank=rank, world=world)  # fmt: skip
+        s = ShardStream(
+            f"{i2d[0]}/{{00000..00004}}.tar", ImageTransform(8), collate, 10, seed=5, buffer=32, rank=rank, world=world
+        )
         return list(DataLoader(s.position(1, start, 8), batch_size=None, num_workers=workers))
 
     r0, r1 = batches(0, 2, 0, 0), batches(1, 2, 0, 2)
@@ -245,8 +269,7 @@ def test_embed_reads_img2dataset_shards_by_pattern(tmp_path, i2d):
     records = digits_splits(0)["train"][:240]
     assert emb.meta["caption"][:3] == [r.captions[0] for r in records[:3]]
     with tarfile.open(i2d[0] / "00000.tar") as tar:
-        images = [Image.open(io.BytesIO(tar.extractfile(f"00000{i:04d}.jpg").read()))
-                  for i in range(4)]  # fmt: skip
+        images = [Image.open(io.BytesIO(tar.extractfile(f"00000{i:04d}.jpg").read())) for i in range(4)]
     model, proc = load_run(run)
     with torch.no_grad():
         want = model.encode_image(proc.images(images)).numpy()

@@ -137,9 +137,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     if not acc.is_main_process:
         return {}
     if state.step < trainer.total_steps:
-        print(
-            f"stopped after step {state.step} of {trainer.total_steps}; continue with --resume auto"
-        )
+        print(f"stopped after step {state.step} of {trainer.total_steps}; continue with --resume auto")
         return {"train.steps": state.step}
     best = run_dir / "checkpoints" / "best"
     if cfg.train.eval_every and best.exists():
@@ -149,15 +147,17 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     write_artifacts(run_dir, evaluation)
     metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
-    metrics.update({
-        "eval.split": final_split,
-        "train.steps": state.step,
-        "train.seconds": round(state.train_seconds, 3),
-        "train.samples_per_s": round(state.samples / max(state.train_seconds, 1e-9), 2),
-        "train.skipped_steps": state.skipped_steps,
-        "model.trainable_params": trainable,
-        "model.total_params": total,
-    })  # fmt: skip
+    metrics.update(
+        {
+            "eval.split": final_split,
+            "train.steps": state.step,
+            "train.seconds": round(state.train_seconds, 3),
+            "train.samples_per_s": round(state.samples / max(state.train_seconds, 1e-9), 2),
+            "train.skipped_steps": state.skipped_steps,
+            "model.trainable_params": trainable,
+            "model.total_params": total,
+        }
+    )
     write_metrics(run_dir, metrics)
     write_report(run_dir)
     return metrics

@@ -34,7 +34,7 @@ PUNCTUATIONS = frozenset(
         "--",
         "...",
         ";",
-    ]  # fmt: skip
+    ]
 )
 
 # abbreviations that keep their period whatever their case (titles, months, days, companies)
@@ -48,9 +48,15 @@ _ABBREV_ANY_CASE = frozenset(_ANY_CASE.split())
 _CAPITALISED = """Ala Ariz Ark Colo Conn Del Ga Ill Ind Kan Kans Ky La Md Mass Mich Minn Miss Mo Mont Neb
     Nev Okla Ore Pa Penn Tenn Tex Va Vt Wash Wis Wisc Wyo"""
 _ABBREV_CAPITALISED = frozenset(_CAPITALISED.split())
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me"),
-                "y'all": ("y'", "all")}  # fmt: skip
+_SPLIT_WORDS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+    "y'all": ("y'", "all"),
+}
 _CHAR_MAP = str.maketrans(
     {
         "“": '"',
@@ -67,7 +73,7 @@ _CHAR_MAP = str.maketrans(
         "¾": " 3/4 ",
         "€": " $ ",
         "£": " # ",
-    }  # fmt: skip
+    }
 )
 
 _ABBREV_BEFORE_DIGIT = frozenset(["no", "fig", "ca", "nos", "figs", "p", "pp"])

@@ -31,9 +31,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > size:
-        raise CheckpointError(
-            f"{path}: damaged safetensors header (declares {n} bytes, file {size})"
-        )
+        raise CheckpointError(f"{path}: damaged safetensors header (declares {n} bytes, file {size})")
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad offsets
@@ -118,8 +116,7 @@ def verify(folder: str | Path) -> Path:
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(
-                f"{path}: damaged ({actual} bytes on disk, {size} written)"
-                + (" — truncated" if actual < size else "")
+                f"{path}: damaged ({actual} bytes on disk, {size} written)" + (" — truncated" if actual < size else "")
             )
     return folder
 

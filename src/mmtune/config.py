@@ -35,12 +35,8 @@ class ModelConfig(_Section):
         description="Freeze the text tower (LiT); its features are cached. None: preset default.",
     )
     lock_image: bool = Field(False, description="Freeze the image tower.")
-    unfreeze_top_k: int | None = Field(
-        None, ge=0, description="With a locked tower, still train its top k blocks."
-    )
-    freeze: list[str] = Field(
-        default_factory=list, description="Extra parameter-name patterns (fnmatch) to freeze."
-    )
+    unfreeze_top_k: int | None = Field(None, ge=0, description="With a locked tower, still train its top k blocks.")
+    freeze: list[str] = Field(default_factory=list, description="Extra parameter-name patterns (fnmatch) to freeze.")
     grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward.")
     patch_dropout: float = Field(
         0.0,
@@ -49,9 +45,7 @@ class ModelConfig(_Section):
         description="Fraction of image patch tokens dropped at random while training (ViT towers; "
         "FLIP / open_clip: 2-3x faster at little cost). 0 disables; evaluation keeps all.",
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow checkpoints that ship their own modelling code."
-    )
+    trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own modelling code.")
 
 
 class DataConfig(_Section):
@@ -68,13 +62,9 @@ class DataConfig(_Section):
     val: str | None = Field(None, description="Validation data path (same formats).")
     test: str | None = Field(None, description="Test data path (same formats).")
     image_column: str = Field("image", description="Column holding the image path.")
-    caption_column: str | None = Field(
-        "caption", description="Column holding the caption; null for label-only files."
-    )
+    caption_column: str | None = Field("caption", description="Column holding the caption; null for label-only files.")
     label_column: str | None = Field(None, description="Optional column holding a class label.")
-    image_root: str | None = Field(
-        None, description="Folder image paths are relative to (default: the file's folder)."
-    )
+    image_root: str | None = Field(None, description="Folder image paths are relative to (default: the file's folder).")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Held out of a single file for validation when no `val`."
     )
@@ -101,9 +91,7 @@ class DataConfig(_Section):
         description="WebDataset tar shards to stream the training split from: a folder of .tar "
         "or a brace pattern (`shards/{00000..00099}.tar`); `dataset` supplies val/test only.",
     )
-    shuffle_buffer: int = Field(
-        1000, ge=1, description="Samples held in the shuffle buffer when streaming shards."
-    )
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples held in the shuffle buffer when streaming shards.")
     split_seed: int = Field(0, description="Seed of the built-in datasets' train/val/test split.")
 
 
@@ -111,9 +99,7 @@ class TrainConfig(_Section):
     epochs: float = Field(10.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(
-        0.1, ge=0, description="AdamW weight decay (not on biases, norms, logit scale)."
-    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on biases, norms, logit scale).")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
@@ -140,9 +126,7 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss: stop the run, or skip that step."
     )
-    max_nonfinite: int = Field(
-        5, gt=0, description="With `skip`, stop after this many consecutive bad steps."
-    )
+    max_nonfinite: int = Field(5, gt=0, description="With `skip`, stop after this many consecutive bad steps.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"]] = Field(
         default_factory=list,
         description="Experiment trackers (accelerate's) that also receive the logged metrics; "
@@ -182,9 +166,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="Task-specific options, validated by the task."
-    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Task-specific options, validated by the task.")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -361,7 +343,5 @@ def validate_options(cfg: Config, options_model: type[BaseModel]) -> BaseModel:
         loc = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
             names = ", ".join(options_model.model_fields)
-            raise ConfigError(
-                f"unknown config key 'options.{loc}' (task options: {names})"
-            ) from None
+            raise ConfigError(f"unknown config key 'options.{loc}' (task options: {names})") from None
         raise ConfigError(f"config key 'options.{loc}': {first['msg']}") from None

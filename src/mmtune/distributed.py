@@ -88,9 +88,7 @@ def _offset_and_groups(rows: int, group_ids: Tensor | None) -> tuple[int, Tensor
     return rank * rows, None if group_ids is None else gather_no_grad(group_ids)
 
 
-def distributed_clip_loss(
-    image: Tensor, text: Tensor, scale: Tensor, group_ids: Tensor | None = None
-) -> Tensor:
+def distributed_clip_loss(image: Tensor, text: Tensor, scale: Tensor, group_ids: Tensor | None = None) -> Tensor:
     """This rank's share of the global CLIP loss: local image (b, D), text (b, D) → scalar.
 
     Local rows against all columns, both directions; the mean over ranks is the full-batch loss.
@@ -116,9 +114,13 @@ def distributed_siglip_loss(
 
 
 def clip_loss_rows(
-    image: Tensor, text: Tensor, scale: Tensor, group_ids: Tensor | None = None,
-    rows: slice = slice(None), gather: bool = True,
-) -> Tensor:  # fmt: skip
+    image: Tensor,
+    text: Tensor,
+    scale: Tensor,
+    group_ids: Tensor | None = None,
+    rows: slice = slice(None),
+    gather: bool = True,
+) -> Tensor:
     """The part of this rank's CLIP loss that local rows `rows` contribute: image, text (b, D).
 
     Summed over a partition of the rows it equals `distributed_clip_loss` (with `gather=False`,
@@ -138,17 +140,20 @@ def clip_loss_rows(
 
 
 def siglip_loss_rows(
-    image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, group_ids: Tensor | None = None,
-    rows: slice = slice(None), gather: bool = True,
-) -> Tensor:  # fmt: skip
+    image: Tensor,
+    text: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    group_ids: Tensor | None = None,
+    rows: slice = slice(None),
+    gather: bool = True,
+) -> Tensor:
     """The part of this rank's SigLIP loss that local image rows `rows` contribute."""
     offset, groups = _offset_and_groups(image.shape[0], group_ids) if gather else (0, group_ids)
     start, stop, _ = rows.indices(image.shape[0])
     share = (stop - start) / image.shape[0]
     all_text = gather_with_grad(text) if gather else text
-    return (
-        siglip_loss(image[rows], all_text, scale, bias, groups, row_offset=offset + start) * share
-    )
+    return siglip_loss(image[rows], all_text, scale, bias, groups, row_offset=offset + start) * share
 
 
 def average_gradients(params) -> None:

@@ -78,9 +78,8 @@ def shard_items(source: str | Path) -> list[Item]:
             ext = next((e for e in IMAGE_EXTS if e in sample), "")
             member = f"{sample['key']}.{ext}" if ext else f"{sample['key']}.jpg"  # absent: counted
             items.append(
-                Item("image", f"{shard.path.name}/{sample['key']}", f"{shard.path}#{member}",
-                     _sample_caption(sample))
-            )  # fmt: skip
+                Item("image", f"{shard.path.name}/{sample['key']}", f"{shard.path}#{member}", _sample_caption(sample))
+            )
     return items
 
 
@@ -150,10 +149,7 @@ def image_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
             raise DataError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return [Item("image", str(p.relative_to(src)), str(p), _first_caption(p)) for p in paths]
     table = read_coco(src) if fmt == "coco" else read_table(src, fmt, **columns)
-    return [
-        Item("image", r.id, str(r.image), r.captions[0] if r.captions else None)
-        for r in table.records
-    ]
+    return [Item("image", r.id, str(r.image), r.captions[0] if r.captions else None) for r in table.records]
 
 
 def text_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
@@ -193,9 +189,7 @@ def _embed_chunk(model, processor, items: list[Item], max_pixels: int, skipped, 
                 images.append((it, load_image(open_(it.path), max_pixels)))
             except BadImage as e:
                 if not skipped and not earlier:
-                    log.warning(
-                        "skipping bad image %s (%s); further skips are counted", e.path, e.reason
-                    )
+                    log.warning("skipping bad image %s (%s); further skips are counted", e.path, e.reason)
                 skipped[e.reason] += 1
         elif it.caption is None or not it.caption.strip():
             skipped["empty_text"] += 1
@@ -220,13 +214,15 @@ def _table(items: list[Item], vectors: np.ndarray | None, dim: int | None):
         vectors = np.zeros((0, dim or 1), np.float32)
     d = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
-    return pa.table({
-        "id": pa.array([it.id for it in items], pa.string()),
-        "modality": pa.array([it.modality for it in items], pa.string()),
-        "path": pa.array([it.path for it in items], pa.string()),
-        "caption": pa.array([it.caption for it in items], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(flat, d),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "id": pa.array([it.id for it in items], pa.string()),
+            "modality": pa.array([it.modality for it in items], pa.string()),
+            "path": pa.array([it.path for it in items], pa.string()),
+            "caption": pa.array([it.caption for it in items], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
 
 
 def _write_part(parts: Path, n: int, table, meta: dict) -> None:
@@ -302,9 +298,7 @@ def embed_items(
             skipped, kept, vecs = Counter(), [], []
             for b in range(start, end, batch_size):
                 chunk = items[b : min(end, b + batch_size)]
-                k, v = _embed_chunk(
-                    model, processor, chunk, max_pixels, skipped, report.skipped, open_
-                )
+                k, v = _embed_chunk(model, processor, chunk, max_pixels, skipped, report.skipped, open_)
                 kept += k
                 vecs += [] if v is None else [v]
                 bar.update(len(chunk))

@@ -64,10 +64,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, scales=None) -> li
         decays = not (p.ndim < 2 or any(k in lower for k in NO_DECAY))
         groups.setdefault((decays, float(scales.get(name, 1.0))), []).append(p)
     keys = sorted(groups, key=lambda k: (not k[0], -k[1]))  # decayed first, then by scale
-    return [
-        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]}
-        for k in keys
-    ]
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in keys]
 
 
 def adamw(params, **kw) -> torch.optim.AdamW:
@@ -133,8 +130,9 @@ def _init_gloo(timeout: timedelta) -> None:
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group("gloo", timeout=timeout)
         return
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=timeout)  # fmt: skip
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
     store = dist.PrefixStore(f"mmtune/attempt_{attempt}", store)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
@@ -204,8 +202,17 @@ def _train_data(cfg, task, records, rank: int, world: int):
     from mmtune.data.shards import ShardStream
 
     template = task.dataset([], train=True)  # the task's training transform
-    return ShardStream(cfg.data.shards, template.transform, task.collate, cfg.data.batch_size,
-                       cfg.seed, cfg.data.shuffle_buffer, rank, world, cfg.data.max_image_pixels)  # fmt: skip
+    return ShardStream(
+        cfg.data.shards,
+        template.transform,
+        task.collate,
+        cfg.data.batch_size,
+        cfg.seed,
+        cfg.data.shuffle_buffer,
+        rank,
+        world,
+        cfg.data.max_image_pixels,
+    )
 
 
 class Trainer:
@@ -315,9 +322,14 @@ class Trainer:
     def fit(self) -> TrainState:
         t, st = self.cfg.train, self.state
         accum = t.grad_accum
-        bar = tqdm(total=self.total_steps, initial=st.step, desc="train", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15,
-                   disable=not (t.progress and self.acc.is_main_process))  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            initial=st.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15,
+            disable=not (t.progress and self.acc.is_main_process),
+        )
         self.model.train()
         micro, window = 0, _Window()
         bad = torch.zeros((), device=self.acc.device)
@@ -411,8 +423,10 @@ class Trainer:
         if self.metric in metrics or "val.loss" not in metrics:
             return metrics.get(self.metric)
         if not self._fallback_warned and self.acc.is_main_process:
-            log.warning("eval.metric %s cannot be computed on this data: best is chosen by val.loss "
-                        "(lower is better)", self.metric)  # fmt: skip
+            log.warning(
+                "eval.metric %s cannot be computed on this data: best is chosen by val.loss (lower is better)",
+                self.metric,
+            )
         self._fallback_warned = True
         self.metric, self.higher_is_better = "val.loss", False
         return metrics["val.loss"]
@@ -483,8 +497,12 @@ class _Window:
         dt = time.perf_counter() - self.start
         st.train_seconds += dt
         st.samples += self.samples
-        record = {"kind": "train", "loss": float(self.loss) / steps, "lr": lr,
-                  "samples_per_s": self.samples / max(dt, 1e-9)}  # fmt: skip
+        record = {
+            "kind": "train",
+            "loss": float(self.loss) / steps,
+            "lr": lr,
+            "samples_per_s": self.samples / max(dt, 1e-9),
+        }
         record.update({k: float(v) for k, v in self.last.items()})  # the task's scalars, last value
         self.restart()
         return record

@@ -100,8 +100,12 @@ def measure_step(model, task, batch, opt, autocast, device, repeats: int = 5) ->
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": max(fb, update), "activation_peak_bytes": fb,
-            "update_peak_bytes": update, "seconds": float(statistics.median(times))}  # fmt: skip
+    return {
+        "peak_bytes": max(fb, update),
+        "activation_peak_bytes": fb,
+        "update_peak_bytes": update,
+        "seconds": float(statistics.median(times)),
+    }
 
 
 def step_flops(model, task, batch) -> int:
@@ -182,12 +186,15 @@ def estimate(cfg, sizes: list[int] | None = None, memory_budget: int | None = No
         sec = np.array([measured[-1]["seconds"] / sizes[-1], 0.0])
     budget = memory_budget or device_memory(device)
     result = {
-        "device": str(device), "batch_size": target, "measured": measured,
+        "device": str(device),
+        "batch_size": target,
+        "measured": measured,
         "peak_bytes": int(max(np.polyval(mem, target), update)),
         "step_seconds": float(np.polyval(sec, target)),
-        "flops_per_sample": flops, "memory_budget": budget,
+        "flops_per_sample": flops,
+        "memory_budget": budget,
         "fit": {"memory": mem.tolist(), "seconds": sec.tolist()},
-    }  # fmt: skip
+    }
     result["samples_per_s"] = target / max(result["step_seconds"], 1e-9)
     result["suggestions"] = suggest(mem, update, target, budget, cfg)
     return result
@@ -198,8 +205,9 @@ def loss_bytes_per_pair(cfg, model, records, task, device, n: int = 1024) -> flo
     from mmtune.losses import clip_loss, siglip_loss
 
     dim = model.encode_image(make_batch(task, records, 2, device)["pixel_values"]).shape[-1]
-    img, txt = (torch.nn.functional.normalize(torch.randn(n, dim, device=device), dim=-1)
-                .requires_grad_() for _ in range(2))  # fmt: skip
+    img, txt = (
+        torch.nn.functional.normalize(torch.randn(n, dim, device=device), dim=-1).requires_grad_() for _ in range(2)
+    )
     scale = torch.tensor(10.0, device=device, requires_grad=True)
 
     def fn():
@@ -238,14 +246,17 @@ def suggest(mem_fit, update: int, target: int, budget: int, cfg) -> list[str]:
     best = _largest(lambda b: peak(b) <= budget, target)
     if best:
         accum = math.ceil(target / best)
-        out.append(f"data.batch_size={best} fits; with train.grad_accum={accum} the step sees "
-                   f"{best * accum} samples (but each loss only {best} in-batch negatives)")  # fmt: skip
+        out.append(
+            f"data.batch_size={best} fits; with train.grad_accum={accum} the step sees "
+            f"{best * accum} samples (but each loss only {best} in-batch negatives)"
+        )
     # GradCache: activations of one chunk, and the loss in (chunk, B) blocks of logits
     gradcache = lambda c: peak(c) + quad * (c * target - c**2)  # noqa: E731
     chunk = _largest(lambda c: gradcache(c) <= budget, target)
     if chunk:
-        out.append(f"options.gradcache_chunk={chunk} keeps data.batch_size={target} exactly "
-                   f"(about {_gb(gradcache(chunk))})")  # fmt: skip
+        out.append(
+            f"options.gradcache_chunk={chunk} keeps data.batch_size={target} exactly (about {_gb(gradcache(chunk))})"
+        )
     if not cfg.model.grad_checkpointing:
         out.append("model.grad_checkpointing=true recomputes activations: less memory, ~30% slower")
     if cfg.train.precision == "fp32":
@@ -261,10 +272,13 @@ def format_estimate(r: dict) -> str:
     """The estimate as a few readable lines."""
     lines = [f"device: {r['device']}   memory budget: {_gb(r['memory_budget'])}"]
     for m in r["measured"]:
-        lines.append(f"  measured batch {m['batch']:>5}: peak {_gb(m['peak_bytes']):>10}   "
-                     f"step {m['seconds'] * 1000:8.1f} ms")  # fmt: skip
-    lines.append(f"predicted batch {r['batch_size']}: peak {_gb(r['peak_bytes'])}, step "
-                 f"{r['step_seconds'] * 1000:.1f} ms ({r['samples_per_s']:.0f} samples/s), "
-                 f"{r['flops_per_sample'] / 1e9:.3f} GFLOP/sample")  # fmt: skip
+        lines.append(
+            f"  measured batch {m['batch']:>5}: peak {_gb(m['peak_bytes']):>10}   step {m['seconds'] * 1000:8.1f} ms"
+        )
+    lines.append(
+        f"predicted batch {r['batch_size']}: peak {_gb(r['peak_bytes'])}, step "
+        f"{r['step_seconds'] * 1000:.1f} ms ({r['samples_per_s']:.0f} samples/s), "
+        f"{r['flops_per_sample'] / 1e9:.3f} GFLOP/sample"
+    )
     lines += ["suggestions:"] + [f"  - {s}" for s in r["suggestions"]]
     return "\n".join(lines)

@@ -211,14 +211,20 @@ def export_onnx(model, processor, out: Path) -> float:
     px, tok = _probe(processor)
     ids, mask = tok["input_ids"], tok["attention_mask"]
     _onnx_export(
-        ImageEncoder(model), (px,), out / "image_encoder.onnx", ["pixel_values"],
+        ImageEncoder(model),
+        (px,),
+        out / "image_encoder.onnx",
+        ["pixel_values"],
         {"pixel_values": {0: "batch"}},
-    )  # fmt: skip
+    )
     seq = {0: "batch", 1: "sequence"}
     _onnx_export(
-        TextEncoder(model), (ids, mask), out / "text_encoder.onnx",
-        ["input_ids", "attention_mask"], {"input_ids": seq, "attention_mask": seq},
-    )  # fmt: skip
+        TextEncoder(model),
+        (ids, mask),
+        out / "text_encoder.onnx",
+        ["input_ids", "attention_mask"],
+        {"input_ids": seq, "attention_mask": seq},
+    )
     processor.tokenizer.save_pretrained(out / "tokenizer")
     pre = {
         "image_size": processor.image_size,

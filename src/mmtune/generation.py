@@ -46,9 +46,17 @@ def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def generate_images(model, processor, prompts: list[str], n: int, seed: int = 0,
-                    guidance: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
-                    batch: int = 64) -> list[list[Image.Image]]:  # fmt: skip
+def generate_images(
+    model,
+    processor,
+    prompts: list[str],
+    n: int,
+    seed: int = 0,
+    guidance: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    batch: int = 64,
+) -> list[list[Image.Image]]:
     """n images per prompt from a `Text2ImageModel`: codes sampled by its prior, decoded by its
     VQ decoder. Deterministic for a seed."""
     from mmtune.models.prior import sample
@@ -109,6 +117,5 @@ def grid(rows: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.I
     canvas = Image.new("RGB", (cols * cw + pad, len(rows) * ch + pad), (200, 200, 200))
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
-            canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST),
-                         (pad + c * cw, pad + r * ch))  # fmt: skip
+            canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST), (pad + c * cw, pad + r * ch))
     return canvas

@@ -89,15 +89,14 @@ class _GradCache:
                 # a leaf the loss does not use (the bias under CLIP) keeps None, as in autograd
                 grads = torch.autograd.grad(part, leaves, allow_unused=True)
             loss = loss + part.detach()
-            self.grads = [g if acc is None else acc if g is None else acc + g
-                          for acc, g in zip(self.grads, grads, strict=True)]  # fmt: skip
+            self.grads = [
+                g if acc is None else acc if g is None else acc + g for acc, g in zip(self.grads, grads, strict=True)
+            ]
         return loss
 
     def second(self, grad_output: Tensor) -> None:
         """Step 3: re-run each chunk with a graph and push its cached gradient through."""
-        g_image, g_text, g_scale, *g_bias = (
-            None if g is None else g * grad_output for g in self.grads
-        )
+        g_image, g_text, g_scale, *g_bias = (None if g is None else g * grad_output for g in self.grads)
         dev, dtype, enabled = self.autocast
         for i, sl in enumerate(self.slices):
             with _replay_rng(self.rng[i], self.device), torch.enable_grad():

@@ -16,9 +16,7 @@ import torch
 from mmtune.errors import CheckpointError, UserError
 
 
-def interpolate_state(
-    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float
-) -> dict[str, torch.Tensor]:
+def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """(1 − α)·a + α·b for every floating tensor; other tensors (counters, ids) must be equal.
 
     Computed in float32 at least and cast back to a's dtype; CheckpointError when the names or
@@ -27,8 +25,7 @@ def interpolate_state(
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         raise CheckpointError(
-            "checkpoints have different architectures: "
-            f"only in the first {only_a[:3]}, only in the second {only_b[:3]}"
+            f"checkpoints have different architectures: only in the first {only_a[:3]}, only in the second {only_b[:3]}"
         )
     out = {}
     for k, ta in a.items():

@@ -16,9 +16,7 @@ from torch import Tensor
 __all__ = ["caption_group_ids", "clip_loss", "contrastive_logits", "siglip_loss"]
 
 
-def contrastive_logits(
-    image_emb: Tensor, text_emb: Tensor, scale: Tensor, bias: Tensor | None = None
-) -> Tensor:
+def contrastive_logits(image_emb: Tensor, text_emb: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """Scaled similarities ``scale * image @ text.T (+ bias)``: (b, D), (N, D) -> (b, N)."""
     logits = scale * (image_emb @ text_emb.T)
     if bias is not None:
@@ -26,22 +24,16 @@ def contrastive_logits(
     return logits
 
 
-def _positive_mask(
-    n_rows: int, n_cols: int, row_offset: int, group_ids: Tensor | None, device: torch.device
-) -> Tensor:
+def _positive_mask(n_rows: int, n_cols: int, row_offset: int, group_ids: Tensor | None, device: torch.device) -> Tensor:
     """Which (row, column) pairs are positives -> bool (b, N); rows start at ``row_offset``."""
     if row_offset < 0 or row_offset + n_rows > n_cols:
-        raise ValueError(
-            f"rows [{row_offset}, {row_offset + n_rows}) do not fit in a batch of {n_cols} columns"
-        )
+        raise ValueError(f"rows [{row_offset}, {row_offset + n_rows}) do not fit in a batch of {n_cols} columns")
     rows = torch.arange(row_offset, row_offset + n_rows, device=device)
     if group_ids is None:
         return rows[:, None] == torch.arange(n_cols, device=device)[None, :]
     group_ids = torch.as_tensor(group_ids, device=device)
     if group_ids.shape != (n_cols,):
-        raise ValueError(
-            f"group_ids must have shape ({n_cols},) (one per column), got {tuple(group_ids.shape)}"
-        )
+        raise ValueError(f"group_ids must have shape ({n_cols},) (one per column), got {tuple(group_ids.shape)}")
     return group_ids[rows][:, None] == group_ids[None, :]
 
 

@@ -57,9 +57,7 @@ def zeroshot_weights(text_emb: Tensor, n_classes: int, n_templates: int) -> Tens
     return F.normalize(per_template.mean(dim=1), dim=-1)
 
 
-def classification_metrics(
-    logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)
-) -> dict[str, float]:
+def classification_metrics(logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracies and mean per-class recall from logits (N, C) and labels (N,).
 
     Keys ``top{k}`` for each k (k clipped to C) and ``mean_per_class_recall`` (over the classes
@@ -132,22 +130,17 @@ def retrieval_metrics(
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
-            f"need image (Ni, D) and text (Nt, D), got {tuple(image_emb.shape)} and "
-            f"{tuple(text_emb.shape)}"
+            f"need image (Ni, D) and text (Nt, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     if n_images == 0 or n_texts == 0 or block_size < 1:
         raise ValueError("need at least one image, one text and block_size >= 1")
     if image_groups is None:
-        owners = torch.from_numpy(
-            _labels_array(text_image_index, n_texts, n_images, "text_image_index")
-        )
+        owners = torch.from_numpy(_labels_array(text_image_index, n_texts, n_images, "text_image_index"))
         image_ids = torch.arange(n_images)
     else:
         groups = _to_numpy(image_groups).astype(np.int64)
-        image_ids = torch.from_numpy(
-            _labels_array(groups, n_images, int(groups.max()) + 1, "image_groups")
-        )
+        image_ids = torch.from_numpy(_labels_array(groups, n_images, int(groups.max()) + 1, "image_groups"))
         owners = torch.from_numpy(_to_numpy(text_image_index).astype(np.int64))
     # at least float32: half-precision similarities would create spurious ties
     dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
@@ -157,8 +150,4 @@ def retrieval_metrics(
     i2t = _negatives_above_best_positive(images, texts, image_ids, owners, block_size)
     t2i = _negatives_above_best_positive(texts, images, owners, image_ids, block_size)
     ranks = {"i2t": i2t[has_text], "t2i": t2i}
-    return {
-        f"{direction}.R@{k}": float((r < k).double().mean())
-        for direction, r in ranks.items()
-        for k in ks
-    }
+    return {f"{direction}.R@{k}": float((r < k).double().mean()) for direction, r in ranks.items() for k in ks}

@@ -53,9 +53,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
     root = logging.getLogger()
     level = root.level
-    root.setLevel(
-        logging.ERROR
-    )  # its "consider pre-processing" advice is about static quantisation
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is about static quantisation
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
     finally:
@@ -89,11 +87,12 @@ def export_encoders(model, processor, folder: Path) -> float:
             diff = export_onnx(plain, processor, folder)
     except Exception as e:  # the exporter's errors are long; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--backend onnx: {name} cannot be exported ({first[:200]}); "
-                        "use --backend torch") from None  # fmt: skip
+        raise UserError(f"--backend onnx: {name} cannot be exported ({first[:200]}); use --backend torch") from None
     if diff > EXPORT_TOLERANCE:
-        raise UserError(f"--backend onnx: the export of {name} differs from PyTorch by "
-                        f"{diff:.2e} > {EXPORT_TOLERANCE}; use --backend torch")  # fmt: skip
+        raise UserError(
+            f"--backend onnx: the export of {name} differs from PyTorch by "
+            f"{diff:.2e} > {EXPORT_TOLERANCE}; use --backend torch"
+        )
     return diff
 
 

@@ -20,9 +20,7 @@ from mmtune.errors import UserError
 OWN_PLOTS = ("train_loss.png", "lr.png", "eval.png")
 _AXIS_KEYS = frozenset({"kind", "step", "epoch", "time"})
 # Last key segments that name a task score worth putting at the top of the report.
-_HEADLINE = re.compile(
-    r"^(top-?1|acc|accuracy|balanced_accuracy|R@1|f1|macro_f1|map|auc|mean_recall)$", re.I
-)
+_HEADLINE = re.compile(r"^(top-?1|acc|accuracy|balanced_accuracy|R@1|f1|macro_f1|map|auc|mean_recall)$", re.I)
 _MAX_HEADLINE = 8
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330;
@@ -170,9 +168,7 @@ def _headline(final: dict, evals: list[dict]) -> dict[str, Any]:
     last_eval = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in _AXIS_KEYS}
     for source in (final, last_eval):
         picked = {
-            k: v
-            for k, v in source.items()
-            if (_is_num(v) or v is None) and _HEADLINE.match(k.rsplit(".", 1)[-1])
+            k: v for k, v in source.items() if (_is_num(v) or v is None) and _HEADLINE.match(k.rsplit(".", 1)[-1])
         }
         if picked:
             return dict(list(picked.items())[:_MAX_HEADLINE])
@@ -185,11 +181,7 @@ def _table(columns: Iterable[Any], rows: Iterable[Iterable[Any]], none: str = ""
     """An HTML table; every cell is escaped and numbers are right-aligned."""
     head = "".join(f"<th>{escape(_fmt(c, none))}</th>" for c in columns)
     body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td{' class=num' if _is_num(c) else ''}>{escape(_fmt(c, none))}</td>" for c in row
-        )
-        + "</tr>"
+        "<tr>" + "".join(f"<td{' class=num' if _is_num(c) else ''}>{escape(_fmt(c, none))}</td>" for c in row) + "</tr>"
         for row in rows
     )
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
@@ -202,8 +194,7 @@ def _metric_tables(final: dict) -> str:
         name = key.split(".", 1)[1] if "." in key else key
         groups.setdefault(_group(key), []).append((name, value))
     return "".join(
-        f"<h3>{escape(group)}</h3>" + _table(["metric", "value"], items, none="NaN")
-        for group, items in groups.items()
+        f"<h3>{escape(group)}</h3>" + _table(["metric", "value"], items, none="NaN") for group, items in groups.items()
     )
 
 
@@ -216,9 +207,7 @@ def _extra_tables(run_dir: Path, notes: list[str]) -> str:
         if spec is None:
             continue
         if not (
-            isinstance(spec, dict)
-            and isinstance(spec.get("columns"), list)
-            and isinstance(spec.get("rows"), list)
+            isinstance(spec, dict) and isinstance(spec.get("columns"), list) and isinstance(spec.get("rows"), list)
         ):
             notes.append(f"{label}: expected an object with title, columns and rows")
             continue
@@ -232,10 +221,7 @@ def _figure(path: Path, caption: str) -> str:
     """An <img> with the PNG inlined as a base64 data URI, so the report is one file."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     cap = escape(caption)
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{cap}">'
-        f"<figcaption>{cap}</figcaption></figure>"
-    )
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
 
 
 def _section(title: str, content: str) -> str:
@@ -269,8 +255,7 @@ def _extra_plots(plots_dir: Path) -> list[tuple[Path, str]]:
 def _cards(headline: dict[str, Any]) -> str:
     """The headline numbers as large cards."""
     cards = "".join(
-        f'<div class="card"><div class="v">{escape(_fmt(v))}</div>'
-        f'<div class="k">{escape(k)}</div></div>'
+        f'<div class="card"><div class="v">{escape(_fmt(v))}</div><div class="k">{escape(k)}</div></div>'
         for k, v in headline.items()
     )
     return f'<div class="cards">{cards}</div>' if cards else ""

@@ -46,9 +46,7 @@ class IndexConfig(BaseModel):
     hnsw_m: int = Field(32, gt=0, description="HNSW neighbours per node.")
     ef_construction: int = Field(80, gt=0, description="HNSW build-time search depth.")
     ef_search: int = Field(128, gt=0, description="HNSW query-time search depth.")
-    train_size: int = Field(
-        100_000, gt=0, description="Vectors sampled to train IVF centroids / PQ codebooks."
-    )
+    train_size: int = Field(100_000, gt=0, description="Vectors sampled to train IVF centroids / PQ codebooks.")
     auto_min_rows: int = Field(50_000, gt=0, description="`auto`: below this, exact search.")
     max_memory_gb: float = Field(8.0, gt=0, description="`auto`: above this, use ivfpq.")
     seed: int = Field(0, description="Seed of the training sample.")

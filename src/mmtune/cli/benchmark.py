@@ -8,8 +8,9 @@ def add_benchmark(dsub) -> None:
     b = dsub.add_parser("benchmark", help="write CLIP_benchmark's WebDataset layout (zero-shot)")
     b.add_argument("dataset", help="labelled dataset: `digits`, an ImageFolder, a pairs file…")
     b.add_argument("--output", "-o", required=True, help="empty folder to write")
-    b.add_argument("--split", action="append", choices=["train", "val", "test"],
-                   help="split(s) to write (default: test)")  # fmt: skip
+    b.add_argument(
+        "--split", action="append", choices=["train", "val", "test"], help="split(s) to write (default: test)"
+    )
     b.add_argument("--samples-per-shard", type=int, default=10_000)
     b.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
     b.set_defaults(func=cmd_benchmark)
@@ -30,8 +31,7 @@ def cmd_benchmark(args, extra) -> int:
         if bad:
             print(f"{name}: left out {sum(bad.values())} bad samples: {dict(bad)}")
         chosen[name] = good
-    counts = write_benchmark(chosen, splits.classes, splits.eval_templates, args.output,
-                             args.samples_per_shard)  # fmt: skip
+    counts = write_benchmark(chosen, splits.classes, splits.eval_templates, args.output, args.samples_per_shard)
     shown = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"wrote {shown} samples, {len(splits.classes)} classes to {args.output}")
     return 0

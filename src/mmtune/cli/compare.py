@@ -69,15 +69,13 @@ def table(runs: list[Path], patterns: list[str]) -> tuple[list[str], list[list]]
     """Columns and rows: run, status, the differing config keys, then the chosen figures."""
     read = [read_run(r) for r in runs]
     keys = list(dict.fromkeys(k for c, _, _ in read for k in c))
-    differ = [
-        k for k in keys if k not in SKIP_KEYS and len({_key(c.get(k)) for c, _, _ in read}) > 1
-    ]
-    figures = list(
-        dict.fromkeys(k for _, m, _ in read for k, v in m.items() if _figure(k, v, patterns))
-    )
+    differ = [k for k in keys if k not in SKIP_KEYS and len({_key(c.get(k)) for c, _, _ in read}) > 1]
+    figures = list(dict.fromkeys(k for _, m, _ in read for k, v in m.items() if _figure(k, v, patterns)))
     columns = ["run", "status", *differ, *figures]
-    rows = [[str(r), s, *(c.get(k) for k in differ), *(m.get(k) for k in figures)]
-            for r, (c, m, s) in zip(runs, read, strict=True)]  # fmt: skip
+    rows = [
+        [str(r), s, *(c.get(k) for k in differ), *(m.get(k) for k in figures)]
+        for r, (c, m, s) in zip(runs, read, strict=True)
+    ]
     return columns, rows
 
 

@@ -12,15 +12,21 @@ def add_parser(sub) -> None:
     s = dsub.add_parser("shard", help="write tar shards (image bytes + captions + metadata)")
     s.add_argument("dataset", help="pairs file (CSV/TSV/JSONL), COCO JSON, folder, or `digits`")
     s.add_argument("--out", "-o", required=True, help="empty folder for the shards")
-    s.add_argument("--split", choices=["train", "val", "test", "all"], default="all",
-                   help="which split to write (`all`: every record of the file)")  # fmt: skip
+    s.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        default="all",
+        help="which split to write (`all`: every record of the file)",
+    )
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
     s.set_defaults(func=cmd_shard)
 
     c = dsub.add_parser("check", help="decode every sample; report bad ones by reason")
-    c.add_argument("dataset", help="shard folder or brace pattern (`shards/{00000..00009}.tar`), "
-                   "pairs file, COCO JSON, folder, or `digits`")  # fmt: skip
+    c.add_argument(
+        "dataset",
+        help="shard folder or brace pattern (`shards/{00000..00009}.tar`), pairs file, COCO JSON, folder, or `digits`",
+    )
     c.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
     c.set_defaults(func=cmd_check)
     from mmtune.cli.benchmark import add_benchmark  # CLIP_benchmark's layout

@@ -9,8 +9,12 @@ from mmtune.errors import UserError
 def add_parser(sub) -> None:
     x = sub.add_parser("export", help="export to a transformers folder, ONNX or open_clip")
     x.add_argument("checkpoint", help="run folder or checkpoint folder")
-    x.add_argument("--format", choices=["hf", "onnx", "open-clip"], default="hf",
-                   help="a format the run's task offers (contrastive: hf, onnx, open-clip)")
+    x.add_argument(
+        "--format",
+        choices=["hf", "onnx", "open-clip"],
+        default="hf",
+        help="a format the run's task offers (contrastive: hf, onnx, open-clip)",
+    )
     x.add_argument("--output", "-o", required=True, help="new folder to write")
     x.set_defaults(func=cmd_export)
 

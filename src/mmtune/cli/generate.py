@@ -19,8 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, help="text2image: sampling temperature")
     p.add_argument("--top-k", type=int, help="text2image: sample among the k likeliest codes")
     p.add_argument("--keep", type=int, help="keep the best k candidates per prompt (default all)")
-    p.add_argument("--reranker", help="dual-encoder run scoring the candidates (default: the "
-                   "run's options.reranker; 'none' to switch re-ranking off)")  # fmt: skip
+    p.add_argument(
+        "--reranker",
+        help="dual-encoder run scoring the candidates (default: the "
+        "run's options.reranker; 'none' to switch re-ranking off)",
+    )
     p.add_argument("--scale", type=int, default=2, help="pixel scale of the grid (default 2)")
     p.set_defaults(func=cmd_generate)
 

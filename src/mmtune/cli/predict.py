@@ -10,24 +10,30 @@ from mmtune.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="a trained run's prediction for an image (its task decides)",
-                       description="Answers --question (vqa), captions (caption), classifies (classify), "
-                       "scores --labels (contrastive)…: whatever the run's task predicts. Options of the run "
-                       "can be overridden: options.decode=beam options.beams=3.")  # fmt: skip
+    p = sub.add_parser(
+        "predict",
+        help="a trained run's prediction for an image (its task decides)",
+        description="Answers --question (vqa), captions (caption), classifies (classify), "
+        "scores --labels (contrastive)…: whatever the run's task predicts. Options of the run "
+        "can be overridden: options.decode=beam options.beams=3.",
+    )
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", help="a question about the image (vqa runs)")
-    p.add_argument("--history", action="append", default=[],
-                   help="a prior dialog turn ('question answer'); repeat, oldest first")  # fmt: skip
+    p.add_argument(
+        "--history", action="append", default=[], help="a prior dialog turn ('question answer'); repeat, oldest first"
+    )
     p.add_argument("--labels", nargs="+", help="candidate labels to score (contrastive runs)")
     p.add_argument("--json", action="store_true", help="print the whole output as JSON")
     p.set_defaults(func=cmd_predict)
     c = sub.add_parser("compare-runs", help="copy prefixed figures of runs into one metrics.json")
     c.add_argument("--into", required=True, help="run folder whose metrics.json gains the figures")
-    c.add_argument("--add", action="append", default=[], metavar="PREFIX=RUN",
-                   help="copy RUN's metrics as PREFIX.<key>; repeat")  # fmt: skip
-    c.add_argument("--keys", help="only keys starting with this (default: the prefix of the --into "
-                   "run's task metric, e.g. vqa.)")  # fmt: skip
+    c.add_argument(
+        "--add", action="append", default=[], metavar="PREFIX=RUN", help="copy RUN's metrics as PREFIX.<key>; repeat"
+    )
+    c.add_argument(
+        "--keys", help="only keys starting with this (default: the prefix of the --into run's task metric, e.g. vqa.)"
+    )
     c.set_defaults(func=cmd_compare)
 
 

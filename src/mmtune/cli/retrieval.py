@@ -27,9 +27,15 @@ def cmd_embed(args, extra) -> int:
     model, proc = load_run(args.checkpoint)
     model = maybe_onnx(model, proc, args.backend, args.quantize)
     rep = embed_items(
-        model, proc, items, args.output, args.batch_size, args.max_pixels,
-        progress=not args.no_progress, checkpoint=str(Path(args.checkpoint).resolve()),
-    )  # fmt: skip
+        model,
+        proc,
+        items,
+        args.output,
+        args.batch_size,
+        args.max_pixels,
+        progress=not args.no_progress,
+        checkpoint=str(Path(args.checkpoint).resolve()),
+    )
     skipped = sum(rep.skipped.values())
     resumed = f", resumed after {rep.resumed_parts} saved parts" if rep.resumed_parts else ""
     print(f"{rep.rows} embeddings written to {rep.output}{resumed}")
@@ -95,15 +101,20 @@ def add_backend_args(p) -> None:
         default="torch",
         help="run the encoders on PyTorch or, exported, on ONNX Runtime (faster on CPU)",
     )
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="with --backend onnx: int8 dynamic quantisation of the weights")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="with --backend onnx: int8 dynamic quantisation of the weights",
+    )
 
 
 def add_parser(sub) -> None:
     e = sub.add_parser("embed", help="embed images and/or texts into a Parquet file")
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    e.add_argument("--images", help="folder of images, pairs file (CSV/TSV/JSONL/COCO), or a "
-                   "shard folder from `mmtune data shard`")  # fmt: skip
+    e.add_argument(
+        "--images", help="folder of images, pairs file (CSV/TSV/JSONL/COCO), or a shard folder from `mmtune data shard`"
+    )
     e.add_argument("--texts", help="text file (one per line) or pairs file (its captions)")
     e.add_argument("--output", "-o", required=True, help="Parquet file to write")
     e.add_argument("--batch-size", type=int, default=64)
@@ -117,9 +128,7 @@ def add_parser(sub) -> None:
     b = ixs.add_parser("build", help="index an embeddings file (exact by default)")
     b.add_argument("embeddings", help="Parquet file from `mmtune embed`")
     b.add_argument("--output", "-o", required=True, help="index folder to write")
-    b.add_argument(
-        "--config", "-c", help="index YAML (configs/index-ivf.yaml…); key=value overrides"
-    )
+    b.add_argument("--config", "-c", help="index YAML (configs/index-ivf.yaml…); key=value overrides")
     b.add_argument("--modality", choices=["image", "text", "all"], default="image")
     b.set_defaults(func=cmd_index_build)
 

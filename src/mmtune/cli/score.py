@@ -75,24 +75,21 @@ def score_vqa(annotations: str, questions: str, results: str) -> dict[str, float
     """VQA v2 metrics of a results file: {acc, n, <question type>.acc, answer_type.<t>.acc}."""
     from mmtune.vqa_metrics import vqa_metrics
 
-    anns = _unique(_rows(annotations, "--annotations", "annotations",
-                         ("question_id", "answers")), "question_id", annotations)  # fmt: skip
-    qids = {
-        q["question_id"] for q in _rows(questions, "--questions", "questions", ("question_id",))
-    }
+    anns = _unique(
+        _rows(annotations, "--annotations", "annotations", ("question_id", "answers")), "question_id", annotations
+    )
+    qids = {q["question_id"] for q in _rows(questions, "--questions", "questions", ("question_id",))}
     if set(anns) - qids:
         first = min(set(anns) - qids, key=str)
-        raise DataError(
-            f"{questions}: question_id {first} of --annotations is not among its questions"
-        )
-    res = _unique(
-        _rows(results, "--results", None, ("question_id", "answer")), "question_id", results
-    )
+        raise DataError(f"{questions}: question_id {first} of --annotations is not among its questions")
+    res = _unique(_rows(results, "--results", None, ("question_id", "answer")), "question_id", results)
     if extra := set(res) - set(anns):
         raise DataError(f"{results}: question_id {min(extra, key=str)} is not in {annotations}")
     if missing := set(anns) - set(res):
-        raise DataError(f"{results}: {len(missing)} of {len(anns)} annotated questions have no "
-                        f"answer (e.g. question_id {min(missing, key=str)})")  # fmt: skip
+        raise DataError(
+            f"{results}: {len(missing)} of {len(anns)} annotated questions have no "
+            f"answer (e.g. question_id {min(missing, key=str)})"
+        )
     ids = sorted(anns, key=str)
     return vqa_metrics(
         [str(res[i]["answer"]) for i in ids],
@@ -113,13 +110,9 @@ def score_captions(references: str, results: str, meteor: bool = False) -> dict[
     if not res:
         raise DataError(f"{results}: no captions to score")
     if extra := set(res) - set(refs):
-        raise DataError(
-            f"{results}: image_id {min(extra, key=str)} has no reference caption in {references}"
-        )
+        raise DataError(f"{results}: image_id {min(extra, key=str)} has no reference caption in {references}")
     ids = sorted(res, key=str)
-    m = caption_metrics(
-        [str(res[i]["caption"]) for i in ids], [refs[i] for i in ids], with_meteor=meteor
-    )
+    m = caption_metrics([str(res[i]["caption"]) for i in ids], [refs[i] for i in ids], with_meteor=meteor)
     return {**m, "n": float(len(ids))}
 
 

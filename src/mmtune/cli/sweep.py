@@ -54,8 +54,19 @@ def cmd_sweep(args, extra) -> int:
     space = load_space(args.space, base)
     name = args.name or cfg.name
     folder = Path(cfg.output_dir) / name
-    sw = Sweep(base, space, folder, name, args.trials, args.sampler, args.pruner, args.storage,
-               cache=not args.no_cache, seed=cfg.seed, objective=objective_of(cfg))  # fmt: skip
+    sw = Sweep(
+        base,
+        space,
+        folder,
+        name,
+        args.trials,
+        args.sampler,
+        args.pruner,
+        args.storage,
+        cache=not args.no_cache,
+        seed=cfg.seed,
+        objective=objective_of(cfg),
+    )
     summary = run_sweep(sw, args.jobs, args.baseline)
     _print_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
     print(f"sweep folder: {folder}  best config: {folder / 'best.yaml'}")

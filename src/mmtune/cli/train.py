@@ -48,10 +48,8 @@ def cmd_eval(args, extra) -> int:
 
     ckpt = Path(args.checkpoint)
     overrides = parse_overrides(extra)
-    if args.config:
-        cfg = load_config(args.config, overrides)
-    else:  # the run's own config (data, options), in today's keys
-        cfg = run_config(resolve_checkpoint(ckpt)[0], overrides)
+    # without --config: the run's own config (data, options), in today's keys
+    cfg = load_config(args.config, overrides) if args.config else run_config(resolve_checkpoint(ckpt)[0], overrides)
     metrics = api.evaluate(ckpt, cfg, split=args.split)
     print_metrics(metrics)
     if args.output:

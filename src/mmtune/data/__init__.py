@@ -101,9 +101,7 @@ def load_splits(data_cfg, seed: int = 0) -> Splits:
     if builtin is not None:
         return builtin
     if not Path(data_cfg.dataset).exists():
-        raise DataError(
-            f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits, shapes) nor a file"
-        )
+        raise DataError(f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits, shapes) nor a file")
     main = _read(data_cfg.dataset, data_cfg)
     skipped = Counter(main.skipped)
     records = main.records
@@ -148,9 +146,7 @@ def screen(
                     raise DataError(f"bad image {e.path}: {e.reason} {e.detail}".rstrip()) from None
                 reason = e.reason
                 if not bad:
-                    log.warning(
-                        "skipping bad image %s (%s); further skips are counted", e.path, e.reason
-                    )
+                    log.warning("skipping bad image %s (%s); further skips are counted", e.path, e.reason)
         if reason is None:
             # readers decode with errors="replace": U+FFFD marks bytes that were not UTF-8
             caps = [c for c in rec.captions if c and c.strip() and "\ufffd" not in c]

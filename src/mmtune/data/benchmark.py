@@ -62,8 +62,9 @@ def write_split(records, folder: Path, samples_per_shard: int) -> int:
     return shards
 
 
-def write_benchmark(splits: dict, classes: list[str], templates: list[str], out: str | Path,
-                    samples_per_shard: int = 10_000) -> dict:  # fmt: skip
+def write_benchmark(
+    splits: dict, classes: list[str], templates: list[str], out: str | Path, samples_per_shard: int = 10_000
+) -> dict:
     """Write {split: records} with class names and `{}`-style templates; {split: samples}."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):

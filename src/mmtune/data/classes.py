@@ -21,8 +21,7 @@ def check_classes(splits) -> list[str]:
         )
     if len(classes) < 2:
         raise DataError(
-            f"{splits.name or 'dataset'}: a single class ({classes[0]!r}); classification needs "
-            "at least two"
+            f"{splits.name or 'dataset'}: a single class ({classes[0]!r}); classification needs at least two"
         )
     if any(r.label is None for r in splits.train):
         raise DataError(f"{splits.name}: some training records have no label")
@@ -69,8 +68,7 @@ def shift_splits(data_cfg, classes: list[str]) -> dict[str, list[Record]]:
             records = _read(entry, data_cfg, classes)
         else:
             raise DataError(
-                f"data.shift: '{entry}' is neither a built-in ({', '.join(SHIFT_BUILTINS)}) "
-                "nor a file or folder"
+                f"data.shift: '{entry}' is neither a built-in ({', '.join(SHIFT_BUILTINS)}) nor a file or folder"
             )
         good, _ = screen(
             records,
@@ -85,7 +83,4 @@ def shift_splits(data_cfg, classes: list[str]) -> dict[str, list[Record]]:
 
 def prompt_records(records: list[Record], classes: list[str], templates: list[str]):
     """Records whose captions are the class prompts of their label (FLYP's training pairs)."""
-    return [
-        Record(r.image, [t.format(classes[r.label]) for t in templates], r.label, r.id)
-        for r in records
-    ]
+    return [Record(r.image, [t.format(classes[r.label]) for t in templates], r.label, r.id) for r in records]

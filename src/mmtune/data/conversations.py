@@ -68,9 +68,7 @@ def _turns(row: dict, where: str) -> list[dict]:
     turns = []
     for t in raw:
         if not isinstance(t, dict) or t.get(role_key) not in ROLES or text_key not in t:
-            raise DataError(
-                f"{where}: each turn needs '{role_key}' ({'/'.join(ROLES)}) and '{text_key}'"
-            )
+            raise DataError(f"{where}: each turn needs '{role_key}' ({'/'.join(ROLES)}) and '{text_key}'")
         turns.append({"role": ROLES[t[role_key]], "content": _text(t[text_key], where)})
     if not any(t["role"] == "assistant" for t in turns):
         raise DataError(f"{where}: the conversation has no assistant (gpt) turn to learn")
@@ -91,9 +89,7 @@ def parse_conversation(row: dict, where: str, root: Path) -> ConversationRecord:
         raise DataError(f"{where}: {marks} <image> placeholders for {len(images)} images")
     paths = [str(root / str(p)) for p in images]
     ident = str(row.get("id", where))
-    return ConversationRecord(
-        image=paths[0] if paths else "", id=ident, messages=turns, images=paths
-    )
+    return ConversationRecord(image=paths[0] if paths else "", id=ident, messages=turns, images=paths)
 
 
 def read_conversations(path: str | Path, image_root: str | Path | None = None) -> Table:

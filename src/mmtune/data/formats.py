@@ -202,8 +202,5 @@ def read_image_folder(folder: str | Path, classes: list[str] | None = None) -> T
                 f"{sub}: class folder '{sub.name}' has no images "
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
             )
-        records += [
-            Record(image=str(p), label=index[sub.name], id=str(p.relative_to(folder)))
-            for p in images
-        ]
+        records += [Record(image=str(p), label=index[sub.name], id=str(p.relative_to(folder))) for p in images]
     return Table(records, list(classes))

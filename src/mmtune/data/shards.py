@@ -74,8 +74,9 @@ def _add_sample(tar: tarfile.TarFile, key: str, rec: Record, i: int) -> None:
         _add(tar, f"{key}.cls", str(rec.label).encode())
 
 
-def write_shards(records: list[Record], folder: str | Path, samples_per_shard: int = 1000,
-                 classes: list[str] | None = None) -> dict:  # fmt: skip
+def write_shards(
+    records: list[Record], folder: str | Path, samples_per_shard: int = 1000, classes: list[str] | None = None
+) -> dict:
     """Write records (screen them first) as tar shards + index.json; returns the index."""
     folder = Path(folder)
     if (folder / INDEX).exists():
@@ -93,8 +94,7 @@ def write_shards(records: list[Record], folder: str | Path, samples_per_shard: i
         stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}
         (folder / f"{name[:-4]}_stats.json").write_text(json.dumps(stats))
         shards.append({"name": name, "samples": n})
-    index = {"format": "mmtune-shards/1", "samples": len(records), "shards": shards,
-             "classes": classes}  # fmt: skip
+    index = {"format": "mmtune-shards/1", "samples": len(records), "shards": shards, "classes": classes}
     (folder / INDEX).write_text(json.dumps(index, indent=1))
     return index
 
@@ -106,8 +106,7 @@ def read_index(folder: str | Path) -> dict:
     """The index of a complete shard folder; DataError naming what is wrong otherwise."""
     path = Path(folder) / INDEX
     if not path.is_file():
-        raise DataError(f"{folder}: not a shard folder ({INDEX} missing; write one with "
-                        "`mmtune data shard`)")  # fmt: skip
+        raise DataError(f"{folder}: not a shard folder ({INDEX} missing; write one with `mmtune data shard`)")
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -184,8 +183,13 @@ def decode(sample: dict, transform: ImageTransform, rng, max_pixels: int, index:
         raise BadImage(sample["key"], "empty")
     img = load_image(io.BytesIO(data), max_pixels)
     caption = captions[int(rng.integers(len(captions)))] if captions else ""
-    return {"pixel_values": transform(img, rng), "caption": caption, "captions": captions,
-            "label": -1 if label is None else label, "index": index}  # fmt: skip
+    return {
+        "pixel_values": transform(img, rng),
+        "caption": caption,
+        "captions": captions,
+        "label": -1 if label is None else label,
+        "index": index,
+    }
 
 
 def _read_counted(path: Path, bad: Counter) -> Iterator[dict]:
@@ -244,13 +248,24 @@ class ShardStream(torch.utils.data.IterableDataset):
     number (its augmentation seed) is its position in the source: shard offset + rank in shard.
     """
 
-    def __init__(self, source, transform: ImageTransform, collate: Callable, batch_size: int,
-                 seed: int = 0, buffer: int = 1000, rank: int = 0, world: int = 1,
-                 max_pixels: int = 40_000_000):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        transform: ImageTransform,
+        collate: Callable,
+        batch_size: int,
+        seed: int = 0,
+        buffer: int = 1000,
+        rank: int = 0,
+        world: int = 1,
+        max_pixels: int = 40_000_000,
+    ):
         self.shards, self.classes = resolve(source)
         if len(self.shards) < world:
-            raise DataError(f"{source}: {len(self.shards)} shards for {world} processes; "
-                            "write at least one shard per process (smaller --samples-per-shard)")  # fmt: skip
+            raise DataError(
+                f"{source}: {len(self.shards)} shards for {world} processes; "
+                "write at least one shard per process (smaller --samples-per-shard)"
+            )
         starts = np.cumsum([0] + [s.samples for s in self.shards])[:-1].tolist()
         self.offsets = {s.path: int(n) for s, n in zip(self.shards, starts, strict=True)}
         self.transform, self.collate, self.batch_size = transform, collate, batch_size

@@ -81,9 +81,7 @@ def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> Ta
     for n, row in read_jsonl_rows(path):
         for key in ("image", "question", "answers"):
             if key not in row:
-                raise DataError(
-                    f"{path}:{n}: record has no '{key}' (needs image, question, answers)"
-                )
+                raise DataError(f"{path}:{n}: record has no '{key}' (needs image, question, answers)")
         answers = [row["answers"]] if isinstance(row["answers"], str) else list(row["answers"])
         if not answers:
             raise DataError(f"{path}:{n}: record has an empty 'answers' list")
@@ -125,9 +123,7 @@ def annotations_path(questions: Path) -> Path:
     for c in candidates:
         if c != name and (questions.parent / c).is_file():
             return questions.parent / c
-    raise DataError(
-        f"{questions}: annotations file not found (looked for {questions.parent / candidates[0]})"
-    )
+    raise DataError(f"{questions}: annotations file not found (looked for {questions.parent / candidates[0]})")
 
 
 def image_index(root: Path) -> dict[int, str]:

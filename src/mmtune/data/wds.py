@@ -71,10 +71,7 @@ def shard_paths(spec: str | Path) -> list[Path]:
         if len(missing) == len(paths):
             raise DataError(f"shard pattern {text} matches no file")
         if missing:
-            raise DataError(
-                f"shard pattern {text}: {len(missing)} of {len(paths)} files missing "
-                f"(first: {missing[0]})"
-            )
+            raise DataError(f"shard pattern {text}: {len(missing)} of {len(paths)} files missing (first: {missing[0]})")
         return paths
     p = Path(text)
     if p.is_file():

@@ -42,8 +42,7 @@ def _refuse_remote_code(name: str, trust_remote_code: bool) -> None:
         raise CheckpointError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
     if "auto_map" in cfg and not trust_remote_code:
         raise CheckpointError(
-            f"'{name}' ships its own modelling code (auto_map); set model.trust_remote_code: true "
-            "to run it"
+            f"'{name}' ships its own modelling code (auto_map); set model.trust_remote_code: true to run it"
         )
 
 
@@ -55,9 +54,7 @@ def _from_hf(name: str, trust_remote_code: bool):
     _refuse_remote_code(name, trust_remote_code)
     try:
         # safetensors only: a pickled .bin could run code while loading
-        hf = AutoModel.from_pretrained(
-            name, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        hf = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0]
         if "trust_remote_code" in str(e):
@@ -96,13 +93,13 @@ def _compose(model_cfg):
         try:
             config = AutoConfig.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code)
             towers[name] = AutoModel.from_pretrained(
-                src, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                src,
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
                 **tower_kwargs(config),
-            )  # fmt: skip
+            )
         except (OSError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot load model.{name} '{src}': {str(e).splitlines()[0]}"
-            ) from None
+            raise CheckpointError(f"cannot load model.{name} '{src}': {str(e).splitlines()[0]}") from None
     v, t = towers["vision"], towers["text"]
     vcfg = getattr(v.config, "vision_config", v.config)
     model = DualEncoder(v, t, vcfg.hidden_size, t.config.hidden_size, model_cfg.embed_dim)

@@ -227,6 +227,5 @@ def _load_strict(module: nn.Module, state: dict, ckpt: Path) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt}: weights do not fit the model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
+            f"{ckpt}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )

@@ -21,8 +21,7 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 def byte_symbols() -> list[str]:
     """The printable character GPT-2/CLIP byte-level BPE uses for each byte 0…255, in id order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     # bytes without a printable glyph of their own get one past 255, in byte order
     others = [b for b in range(256) if b not in printable]
     mapping = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}

@@ -19,12 +19,22 @@ from mmtune.models.attention import Block
 class ConvStemConfig(PretrainedConfig):
     model_type = "mmtune-convstem"
 
-    def __init__(self, image_size=75, channels=24, stem_layers=4, hidden_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, pos_scale=0.5, **kw):  # fmt: skip
+    def __init__(
+        self,
+        image_size=75,
+        channels=24,
+        stem_layers=4,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        pos_scale=0.5,
+        **kw,
+    ):
         super().__init__(**kw)
         self.image_size, self.channels, self.stem_layers = image_size, channels, stem_layers
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
         self.num_attention_heads, self.pos_scale = num_attention_heads, pos_scale
+
 
 class ConvStemModel(PreTrainedModel):
     config_class = ConvStemConfig
@@ -45,8 +55,7 @@ class ConvStemModel(PreTrainedModel):
         # cross-attention keys say what a cell holds ("red") before where it is
         self.pos = nn.Parameter(torch.randn(1, size * size + 1, d) * config.pos_scale)
         self.blocks = nn.ModuleList(
-            Block(d, config.num_attention_heads, cross=False)
-            for _ in range(config.num_hidden_layers)
+            Block(d, config.num_attention_heads, cross=False) for _ in range(config.num_hidden_layers)
         )
         self.ln = nn.LayerNorm(d)
         self.post_init()
@@ -57,15 +66,11 @@ class ConvStemModel(PreTrainedModel):
     def forward(self, pixel_values, **kwargs):
         """(B, 3, S, S) → last_hidden_state (B, 1 + h·w, D): [CLS] then the stem's cells."""
         b, _, h, w = pixel_values.shape
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij"
-        )
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         coords = torch.stack([xs, ys]).to(pixel_values).expand(b, 2, h, w)
         # where a thing is must reach the tokens as loudly as what it is: the relational
         # questions are about positions
-        x = (
-            self.stem(torch.cat([pixel_values, coords], 1)).flatten(2).transpose(1, 2)
-        )  # (B, h·w, C)
+        x = self.stem(torch.cat([pixel_values, coords], 1)).flatten(2).transpose(1, 2)  # (B, h·w, C)
         x = torch.cat([self.cls.expand(len(x), -1, -1), self.proj(x)], dim=1) + self.pos
         for blk in self.blocks:
             x = blk(x)

@@ -51,10 +51,7 @@ class _DualEncoderVerbs(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     def _cached_text(self, input_ids, attention_mask) -> torch.Tensor:
-        keys = [
-            ids[mask.bool()].cpu().numpy().tobytes()
-            for ids, mask in zip(input_ids, attention_mask, strict=True)
-        ]
+        keys = [ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in zip(input_ids, attention_mask, strict=True)]
         todo = sorted({i for i, k in enumerate(keys) if k not in self._text_cache})
         if todo:
             was_training = self.tower("text").training
@@ -83,9 +80,7 @@ class _DualEncoderVerbs(nn.Module):
             return
         embeddings = getattr(self.tower("vision"), "embeddings", None)
         if embeddings is None:  # transformers' CLIP/SigLIP keep the ViT one level down
-            embeddings = getattr(
-                getattr(self.tower("vision"), "vision_model", None), "embeddings", None
-            )
+            embeddings = getattr(getattr(self.tower("vision"), "vision_model", None), "embeddings", None)
         if embeddings is None:
             raise ValueError("patch dropout needs a ViT-like vision tower (with `embeddings`)")
         keep_first = any(hasattr(embeddings, a) for a in ("class_embedding", "cls_token"))
@@ -132,11 +127,7 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Te
     if how == "cls":
         return hidden[:, 0]
     if how == "mean":
-        m = (
-            mask.unsqueeze(-1).to(hidden.dtype)
-            if mask is not None
-            else torch.ones_like(hidden[..., :1])
-        )
+        m = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else torch.ones_like(hidden[..., :1])
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
     raise ValueError(f"unknown pooling {how!r}")
 

@@ -18,9 +18,7 @@ def freeze_tower(model, name: str, unfreeze_top_k: int | None = None) -> None:
     if unfreeze_top_k:
         blocks = tower_blocks(tower)
         if unfreeze_top_k > len(blocks):
-            raise ConfigError(
-                f"model.unfreeze_top_k={unfreeze_top_k} but the {name} tower has {len(blocks)} blocks"
-            )
+            raise ConfigError(f"model.unfreeze_top_k={unfreeze_top_k} but the {name} tower has {len(blocks)} blocks")
         for block in blocks[len(blocks) - unfreeze_top_k :]:
             for p in block.parameters():
                 p.requires_grad_(True)

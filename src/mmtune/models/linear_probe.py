@@ -40,9 +40,14 @@ def fit_logistic(
     w.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-8, tolerance_change=1e-12,
-    )  # fmt: skip
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-8,
+        tolerance_change=1e-12,
+    )
 
     def closure():
         opt.zero_grad()

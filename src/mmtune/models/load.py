@@ -28,8 +28,14 @@ def minilm_dir() -> Path:
 
 
 # a tokenizer's vocabulary lives in one of these (fast JSON, BPE, word-piece, sentencepiece)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model",
-                   "sentencepiece.bpe.model")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def require_tokenizer_files(name: str) -> None:
@@ -127,9 +133,13 @@ def _tiny_clip() -> tuple[torch.nn.Module, Processor, dict]:
         pad_token_id=tok.pad_token_id,
     )
     vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        image_size=16, patch_size=4,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    )
     hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     return HFDualEncoder(hf), Processor(tok, 16, max_length=32), {"lock_text": False}
 

@@ -29,20 +29,42 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # options (with their neutral value) that change the computation away from CLIPModel's
 _VISION_NEUTRAL = {
-    "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
-    "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
-    "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
-    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
-    "scale_attn": False, "scale_fc": False,
-}  # fmt: skip
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
 _TEXT_NEUTRAL = {
-    "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
-    "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False,
-    "proj_type": "linear", "act_kwargs": None, "norm_kwargs": None, "block_type": None,
-    "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
-    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
-    "hf_tokenizer_name": None, "tokenizer_mode": None,
-}  # fmt: skip
+    "ls_init_value": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "final_ln_after_pool": False,
+    "pool_type": "argmax",
+    "proj_bias": False,
+    "proj_type": "linear",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "hf_tokenizer_name": None,
+    "tokenizer_mode": None,
+}
 
 
 def is_open_clip_folder(path: str | Path) -> bool:
@@ -102,20 +124,28 @@ def hf_config(model_cfg: dict):
             raise CheckpointError(f"vision_cfg.image_size={image}: only square images convert")
         image = image[0]
     text = {
-        "vocab_size": t.get("vocab_size", 49408), "hidden_size": t.get("width", 512),
+        "vocab_size": t.get("vocab_size", 49408),
+        "hidden_size": t.get("width", 512),
         "intermediate_size": int(t.get("width", 512) * t.get("mlp_ratio", 4.0)),
-        "num_hidden_layers": t.get("layers", 12), "num_attention_heads": t.get("heads", 8),
-        "max_position_embeddings": t.get("context_length", 77), "hidden_act": act,
-        "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+        "num_hidden_layers": t.get("layers", 12),
+        "num_attention_heads": t.get("heads", 8),
+        "max_position_embeddings": t.get("context_length", 77),
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
         "pad_token_id": 49407,
-    }  # fmt: skip
+    }
     vision = {
-        "hidden_size": width, "intermediate_size": int(width * v.get("mlp_ratio", 4.0)),
+        "hidden_size": width,
+        "intermediate_size": int(width * v.get("mlp_ratio", 4.0)),
         "num_hidden_layers": v.get("layers", 12),
         "num_attention_heads": width // v.get("head_width", 64),
-        "image_size": image, "patch_size": v.get("patch_size", 16), "hidden_act": act,
+        "image_size": image,
+        "patch_size": v.get("patch_size", 16),
+        "hidden_act": act,
         "layer_norm_eps": 1e-5,
-    }  # fmt: skip
+    }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=model_cfg["embed_dim"])
 
 
@@ -128,16 +158,22 @@ def open_clip_config(config) -> dict:
     cfg = {
         "embed_dim": config.projection_dim,
         "vision_cfg": {
-            "image_size": v.image_size, "layers": v.num_hidden_layers, "width": v.hidden_size,
-            "patch_size": v.patch_size, "head_width": v.hidden_size // v.num_attention_heads,
+            "image_size": v.image_size,
+            "layers": v.num_hidden_layers,
+            "width": v.hidden_size,
+            "patch_size": v.patch_size,
+            "head_width": v.hidden_size // v.num_attention_heads,
             "mlp_ratio": v.intermediate_size / v.hidden_size,
         },
         "text_cfg": {
-            "context_length": t.max_position_embeddings, "vocab_size": t.vocab_size,
-            "width": t.hidden_size, "heads": t.num_attention_heads,
-            "layers": t.num_hidden_layers, "mlp_ratio": t.intermediate_size / t.hidden_size,
+            "context_length": t.max_position_embeddings,
+            "vocab_size": t.vocab_size,
+            "width": t.hidden_size,
+            "heads": t.num_attention_heads,
+            "layers": t.num_hidden_layers,
+            "mlp_ratio": t.intermediate_size / t.hidden_size,
         },
-    }  # fmt: skip
+    }
     if acts == {"quick_gelu"}:
         cfg["quick_gelu"] = True
     return cfg
@@ -148,8 +184,13 @@ def open_clip_config(config) -> dict:
 
 def _block_pairs(src: str, dst: str) -> list[tuple[str, str]]:
     """(open_clip suffix, transformers suffix) of one residual block, attention excluded."""
-    names = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-             ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")]  # fmt: skip
+    names = [
+        ("ln_1", "layer_norm1"),
+        ("ln_2", "layer_norm2"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+        ("attn.out_proj", "self_attn.out_proj"),
+    ]
     return [(f"{src}.{a}.{p}", f"{dst}.{b}.{p}") for a, b in names for p in ("weight", "bias")]
 
 
@@ -163,9 +204,11 @@ def _tower_pairs(config) -> list[tuple[str, str]]:
         ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
     ]
     for p in ("weight", "bias"):
-        pairs += [(f"visual.ln_pre.{p}", f"vision_model.pre_layrnorm.{p}"),
-                  (f"visual.ln_post.{p}", f"vision_model.post_layernorm.{p}"),
-                  (f"ln_final.{p}", f"text_model.final_layer_norm.{p}")]  # fmt: skip
+        pairs += [
+            (f"visual.ln_pre.{p}", f"vision_model.pre_layrnorm.{p}"),
+            (f"visual.ln_post.{p}", f"vision_model.post_layernorm.{p}"),
+            (f"ln_final.{p}", f"text_model.final_layer_norm.{p}"),
+        ]
     for i in range(config.vision_config.num_hidden_layers):
         src, dst = f"visual.transformer.resblocks.{i}", f"vision_model.encoder.layers.{i}"
         pairs += _block_pairs(src, dst)
@@ -175,10 +218,14 @@ def _tower_pairs(config) -> list[tuple[str, str]]:
 
 
 def _attn_prefixes(config) -> list[tuple[str, str]]:
-    v = [(f"visual.transformer.resblocks.{i}.attn", f"vision_model.encoder.layers.{i}.self_attn")
-         for i in range(config.vision_config.num_hidden_layers)]  # fmt: skip
-    t = [(f"transformer.resblocks.{i}.attn", f"text_model.encoder.layers.{i}.self_attn")
-         for i in range(config.text_config.num_hidden_layers)]  # fmt: skip
+    v = [
+        (f"visual.transformer.resblocks.{i}.attn", f"vision_model.encoder.layers.{i}.self_attn")
+        for i in range(config.vision_config.num_hidden_layers)
+    ]
+    t = [
+        (f"transformer.resblocks.{i}.attn", f"text_model.encoder.layers.{i}.self_attn")
+        for i in range(config.text_config.num_hidden_layers)
+    ]
     return v + t
 
 
@@ -290,12 +337,13 @@ def load_open_clip(folder: str | Path):
         raise CheckpointError(f"{folder}: weights do not fit (missing {missing[:3]})")
     size = config.vision_config.image_size
     ctx = config.text_config.max_position_embeddings
-    if (
-        pre.get("resize_mode", "shortest") != "shortest"
-        or pre.get("interpolation", "bicubic") != "bicubic"
-    ):
-        log.warning("%s: preprocess %s/%s read as shortest-side bicubic resize + centre crop",
-                    folder, pre.get("resize_mode"), pre.get("interpolation"))  # fmt: skip
+    if pre.get("resize_mode", "shortest") != "shortest" or pre.get("interpolation", "bicubic") != "bicubic":
+        log.warning(
+            "%s: preprocess %s/%s read as shortest-side bicubic resize + centre crop",
+            folder,
+            pre.get("resize_mode"),
+            pre.get("interpolation"),
+        )
     mean = tuple(pre.get("mean", OPENAI_MEAN))
     std = tuple(pre.get("std", OPENAI_STD))
     tok = _tokenizer(folder, config.text_config)
@@ -315,9 +363,11 @@ def save_image_processor(folder: Path, size: int, mean, std) -> None:
     from transformers import CLIPImageProcessor
 
     CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(mean), image_std=list(std),
-    ).save_pretrained(folder)  # fmt: skip
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+    ).save_pretrained(folder)
 
 
 def convert_open_clip(src: str | Path, dst: str | Path) -> dict:
@@ -334,8 +384,12 @@ def convert_open_clip(src: str | Path, dst: str | Path) -> dict:
     if dst.exists():
         dst.rmdir()  # empty, checked above
     os.replace(tmp, dst)
-    return {"folder": str(dst), "parameters": sum(p.numel() for p in hf.parameters()),
-            "image_size": proc.image_size, "context_length": proc.max_length}  # fmt: skip
+    return {
+        "folder": str(dst),
+        "parameters": sum(p.numel() for p in hf.parameters()),
+        "image_size": proc.image_size,
+        "context_length": proc.max_length,
+    }
 
 
 def is_clip_bpe(tokenizer) -> bool:
@@ -349,16 +403,18 @@ def write_open_clip(hf, processor, out: Path) -> None:
     from safetensors.torch import save_file
 
     if hf.__class__.__name__ != "CLIPModel":
-        raise CheckpointError(
-            f"--format open-clip needs a transformers CLIPModel, not {hf.__class__.__name__}"
-        )
+        raise CheckpointError(f"--format open-clip needs a transformers CLIPModel, not {hf.__class__.__name__}")
     if not is_clip_bpe(processor.tokenizer):
         raise CheckpointError(
             f"open_clip would tokenize with CLIP's BPE, but this model's tokenizer is "
             f"{processor.tokenizer.__class__.__name__} ({len(processor.tokenizer)} tokens)"
         )
-    pre = {"mean": list(processor.image_mean), "std": list(processor.image_std),
-           "interpolation": "bicubic", "resize_mode": "shortest"}  # fmt: skip
+    pre = {
+        "mean": list(processor.image_mean),
+        "std": list(processor.image_std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     cfg = {"model_cfg": open_clip_config(hf.config), "preprocess_cfg": pre}
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(from_hf_state(hf.state_dict(), hf.config), str(out / WEIGHTS_FILE))

@@ -88,9 +88,7 @@ class Prior(nn.Module):
             c = torch.where(t >= 0, t % side, 0).float()
             angles = rope_angles(r, c, s["dim"] // s["heads"])
         self.register_buffer("angles", angles, persistent=False)  # None without rope2d
-        self.blocks = nn.ModuleList(
-            Block(s["dim"], s["heads"], s.get("dropout", 0.0)) for _ in range(s["layers"])
-        )
+        self.blocks = nn.ModuleList(Block(s["dim"], s["heads"], s.get("dropout", 0.0)) for _ in range(s["layers"]))
         self.ln = nn.LayerNorm(s["dim"])
         self.head = nn.Linear(s["dim"], self.codes)
 
@@ -142,9 +140,15 @@ class Prior(nn.Module):
 
 
 @torch.no_grad()
-def sample(prior: Prior, text_ids: torch.Tensor, null_ids: torch.Tensor | None = None,
-           guidance: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def sample(
+    prior: Prior,
+    text_ids: torch.Tensor,
+    null_ids: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, tokens) image codes for (B, text_len) captions, drawn token by token.
 
     With `guidance` ≠ 1 and `null_ids` (the empty caption), logits are

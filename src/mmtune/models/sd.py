@@ -98,8 +98,7 @@ class SDLoRAModel(nn.Module):
         unexpected = sorted(set(state_dict) - own)
         if strict and (missing or unexpected):
             raise CheckpointError(
-                f"LoRA weights do not fit the model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})"
+                f"LoRA weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         kept = {k: v for k, v in state_dict.items() if k in own}
         super().load_state_dict(kept, strict=False, assign=assign)
@@ -149,26 +148,49 @@ def _tiny_components():
     tok.model_max_length = 16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-            bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-            pad_token_id=tok.pad_token_id,
-        ))  # fmt: skip
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.cls_token_id,
+                eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
         vae = AutoencoderKL(
-            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=4,
             sample_size=32,
-        )  # fmt: skip
+        )
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            cross_attention_dim=32,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-        )  # fmt: skip
-    scheduler = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}  # fmt: skip
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+        )
+    scheduler = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
     return unet, vae, text, tok, scheduler
 
 
@@ -190,9 +212,7 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(
-            f"model.name '{folder}': not a diffusers pipeline folder nor the preset '{PRESET}'"
-        )
+        raise CheckpointError(f"model.name '{folder}': not a diffusers pipeline folder nor the preset '{PRESET}'")
     missing = []
     for sub, (config, weights) in COMPONENTS.items():
         if not (folder / sub).is_dir():
@@ -203,20 +223,22 @@ def check_pipeline_folder(folder: str | Path) -> Path:
                 missing.append(f"{sub}/{name}")
     if missing:
         pickles = [p.relative_to(folder) for p in folder.glob("*/*.bin")]
-        hint = (
-            f" (found pickled {[str(p) for p in pickles]}: convert to safetensors)"
-            if pickles
-            else ""
-        )
-        raise CheckpointError(
-            f"'{folder}' is not a complete diffusers pipeline: missing {', '.join(missing)}{hint}"
-        )
+        hint = f" (found pickled {[str(p) for p in pickles]}: convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"'{folder}' is not a complete diffusers pipeline: missing {', '.join(missing)}{hint}")
     index = folder / "model_index.json"
     if index.is_file():
         for key, value in _read_json(index).items():
-            if key in COMPONENTS and isinstance(value, list) and value and value[0] not in (
-                "diffusers", "transformers", None,
-            ):  # fmt: skip
+            if (
+                key in COMPONENTS
+                and isinstance(value, list)
+                and value
+                and value[0]
+                not in (
+                    "diffusers",
+                    "transformers",
+                    None,
+                )
+            ):
                 raise CheckpointError(
                     f"'{folder}': {key} comes from '{value[0]}', code outside diffusers and "
                     "transformers; refusing to run it"
@@ -224,9 +246,7 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     for sub in ("unet", "vae", "text_encoder", "tokenizer"):
         config = _read_json(folder / sub / COMPONENTS[sub][0])
         if "auto_map" in config:
-            raise CheckpointError(
-                f"'{folder / sub}' ships its own modelling code (auto_map); refusing to run it"
-            )
+            raise CheckpointError(f"'{folder / sub}' ships its own modelling code (auto_map); refusing to run it")
     return folder
 
 
@@ -242,11 +262,10 @@ def _folder_components(folder: Path):
         text = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot load pipeline '{folder}': {str(e).splitlines()[0]}"
-        ) from None
-    scheduler = {k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items()
-                 if not k.startswith("_")}  # fmt: skip
+        raise CheckpointError(f"cannot load pipeline '{folder}': {str(e).splitlines()[0]}") from None
+    scheduler = {
+        k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")
+    }
     return unet, vae, text, tok, scheduler
 
 

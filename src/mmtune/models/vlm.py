@@ -43,10 +43,14 @@ def _llava_processor(tok, image_processor, patch_size: int, vision_type: str):
     from transformers import LlavaProcessor
 
     with_cls = vision_type.startswith("clip")  # SigLIP has no [CLS] token to drop
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                          vision_feature_select_strategy="default" if with_cls else "full",
-                          num_additional_image_tokens=1 if with_cls else 0,
-                          chat_template=tok.chat_template)  # fmt: skip
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default" if with_cls else "full",
+        num_additional_image_tokens=1 if with_cls else 0,
+        chat_template=tok.chat_template,
+    )
 
 
 def _llava_config(vision_config, text_config, tok):
@@ -54,10 +58,15 @@ def _llava_config(vision_config, text_config, tok):
 
     with_cls = vision_config.model_type.startswith("clip")
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return LlavaConfig(vision_config=vision_config, text_config=text_config,
-                       image_token_index=tok.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default" if with_cls else "full",
-                       image_seq_length=patches)  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if with_cls else "full",
+        image_seq_length=patches,
+    )
 
 
 def tiny_llava():
@@ -75,12 +84,22 @@ def tiny_llava():
     tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
     tok.eos_token, tok.bos_token = tok.sep_token, tok.cls_token
     tok = _tokenizer_with_image(tok)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=8)  # fmt: skip
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
-                       eos_token_id=tok.sep_token_id, tie_word_embeddings=False)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        tie_word_embeddings=False,
+    )
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     model = LlavaForConditionalGeneration(_llava_config(vision, text, tok))
     return model, _llava_processor(tok, images, 8, "clip_vision_model")
@@ -102,9 +121,7 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
     vconf = AutoConfig.from_pretrained(vision)
     vconf = getattr(vconf, "vision_config", vconf)  # a whole CLIP/SigLIP: its image side
     if not vconf.model_type.startswith(("clip", "siglip")):
-        raise ConfigError(
-            f"options.vision: {vision} is a {vconf.model_type}, not a CLIP/SigLIP checkpoint"
-        )
+        raise ConfigError(f"options.vision: {vision} is a {vconf.model_type}, not a CLIP/SigLIP checkpoint")
     tok = _tokenizer_with_image(AutoTokenizer.from_pretrained(language))
     lm = AutoModelForCausalLM.from_pretrained(language)
     model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok))
@@ -115,9 +132,7 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     if len(tok) != model.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
         model.resize_token_embeddings(len(tok))
-    processor = _llava_processor(
-        tok, AutoImageProcessor.from_pretrained(vision), vconf.patch_size, vconf.model_type
-    )
+    processor = _llava_processor(tok, AutoImageProcessor.from_pretrained(vision), vconf.patch_size, vconf.model_type)
     return model, processor
 
 
@@ -128,9 +143,7 @@ def load_vlm(name: str):
     if name == "tiny-llava":
         return tiny_llava()
     if not Path(name).is_dir():
-        raise ConfigError(
-            f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder"
-        )
+        raise ConfigError(f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder")
     return AutoModelForImageTextToText.from_pretrained(name), AutoProcessor.from_pretrained(name)
 
 
@@ -152,9 +165,7 @@ def parts(model: nn.Module) -> dict[str, str]:
     """{parameter name: "vision" | "projector" | "language"} (the LM head counts as language)."""
     inner = getattr(model, "model", model)
     vision = (
-        getattr(inner, "vision_tower", None)
-        or getattr(inner, "visual", None)
-        or getattr(inner, "vision_model", None)
+        getattr(inner, "vision_tower", None) or getattr(inner, "visual", None) or getattr(inner, "vision_model", None)
     )
     projector = getattr(inner, "multi_modal_projector", None) or getattr(inner, "connector", None)
     projector = projector or getattr(vision, "merger", None)  # Qwen2-VL keeps it in the vision side
@@ -187,6 +198,11 @@ def set_trainable(model: nn.Module, frozen: dict[str, bool]) -> None:
 def generate_reply(model: nn.Module, processor, inputs: dict, max_new_tokens: int) -> list[int]:
     """Greedy continuation ids of one encoded prompt (without the prompt or special tokens)."""
     n = inputs["input_ids"].shape[1]
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
     return out[0, n:].tolist()

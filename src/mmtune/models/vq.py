@@ -18,14 +18,19 @@ from torch.func import functional_call
 class VectorQuantizer(nn.Module):
     """Nearest-code quantisation of (B, D, H, W) features; EMA codebook with dead-code restarts."""
 
-    def __init__(self, codes: int, dim: int, decay: float = 0.99, restart_every: int = 20,
-                 normalize: bool = True, eps: float = 1e-5):  # fmt: skip
+    def __init__(
+        self,
+        codes: int,
+        dim: int,
+        decay: float = 0.99,
+        restart_every: int = 20,
+        normalize: bool = True,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.codes, self.dim, self.decay, self.normalize = codes, dim, decay, normalize
         self.restart_every, self.eps = restart_every, eps
-        embed = (
-            F.normalize(torch.randn(codes, dim), dim=1) if normalize else torch.randn(codes, dim)
-        )
+        embed = F.normalize(torch.randn(codes, dim), dim=1) if normalize else torch.randn(codes, dim)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("cluster_size", torch.ones(codes))
@@ -40,8 +45,7 @@ class VectorQuantizer(nn.Module):
 
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) → (N,) index of the nearest code."""
-        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t()
-                + self.embed.pow(2).sum(1)[None])  # fmt: skip
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None]
         return dist.argmin(1)
 
     def forward(self, z: torch.Tensor):
@@ -104,8 +108,14 @@ class VectorQuantizer(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                  nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))  # fmt: skip
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -125,8 +135,7 @@ def _decoder(ch: int, levels: int, dim: int) -> nn.Sequential:
     c = ch * 2**levels
     layers: list[nn.Module] = [nn.Conv2d(dim, c, 3, padding=1), ResBlock(c)]
     for _ in range(levels):
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                   nn.Conv2d(c, c // 2, 3, padding=1), ResBlock(c // 2)]  # fmt: skip
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c // 2, 3, padding=1), ResBlock(c // 2)]
         c //= 2
     layers += [nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
     return nn.Sequential(*layers)
@@ -140,8 +149,7 @@ class PatchDiscriminator(nn.Module):
         blocks, c_in = [], 3
         for i in range(layers):
             c_out = ch * 2**i
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
-                                        nn.LeakyReLU(0.2)))  # fmt: skip
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)))
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(c_in, 1, 3, padding=1)
@@ -173,8 +181,9 @@ class VQModel(nn.Module):
         s = self._spec
         levels = int(s["downsample"]).bit_length() - 1
         self.encoder = _encoder(s["channels"], levels, s["code_dim"])
-        self.quantizer = VectorQuantizer(s["codes"], s["code_dim"], s.get("decay", 0.99),
-                                         s.get("restart_every", 20), s.get("normalize", True))  # fmt: skip
+        self.quantizer = VectorQuantizer(
+            s["codes"], s["code_dim"], s.get("decay", 0.99), s.get("restart_every", 20), s.get("normalize", True)
+        )
         self.decoder = _decoder(s["channels"], levels, s["code_dim"])
         self.discriminator = PatchDiscriminator(s.get("disc_channels", 32), s.get("disc_layers", 2))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training forwards seen
@@ -231,8 +240,9 @@ def adaptive_weight(rec_loss, adv_loss, last_layer: torch.Tensor, limit: float =
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, limit).detach()
 
 
-def vq_losses(model: VQModel, pixel_values, adv_weight: float, adv_start: int,
-              commit_weight: float, perceptual_weight: float) -> dict[str, torch.Tensor]:  # fmt: skip
+def vq_losses(
+    model: VQModel, pixel_values, adv_weight: float, adv_start: int, commit_weight: float, perceptual_weight: float
+) -> dict[str, torch.Tensor]:
     """One step's losses: L1 + β·commitment
     + λ·adversarial (after `adv_start` steps; λ = adv_weight × the adaptive weight) + optional
     discriminator-feature perceptual term,
@@ -256,8 +266,7 @@ def vq_losses(model: VQModel, pixel_values, adv_weight: float, adv_start: int,
         total = total + weight * g_adv
         out["g_adv"], out["adv_weight"] = g_adv.detach(), weight
         if perceptual_weight > 0:
-            perc = sum((a.float() - b.detach().float()).abs().mean()
-                       for a, b in zip(g_feats, real_feats, strict=True))  # fmt: skip
+            perc = sum((a.float() - b.detach().float()).abs().mean() for a, b in zip(g_feats, real_feats, strict=True))
             total = total + perceptual_weight * perc
             out["perceptual"] = perc.detach()
     out["loss"] = total + d_loss

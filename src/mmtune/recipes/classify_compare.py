@@ -106,9 +106,7 @@ def _setup(cfg, opts, run_dir: Path) -> Env:
     splits = api.build_data(cfg)
     classes = check_classes(splits)
     if not splits.test:
-        raise DataError(
-            f"{splits.name}: no test split; set data.test (val chooses C and α, test reports)"
-        )
+        raise DataError(f"{splits.name}: no test split; set data.test (val chooses C and α, test reports)")
     require_image_checkpoint(cfg.model)
     model, processor = load_model(cfg.model)
     require_image_tower(model, cfg.model.name)
@@ -141,9 +139,7 @@ def _linear_probe(env: Env) -> Result:
     feats = {s: embed_images(env.model, splits.get(s), env.ctx, env.processor) for s in ("train", "val", "test")}
     labels = {s: torch.tensor([r.label for r in splits.get(s)]) for s in feats}
     grid = tuple(env.opts.probe_c_grid or C_GRID)
-    res = sweep(
-        feats["train"], labels["train"], feats["val"], labels["val"], len(env.classes), grid
-    )
+    res = sweep(feats["train"], labels["train"], feats["val"], labels["val"], len(env.classes), grid)
     seconds = time.perf_counter() - start
     out = env.run_dir / "linear-probe"
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +147,7 @@ def _linear_probe(env: Env) -> Result:
     cache.update({f"{s}.y": labels[s].contiguous() for s in labels})
     save_file(cache, str(out / "features.safetensors"))  # the cached features the probe saw
     sweep_rows = [[c, acc] for c, acc in res.val_top1.items()]
-    rep.write_table(out, "c_sweep", "Regularisation sweep (val top-1 per C)", ["C", "val top1"],
-                    sweep_rows)  # fmt: skip
+    rep.write_table(out, "c_sweep", "Regularisation sweep (val top-1 per C)", ["C", "val top1"], sweep_rows)
     clf = ImageClassifier(env.model, res.weight, res.bias)
     return Result(clf, res.weight.numel() + res.bias.numel(), seconds, {"C": res.c})
 
@@ -249,8 +244,13 @@ def _write_method(env: Env, method: str, res: Result) -> None:
 
     folder = env.run_dir / method
     if method not in TRAINED:
-        info = {"method": method, "classes": env.classes, "templates": env.templates,
-                "head": "linear", "trainable_params": res.trainable}  # fmt: skip
+        info = {
+            "method": method,
+            "classes": env.classes,
+            "templates": env.templates,
+            "head": "linear",
+            "trainable_params": res.trainable,
+        }
         save_checkpoint(folder / "checkpoints" / "best", res.clf)
         save_classifier_spec(res.clf.backbone, env.processor, folder / "model", info)
         save_config(env.cfg, folder / "config.yaml")
@@ -264,8 +264,13 @@ def _write_method(env: Env, method: str, res: Result) -> None:
     columns, rows = rep.per_class_rows(env.classes, res.logits, labels)
     rep.write_table(folder, "per_class", f"{method}: per-class results", columns, rows)
     preds = res.logits["test"].argmax(1).numpy()
-    rep.confusion_png(preds, labels["test"], env.classes, folder / "plots" / "confusion_test.png",
-                      f"{method}: confusion matrix (test)")  # fmt: skip
+    rep.confusion_png(
+        preds,
+        labels["test"],
+        env.classes,
+        folder / "plots" / "confusion_test.png",
+        f"{method}: confusion matrix (test)",
+    )
     write_report(folder)
 
 
@@ -291,17 +296,16 @@ def _write_comparison(env: Env) -> None:
         rows.append(row + [m["val.top1"], int(res.trainable), round(float(res.seconds), 1)])
     rep.write_table(env.run_dir, "1_comparison", "Methods compared", columns, rows)
     labels = _labels(env)["test"]
-    recalls = {
-        m: _recalls(r.logits["test"], labels, len(env.classes)) for m, r in env.results.items()
-    }
+    recalls = {m: _recalls(r.logits["test"], labels, len(env.classes)) for m, r in env.results.items()}
     rows = [[c] + [recalls[m][i] for m in recalls] for i, c in enumerate(env.classes)]
     rep.write_table(env.run_dir, "2_per_class", "Per-class test recall", ["class", *recalls], rows)
     wise = env.results.get("wise-ft")
     if wise:
         curve, alpha = wise.extra["curve"], wise.extra["alpha"]
         cols = list(curve[0])
-        rep.write_table(env.run_dir, "3_wise_ft", "WiSE-FT: top-1 per α", cols,
-                        [[row[c] for c in cols] for row in curve])  # fmt: skip
+        rep.write_table(
+            env.run_dir, "3_wise_ft", "WiSE-FT: top-1 per α", cols, [[row[c] for c in cols] for row in curve]
+        )
         rep.alpha_curve_png(curve, alpha, env.run_dir / "plots" / "wise_ft_alpha.png")
 
 

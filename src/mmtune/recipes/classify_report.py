@@ -78,8 +78,7 @@ def alpha_curve_png(curve: list[dict], chosen: float, path: Path) -> None:
         for split in keys:
             ax.plot(alphas, [row[split] for row in curve], marker="o", ms=4, label=split)
         ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen on val: α={chosen:g}")
-        ax.set(title=f"WiSE-FT, {title}", xlabel="α (0 = zero-shot, 1 = fine-tuned)",
-               ylabel="top-1 accuracy")  # fmt: skip
+        ax.set(title=f"WiSE-FT, {title}", xlabel="α (0 = zero-shot, 1 = fine-tuned)", ylabel="top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,9 +87,7 @@ def _batchers(st: _State) -> None:
         ("text", lambda xs: st.backend.embed_texts(xs)),
         ("image", lambda xs: st.backend.embed_pixels(xs)),
     ):
-        b = MicroBatcher(
-            fn, st.executor, c.max_batch_size, c.max_wait_ms, c.max_queue, st.failed, st.succeeded
-        )
+        b = MicroBatcher(fn, st.executor, c.max_batch_size, c.max_wait_ms, c.max_queue, st.failed, st.succeeded)
         b.start()
         setattr(st, name, b)
 
@@ -106,9 +104,7 @@ def _lifespan(st: _State, source: Backend | Callable[[], Backend]):
 
             async def load():
                 try:
-                    st.backend = await asyncio.get_running_loop().run_in_executor(
-                        st.executor, source
-                    )
+                    st.backend = await asyncio.get_running_loop().run_in_executor(st.executor, source)
                 except Exception as e:
                     st.error = f"model failed to load: {e}"
                     log.error("%s", st.error)
@@ -128,8 +124,11 @@ def _lifespan(st: _State, source: Backend | Callable[[], Backend]):
 async def _call(st: _State, batcher: MicroBatcher, items: list) -> list:
     """Items through a batcher, bounded by the request timeout (504) and queue (429)."""
     if st.ready().dim is None:
-        raise ApiError(404, "this run's task does not embed images and texts (no /v1/embed, "
-                       "/v1/classify or /v1/search); see /v1/predict/<task>")  # fmt: skip
+        raise ApiError(
+            404,
+            "this run's task does not embed images and texts (no /v1/embed, "
+            "/v1/classify or /v1/search); see /v1/predict/<task>",
+        )
     try:
         return await asyncio.wait_for(batcher.submit(items), st.cfg.request_timeout_s)
     except Overloaded as e:
@@ -153,9 +152,7 @@ async def _json(request: Request, model: type[BaseModel]):
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"]) or "body"
         if first["type"] == "extra_forbidden":
-            raise ApiError(
-                422, f"unknown field '{loc}' (fields: {list(model.model_fields)})"
-            ) from None
+            raise ApiError(422, f"unknown field '{loc}' (fields: {list(model.model_fields)})") from None
         raise ApiError(422, f"field '{loc}': {first['msg']}") from None
 
 
@@ -197,9 +194,7 @@ def _labels(form, limit: int, max_chars: int) -> list[str]:
             values = json.loads(values[0])
         except json.JSONDecodeError:
             raise ApiError(422, "'labels' is not a valid JSON list") from None
-    return check_texts(
-        [v if isinstance(v, str) else "" for v in values], limit, max_chars, "labels"
-    )
+    return check_texts([v if isinstance(v, str) else "" for v in values], limit, max_chars, "labels")
 
 
 def _k(value, limit: int) -> int:
@@ -237,9 +232,7 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
             "index_rows": len(st.backend.index) if st.backend and st.backend.index else 0,
             "batching": {"text": st.text.stats.as_dict(), "image": st.image.stats.as_dict()},
             "requests": st.flight.stats.as_dict() if st.flight else {},
-            "limits": cfg.model_dump(
-                include={"max_batch_size", "max_queue", "max_in_flight", "max_waiting"}
-            ),
+            "limits": cfg.model_dump(include={"max_batch_size", "max_queue", "max_in_flight", "max_waiting"}),
         }
         return JSONResponse(body, 200 if ok else 503)
 
@@ -342,15 +335,11 @@ def _predict_route(app: FastAPI, st: _State, auth) -> None:
         if isinstance(upload, UploadFile):
             data = await upload.read()
             inputs["image"] = await run_in_threadpool(decode_upload, data, st.cfg.max_image_pixels)
-        call = asyncio.get_running_loop().run_in_executor(
-            st.executor, backend.predict, name, [inputs]
-        )
+        call = asyncio.get_running_loop().run_in_executor(st.executor, backend.predict, name, [inputs])
         try:
             out = await asyncio.wait_for(call, st.cfg.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(
-                504, f"the model took longer than {st.cfg.request_timeout_s} s"
-            ) from None
+            raise ApiError(504, f"the model took longer than {st.cfg.request_timeout_s} s") from None
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(422, f"task {name!r} cannot use these inputs ({e!r})") from None
         return {"task": name, "outputs": out}
@@ -372,9 +361,7 @@ def _handlers(app: FastAPI) -> None:
         return JSONResponse({"error": msg, "status": 422}, 422)
 
 
-def create_app(
-    source: Backend | Callable[[], Backend], cfg: ServeConfig | None = None, api_key=None
-):
+def create_app(source: Backend | Callable[[], Backend], cfg: ServeConfig | None = None, api_key=None):
     """The ASGI app serving `source` (a Backend, or a function loading one at start-up)."""
     cfg = cfg or ServeConfig()
     st = _State(cfg)

@@ -23,8 +23,9 @@ class Backend:
     `encoder` embeds in the model's place (an `OnnxDualEncoder`); `predict` routes use the model.
     """
 
-    def __init__(self, model, processor, index=None, tasks: dict | None = None, name: str = "",
-                 embeds: bool = True, encoder=None):  # fmt: skip
+    def __init__(
+        self, model, processor, index=None, tasks: dict | None = None, name: str = "", embeds: bool = True, encoder=None
+    ):
         """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
         verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search."""
         self.model, self.processor, self.index = model.eval(), processor, index
@@ -41,8 +42,9 @@ class Backend:
             )
 
     @classmethod
-    def from_run(cls, checkpoint: str | Path, index_dir=None, task_names=None, backend: str = "torch",
-                 quantize: str = "none"):  # fmt: skip
+    def from_run(
+        cls, checkpoint: str | Path, index_dir=None, task_names=None, backend: str = "torch", quantize: str = "none"
+    ):
         """Load a run / checkpoint / exported model folder and the index; the run's task serves
         what its `routes` declare (its `predict` unless `task_names` leaves it out)."""
         from mmtune.onnx_encoder import maybe_onnx

@@ -131,9 +131,7 @@ class MicroBatcher:
                 continue
             t0 = loop.time()
             try:
-                results = await loop.run_in_executor(
-                    self.executor, self.fn, [e.item for e in batch]
-                )
+                results = await loop.run_in_executor(self.executor, self.fn, [e.item for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} for {len(batch)}")
             except asyncio.CancelledError:

@@ -25,12 +25,8 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(32, gt=0, description="Most items in one model call.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest wait for a batch to fill.")
     max_queue: int = Field(256, gt=0, description="Items waiting per batcher; beyond: 429.")
-    max_in_flight: int = Field(
-        64, gt=0, description="/v1/* requests handled at once (bodies read, model calls)."
-    )
-    max_waiting: int = Field(
-        256, ge=0, description="/v1/* requests waiting for a slot; beyond: 429 at once."
-    )
+    max_in_flight: int = Field(64, gt=0, description="/v1/* requests handled at once (bodies read, model calls).")
+    max_waiting: int = Field(256, ge=0, description="/v1/* requests waiting for a slot; beyond: 429 at once.")
     request_timeout_s: float = Field(30.0, gt=0, description="Model wait per request; beyond: 504.")
     max_body_bytes: int = Field(8 * 2**20, gt=0, description="Largest request body; beyond: 413.")
     max_image_pixels: int = Field(
@@ -45,9 +41,7 @@ class ServeConfig(BaseModel):
         description="Tasks whose `predict` is served at POST /v1/predict/<task>; null: the served "
         "run's own task (when it predicts).",
     )
-    api_key_env: str | None = Field(
-        None, description="Name of an environment variable holding a Bearer key for /v1/*."
-    )
+    api_key_env: str | None = Field(None, description="Name of an environment variable holding a Bearer key for /v1/*.")
     access_log: bool = Field(True, description="Log one line per request (never headers).")
 
 
@@ -176,15 +170,17 @@ class InFlightLimit:
 async def send_error(send, status: int, message: str) -> None:
     """Answer with the JSON error body straight from ASGI (the connection is then closed)."""
     body = error_body(status, message)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ],
-    })  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -57,9 +57,7 @@ def _history(rows: list[dict], higher: bool, path: Path) -> None:
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
     for state, colour in (("COMPLETE", "tab:blue"), ("PRUNED", "tab:gray")):
-        pts = [
-            (r["trial"], r["value"]) for r in rows if r["state"] == state and r["value"] is not None
-        ]
+        pts = [(r["trial"], r["value"]) for r in rows if r["state"] == state and r["value"] is not None]
         if pts:
             ax.scatter(*zip(*pts, strict=True), s=18, c=colour, label=state.lower())
     done = sorted((r["trial"], r["value"]) for r in rows if r["state"] == "COMPLETE")
@@ -83,10 +81,15 @@ def _curves(study, path: Path) -> None:
         if t.intermediate_values:
             steps = sorted(t.intermediate_values)
             pruned = t.state.name == "PRUNED"
-            ax.plot(steps, [t.intermediate_values[s] for s in steps], marker=".",
-                    c="0.6" if pruned else "tab:blue", ls="--" if pruned else "-", lw=1)  # fmt: skip
-    ax.set(xlabel="step", ylabel="objective (val)",
-           title="Validation curves (dashed grey: pruned)")  # fmt: skip
+            ax.plot(
+                steps,
+                [t.intermediate_values[s] for s in steps],
+                marker=".",
+                c="0.6" if pruned else "tab:blue",
+                ls="--" if pruned else "-",
+                lw=1,
+            )
+    ax.set(xlabel="step", ylabel="objective (val)", title="Validation curves (dashed grey: pruned)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -156,12 +159,20 @@ def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
     cards = {f"best val {metric}": summary["best_value"], "best trial": summary["best_trial"]}
     cards[f"best test {metric}"] = summary["best_test"].get(metric)
     if summary.get("baseline_test"):
-        cards[f"baseline {summary['baseline_test']['split']} {metric}"] = summary[
-            "baseline_test"
-        ].get(metric)
-    cards.update({k: summary[k] for k in ("trials.complete", "trials.pruned", "seconds_per_trial",
-                                          "pruning_saved_seconds", "search_seconds",
-                                          "trial_cache")})  # fmt: skip
+        cards[f"baseline {summary['baseline_test']['split']} {metric}"] = summary["baseline_test"].get(metric)
+    cards.update(
+        {
+            k: summary[k]
+            for k in (
+                "trials.complete",
+                "trials.pruned",
+                "seconds_per_trial",
+                "pruning_saved_seconds",
+                "search_seconds",
+                "trial_cache",
+            )
+        }
+    )
     columns = list(dict.fromkeys(k for r in rows for k in r))
     body = f"<h1>Sweep {summary['sweep']}</h1>" + _cards(cards)
     body += _section("Trials", _table(columns, [[r.get(c) for c in columns] for r in rows]))
@@ -176,8 +187,9 @@ def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
     base = summary.get("baseline_test") or {}
     keys = [k for k in test if base.get(k) is not None] or list(test)
     rows_t = [[k, test.get(k), base.get(k)] for k in keys]
-    body += _section("Test split: best trial (evaluated once) vs baseline",
-                     _table(["figure", "best trial", "baseline"], rows_t))  # fmt: skip
+    body += _section(
+        "Test split: best trial (evaluated once) vs baseline", _table(["figure", "best trial", "baseline"], rows_t)
+    )
     out = folder / "report.html"
     out.write_text(_document(f"sweep {summary['sweep']}", body))
     return out

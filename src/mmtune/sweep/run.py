@@ -110,8 +110,10 @@ def write_best_yaml(src: Path, dst: Path, name: str, shift: list[str]) -> None:
     tree = yaml.safe_load(src.read_text())
     tree["name"] = name
     tree["data"]["shift"] = shift
-    note = ("# The best trial of the sweep, resolved. eval.split is val, as in the search: "
-            "`mmtune train -c` reproduces its validation figure; set eval.split=test for the test one.\n")  # fmt: skip
+    note = (
+        "# The best trial of the sweep, resolved. eval.split is val, as in the search: "
+        "`mmtune train -c` reproduces its validation figure; set eval.split=test for the test one.\n"
+    )
     dst.write_text(note + yaml.safe_dump(tree, sort_keys=False))
 
 

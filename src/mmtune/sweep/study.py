@@ -74,9 +74,14 @@ def open_study(sw: Sweep, offset: int = 0):
     storage = optuna.storages.RDBStorage(sw.url, engine_kwargs={"connect_args": {"timeout": 120}})
     direction = "maximize" if sw.objective[1] else "minimize"
     try:
-        return optuna.create_study(study_name=sw.name, storage=storage, direction=direction,
-                                   sampler=make_sampler(sw, offset), pruner=make_pruner(sw.pruner),
-                                   load_if_exists=True)  # fmt: skip
+        return optuna.create_study(
+            study_name=sw.name,
+            storage=storage,
+            direction=direction,
+            sampler=make_sampler(sw, offset),
+            pruner=make_pruner(sw.pruner),
+            load_if_exists=True,
+        )
     except ValueError as e:  # e.g. the stored study optimises in the other direction
         raise UserError(f"study {sw.name} in {sw.url}: {e}") from None
 
@@ -166,8 +171,13 @@ def trial_cfg(sw: Sweep, params: dict, number: int):
     """A trial's config: the base, the space's fixed values and this trial's parameters."""
     # the final evaluation runs on val, and shift splits (digits-shift is made from the test
     # digits) stay out of every trial: the search never sees the test data
-    extra = {"output_dir": str(sw.folder), "name": f"trial-{number:04d}", "eval.split": "val",
-             "data.shift": [], "train.progress": False}  # fmt: skip
+    extra = {
+        "output_dir": str(sw.folder),
+        "name": f"trial-{number:04d}",
+        "eval.split": "val",
+        "data.shift": [],
+        "train.progress": False,
+    }
     return sw.base.load({**sw.space.fixed, **params, **extra})
 
 

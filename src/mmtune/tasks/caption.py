@@ -87,8 +87,13 @@ class CaptionTask(Task):
         if not train:
             raise ConfigError("task caption needs training records with captions")
         texts = [c for r in train for c in r.captions]
-        head = {"kind": "decoder", "vocab_ids": build_vocab(self.processor.tokenizer, texts),
-                "layers": o.decoder_layers, "max_len": o.max_len, "memory": "image"}  # fmt: skip
+        head = {
+            "kind": "decoder",
+            "vocab_ids": build_vocab(self.processor.tokenizer, texts),
+            "layers": o.decoder_layers,
+            "max_len": o.max_len,
+            "memory": "image",
+        }
         if isinstance(model, FusionModel):
             model.add_head("caption", head)
             return model
@@ -105,7 +110,6 @@ class CaptionTask(Task):
     def count(self, records) -> int:
         return count_images(records)
 
-
     def dataset(self, records, train: bool):
         return image_dataset(records, self.processor, self.cfg.seed)
 
@@ -114,9 +118,12 @@ class CaptionTask(Task):
         if not items:
             return {}
         enc = self.processor.tokenizer(
-            [it["caption"] for it in items], padding="longest", truncation=True,
-            max_length=self.opts.max_len, return_tensors="pt",
-        )  # fmt: skip
+            [it["caption"] for it in items],
+            padding="longest",
+            truncation=True,
+            max_length=self.opts.max_len,
+            return_tensors="pt",
+        )
         return {
             "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
             "caption_ids": enc["input_ids"],
@@ -148,8 +155,7 @@ class CaptionTask(Task):
         ds = self.dataset(records, train=False)
         if not len(ds):
             return Evaluation({})
-        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0,
-                            collate_fn=self.collate)  # fmt: skip
+        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0, collate_fn=self.collate)
         hyps, refs = [], []
         for batch in loader:
             hyps += self.generate(model, batch["pixel_values"])

@@ -57,9 +57,7 @@ class ClassifyOptions(BaseModel):
     unfreeze_top_k: int | None = Field(
         None, ge=0, description="Fine-tune only the image tower's top k blocks (+ projection)."
     )
-    unfreeze: list[str] = Field(
-        default_factory=list, description="fnmatch patterns: fine-tune only these parameters."
-    )
+    unfreeze: list[str] = Field(default_factory=list, description="fnmatch patterns: fine-tune only these parameters.")
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (α/r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")

@@ -26,9 +26,7 @@ class ContrastiveOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss.")
-    class_aware: bool = Field(
-        False, description="Pairs with the same label/caption are positives, not negatives."
-    )
+    class_aware: bool = Field(False, description="Pairs with the same label/caption are positives, not negatives.")
     gather_features: bool = Field(
         True,
         description="With several processes, compute the loss over the global batch (features "
@@ -68,9 +66,7 @@ def collate_pairs(items: list[dict | None], processor) -> dict:
 
 def caption_hash_ids(captions) -> torch.Tensor:
     """(B,) int64 ids equal for captions equal after strip + lower-case, on any process."""
-    digests = [
-        hashlib.blake2b(c.strip().lower().encode(), digest_size=8).digest() for c in captions
-    ]
+    digests = [hashlib.blake2b(c.strip().lower().encode(), digest_size=8).digest() for c in captions]
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests])
 
 

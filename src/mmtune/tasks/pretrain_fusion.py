@@ -46,10 +46,10 @@ def mask_tokens(ids, attention_mask, tokenizer, prob: float, generator=None):
     """BERT masking → (masked ids, labels with -100 where nothing is predicted)."""
     special = torch.tensor(
         tokenizer.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True)
-        if ids.dim() == 1 else
-        [tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True) for r in ids.tolist()],
+        if ids.dim() == 1
+        else [tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True) for r in ids.tolist()],
         dtype=torch.bool,
-    )  # fmt: skip
+    )
     pick = (torch.rand(ids.shape, generator=generator) < prob) & ~special & attention_mask.bool()
     labels = torch.where(pick, ids, torch.full_like(ids, -100))
     roll = torch.rand(ids.shape, generator=generator)
@@ -66,8 +66,7 @@ def hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.multinomial(w, 1).squeeze(1)
 
 
-def _pretrain_forward(m: FusionModel, pixel_values, input_ids, attention_mask, masked_ids,
-                      groups):  # fmt: skip
+def _pretrain_forward(m: FusionModel, pixel_values, input_ids, attention_mask, masked_ids, groups):
     """{itc, itm, mlm logits/labels pieces} of one batch."""
     pooled, tokens = m.backbone._image(pixel_values)
     img = F.normalize(pooled.float(), dim=-1)
@@ -164,9 +163,7 @@ class PretrainFusionTask(Task):
         sums: dict[str, float] = {}
         n = 0
         for batch in loader:
-            batch = {
-                k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()
-            }
+            batch = {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             for k, v in self._parts(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
@@ -180,8 +177,4 @@ def _compact(mlm_head, labels: torch.Tensor) -> torch.Tensor:
 
 def _masked_acc(logits, labels) -> torch.Tensor:
     keep = labels >= 0
-    return (
-        (logits.argmax(-1)[keep] == labels[keep]).float().mean()
-        if keep.any()
-        else logits.new_zeros(())
-    )
+    return (logits.argmax(-1)[keep] == labels[keep]).float().mean() if keep.any() else logits.new_zeros(())

@@ -46,24 +46,16 @@ class SDLoRAOptions(BaseModel):
         default_factory=lambda: list(DEFAULT_TARGETS),
         description="fnmatch patterns on the UNet's linear layer names that get adapters.",
     )
-    caption_dropout: float = Field(
-        0.1, ge=0, le=1, description="Probability a training caption is replaced by ''."
-    )
-    eval_samples: int = Field(
-        256, ge=1, description="Held-out records scored by the denoising loss (the first N)."
-    )
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="Probability a training caption is replaced by ''.")
+    eval_samples: int = Field(256, ge=1, description="Held-out records scored by the denoising loss (the first N).")
     eval_seed: int = Field(1234, description="Seed of the evaluation noise and timesteps.")
     clip_checkpoint: str | None = Field(
         None, description="An mmtune dual-encoder run: also report CLIP-score of generations."
     )
     clip_prompts: int = Field(8, ge=1, description="Held-out captions generated for CLIP-score.")
     clip_steps: int = Field(20, ge=1, description="Sampling steps for the CLIP-score images.")
-    guidance: float = Field(
-        7.5, ge=0, description="Guidance scale: CLIP-score images and `mmtune generate`'s default."
-    )
-    reranker: str | None = Field(
-        None, description="Dual-encoder run that re-ranks `mmtune generate`'s candidates."
-    )
+    guidance: float = Field(7.5, ge=0, description="Guidance scale: CLIP-score images and `mmtune generate`'s default.")
+    reranker: str | None = Field(None, description="Dual-encoder run that re-ranks `mmtune generate`'s candidates.")
 
 
 # ---------------------------------------------------------------- the model
@@ -131,8 +123,13 @@ class SDLoRATask(Task):
         if not items:
             return {}
         tok = self.processor.tokenizer
-        ids = tok([it["caption"] for it in items], padding="max_length", truncation=True,
-                  max_length=tok.model_max_length, return_tensors="pt")["input_ids"]  # fmt: skip
+        ids = tok(
+            [it["caption"] for it in items],
+            padding="max_length",
+            truncation=True,
+            max_length=tok.model_max_length,
+            return_tensors="pt",
+        )["input_ids"]
         return {
             "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
             "input_ids": ids,
@@ -165,8 +162,7 @@ class SDLoRATask(Task):
 
         m = model
         ds = self.dataset(records[: self.opts.eval_samples], train=False)
-        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0,
-                            collate_fn=self.collate)  # fmt: skip
+        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0, collate_fn=self.collate)
         n_t = m.noise_scheduler().config.num_train_timesteps
         device = next(m.unet.parameters()).device
         g = torch.Generator(device=device).manual_seed(self.opts.eval_seed)
@@ -235,7 +231,6 @@ class SDLoRATask(Task):
             out.append({"prompt": prompt, "images": encoded})
         return out
 
-
     def generate(self, model, prompts: list[str], n: int, seed: int, settings: dict) -> list[list]:
         """n PIL images per prompt (DDIM); settings: guidance, steps (None: the run's / 20)."""
         guidance = settings.get("guidance")
@@ -254,10 +249,15 @@ def _pipeline(model: SDLoRAModel):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=DDIMScheduler.from_config(model.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=DDIMScheduler.from_config(model.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @torch.no_grad()
@@ -268,16 +268,21 @@ def _sample(model: SDLoRAModel, size: int, prompts, n, seed, guidance, steps):
     out = []
     for prompt in prompts:
         g = torch.Generator(device=device).manual_seed(seed)  # a prompt's images: seed only
-        res = pipe(prompt, height=size, width=size, num_inference_steps=steps,
-                   guidance_scale=guidance, num_images_per_prompt=n, generator=g,
-                   output_type="pil")  # fmt: skip
+        res = pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=n,
+            generator=g,
+            output_type="pil",
+        )
         out.append(list(res.images))
     return out
 
 
-def generate_images(
-    run_dir, prompts: list[str], n: int, seed: int, guidance: float, steps: int = 20
-) -> list[list]:
+def generate_images(run_dir, prompts: list[str], n: int, seed: int, guidance: float, steps: int = 20) -> list[list]:
     """n PIL images per prompt from a sd-lora run (base + LoRA), DDIM sampling.
 
     Each prompt's images depend only on (prompt, n, seed, guidance, steps), not on the others.

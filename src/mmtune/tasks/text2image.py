@@ -51,9 +51,7 @@ class T2IOptions(BaseModel):
     layers: int = Field(4, ge=1, description="Transformer blocks of the prior.")
     heads: int = Field(4, ge=1, description="Attention heads.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the prior.")
-    rope2d: bool = Field(
-        False, description="2-D rotary positions on image tokens instead of learned embeddings."
-    )
+    rope2d: bool = Field(False, description="2-D rotary positions on image tokens instead of learned embeddings.")
     caption_dropout: float = Field(
         0.15, ge=0, le=1, description="Probability of training on the empty caption (for CFG)."
     )
@@ -96,8 +94,10 @@ def _vq_dataset(records, processor, seed):
 
 def _pixels_collate(items):
     items = [it for it in items if it is not None]
-    return {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
-            "caption": [it["caption"] for it in items]}  # fmt: skip
+    return {
+        "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
+        "caption": [it["caption"] for it in items],
+    }
 
 
 class Text2ImageTask(Task):
@@ -131,9 +131,17 @@ class Text2ImageTask(Task):
         tok = load_tokenizer(self.cfg.model.name)  # captions are word pieces of model.name's vocabulary
         self.processor = dataclasses.replace(vq_proc, tokenizer=tok)
         vocab = compact_vocab(tok, texts)
-        prior = {"text_vocab": len(vocab), "text_len": o.text_len, "codes": vq.quantizer.codes,
-                 "tokens": vq.grid**2, "dim": o.dim, "layers": o.layers, "heads": o.heads,
-                 "dropout": o.dropout, "rope2d": o.rope2d}  # fmt: skip
+        prior = {
+            "text_vocab": len(vocab),
+            "text_len": o.text_len,
+            "codes": vq.quantizer.codes,
+            "tokens": vq.grid**2,
+            "dim": o.dim,
+            "layers": o.layers,
+            "heads": o.heads,
+            "dropout": o.dropout,
+            "rope2d": o.rope2d,
+        }
         t2i = Text2ImageModel({"vq": vq.spec(), "prior": prior, "vocab_ids": vocab})
         t2i.vq.load_state_dict(vq.state_dict())
         self._vq, self._vocab = t2i.vq, vocab
@@ -152,8 +160,11 @@ class Text2ImageTask(Task):
     def encode_records(self, vq, records, desc="encoding images") -> tuple[torch.Tensor, list[str]]:
         """(codes (n, tokens), first captions) of records' images."""
         vq.eval()
-        loader = DataLoader(_vq_dataset(records, self.processor, self.cfg.seed),
-                            batch_size=self.cfg.data.eval_batch_size, collate_fn=_pixels_collate)  # fmt: skip
+        loader = DataLoader(
+            _vq_dataset(records, self.processor, self.cfg.seed),
+            batch_size=self.cfg.data.eval_batch_size,
+            collate_fn=_pixels_collate,
+        )
         codes, caps = [], []
         device = next(vq.parameters()).device
         for batch in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 5):
@@ -177,8 +188,10 @@ class Text2ImageTask(Task):
         items = [it for it in items if it is not None]
         if not items:
             return {}
-        return {"text_ids": torch.stack([it["text_ids"] for it in items]),
-                "codes": torch.stack([it["codes"] for it in items])}  # fmt: skip
+        return {
+            "text_ids": torch.stack([it["text_ids"] for it in items]),
+            "codes": torch.stack([it["codes"] for it in items]),
+        }
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         return {"loss": model(batch["text_ids"], batch["codes"]), "samples": len(batch["codes"])}
@@ -197,16 +210,21 @@ class Text2ImageTask(Task):
         proc, o = self.processor, self.opts
         metrics: dict[str, float] = {}
         if records:
-            loader = DataLoader(_vq_dataset(records, proc, self.cfg.seed), collate_fn=_pixels_collate,
-                                batch_size=self.cfg.data.eval_batch_size)  # fmt: skip
+            loader = DataLoader(
+                _vq_dataset(records, proc, self.cfg.seed),
+                collate_fn=_pixels_collate,
+                batch_size=self.cfg.data.eval_batch_size,
+            )
             vq_metrics, _ = reconstruction_metrics(model.vq, loader, proc)
             metrics.update({k: v for k, v in vq_metrics.items() if k != "vq.dead_restarts"})
             sub = records[: o.nll_samples]
             if sub:
                 codes, caps = self.encode_records(model.vq, sub)
                 ids = self._text_ids(model.vocab_ids, caps)
-                nll = [float(model.prior.loss(ids[i : i + 256], codes[i : i + 256])) * len(codes[i : i + 256])
-                       for i in range(0, len(codes), 256)]  # fmt: skip
+                nll = [
+                    float(model.prior.loss(ids[i : i + 256], codes[i : i + 256])) * len(codes[i : i + 256])
+                    for i in range(0, len(codes), 256)
+                ]
                 metrics["prior.nll"] = sum(nll) / len(codes)
         evaluation = self.generation_metrics(model)
         evaluation.metrics = {**metrics, **evaluation.metrics}
@@ -215,8 +233,9 @@ class Text2ImageTask(Task):
     def generation_metrics(self, model) -> Evaluation:
         """Checker accuracy with and without re-ranking, CLIP-score; grids and a table."""
         o, prompts = self.opts, self.prompts()
-        images = generate_images(model, self.processor, prompts, o.candidates, self.cfg.seed,
-                                 o.guidance, o.temperature, o.top_k)  # fmt: skip
+        images = generate_images(
+            model, self.processor, prompts, o.candidates, self.cfg.seed, o.guidance, o.temperature, o.top_k
+        )
         ranker = Reranker(o.reranker) if o.reranker else None
         rows, ranked_rows, n_ok, kept_ok, kept_n, clip = [], [], 0, 0, 0, []
         for prompt, cands in zip(prompts, images, strict=True):
@@ -230,17 +249,27 @@ class Text2ImageTask(Task):
                 clip += [100 * max(float(scores[i]), 0.0) for i in best]
             order = rerank(scores, len(cands)) if ranker else list(range(len(cands)))
             ranked_rows.append([cands[i] for i in order])
-            rows.append([prompt, round(sum(ok) / len(ok), 4), int(all(ok[i] for i in best)),
-                         round(float(scores[best[0]]), 4) if ranker else None])  # fmt: skip
+            rows.append(
+                [
+                    prompt,
+                    round(sum(ok) / len(ok), 4),
+                    int(all(ok[i] for i in best)),
+                    round(float(scores[best[0]]), 4) if ranker else None,
+                ]
+            )
         total = sum(len(c) for c in images)
-        out = {"gen.checker_acc_no_rerank": n_ok / max(total, 1),
-               "gen.checker_acc": kept_ok / max(kept_n, 1), "gen.prompts": len(prompts)}  # fmt: skip
+        out = {
+            "gen.checker_acc_no_rerank": n_ok / max(total, 1),
+            "gen.checker_acc": kept_ok / max(kept_n, 1),
+            "gen.prompts": len(prompts),
+        }
         if clip:
             out["gen.clip_score"] = float(np.mean(clip))
-        table = {"title": "Generated samples per prompt (best re-ranked candidate)",
-                 "columns": ["prompt", "checker acc (all candidates)", "kept candidate correct",
-                             "best re-rank score"],
-                 "rows": rows}  # fmt: skip
+        table = {
+            "title": "Generated samples per prompt (best re-ranked candidate)",
+            "columns": ["prompt", "checker acc (all candidates)", "kept candidate correct", "best re-rank score"],
+            "rows": rows,
+        }
         samples = _labelled_grid(prompts, ranked_rows, GRID_COLUMNS)
         return Evaluation(out, tables={"gen_prompts": table}, images={"samples_prompts": samples})
 
@@ -250,11 +279,15 @@ class Text2ImageTask(Task):
     def generate(self, model, prompts: list[str], n: int, seed: int, settings: dict) -> list[list]:
         """n PIL images per prompt; settings: guidance, temperature, top_k (None: the run's)."""
         o = self.opts
-        pick = {k: o.model_dump()[k] if settings.get(k) is None else settings[k] for k in ("guidance", "temperature", "top_k")}
+        pick = {
+            k: o.model_dump()[k] if settings.get(k) is None else settings[k]
+            for k in ("guidance", "temperature", "top_k")
+        }
         if pick["temperature"] <= 0:
             raise ConfigError(f"temperature must be positive (got {pick['temperature']})")
-        return generate_images(model, self.processor, prompts, n, seed, float(pick["guidance"]),
-                               float(pick["temperature"]), pick["top_k"])  # fmt: skip
+        return generate_images(
+            model, self.processor, prompts, n, seed, float(pick["guidance"]), float(pick["temperature"]), pick["top_k"]
+        )
 
     def default_reranker(self) -> str | None:
         return self.opts.reranker
@@ -262,8 +295,16 @@ class Text2ImageTask(Task):
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each input {"prompt": str} → {"images": [PIL × options.candidates]}."""
         o = self.opts
-        images = generate_images(model, self.processor, [i["prompt"] for i in inputs],
-                                 o.candidates, self.cfg.seed, o.guidance, o.temperature, o.top_k)  # fmt: skip
+        images = generate_images(
+            model,
+            self.processor,
+            [i["prompt"] for i in inputs],
+            o.candidates,
+            self.cfg.seed,
+            o.guidance,
+            o.temperature,
+            o.top_k,
+        )
         return [{"images": ims} for ims in images]
 
 

@@ -31,27 +31,19 @@ class VLMOptions(BaseModel):
     """`options:` of the vlm-sft task."""
 
     model_config = ConfigDict(extra="forbid")
-    vision: str | None = Field(
-        None, description="Compose a LLaVA: CLIP/SigLIP vision checkpoint folder."
-    )
+    vision: str | None = Field(None, description="Compose a LLaVA: CLIP/SigLIP vision checkpoint folder.")
     language: str | None = Field(None, description="Compose a LLaVA: causal language model folder.")
     projector: str = Field("mlp2x_gelu", description="Composed LLaVA's projector (mlp2x_gelu).")
-    max_length: int = Field(
-        2048, gt=0, description="Tokens per sample; cutting an image is an error."
-    )
+    max_length: int = Field(2048, gt=0, description="Tokens per sample; cutting an image is an error.")
     train_on_prompt: bool = Field(False, description="Also learn the system and user tokens.")
     freeze_vision: bool = Field(True, description="Keep the vision tower fixed.")
     freeze_projector: bool = Field(False, description="Keep the projector fixed.")
     freeze_language: bool = Field(False, description="Keep the language model fixed.")
-    lora_r: int = Field(
-        0, ge=0, description="LoRA rank on the language model's linear layers (0: off)."
-    )
+    lora_r: int = Field(0, ge=0, description="LoRA rank on the language model's linear layers (0: off).")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator.")
     lr_vision: float = Field(1.0, ge=0, description="Learning-rate multiplier of the vision tower.")
     lr_projector: float = Field(1.0, ge=0, description="Learning-rate multiplier of the projector.")
-    lr_language: float = Field(
-        1.0, ge=0, description="Learning-rate multiplier of the language model."
-    )
+    lr_language: float = Field(1.0, ge=0, description="Learning-rate multiplier of the language model.")
     max_new_tokens: int = Field(32, gt=0, description="Greedy decoding length at evaluation.")
 
 
@@ -67,11 +59,7 @@ def _content(text: str) -> list[dict]:
 
 
 def _pixels(image) -> Image.Image:
-    return (
-        Image.fromarray(image).convert("RGB")
-        if isinstance(image, np.ndarray)
-        else load_image(image)
-    )
+    return Image.fromarray(image).convert("RGB") if isinstance(image, np.ndarray) else load_image(image)
 
 
 class Encoder:
@@ -98,9 +86,7 @@ class Encoder:
         msgs = [{"role": m["role"], "content": _content(m["content"])} for m in messages]
         if not msgs:
             return ""
-        return self.processor.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=generation
-        )
+        return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
 
     def segments(self, messages: list[dict], generation: bool = False) -> list[tuple[str, bool]]:
         """(text, is the assistant's reply) pieces whose concatenation is the rendered chat."""
@@ -120,24 +106,19 @@ class Encoder:
     @staticmethod
     def _after(prefix: str, text: str) -> str:
         if not text.startswith(prefix):
-            raise DataError(
-                "the chat template renders a conversation's turns differently as it grows"
-            )
+            raise DataError("the chat template renders a conversation's turns differently as it grows")
         return text[len(prefix) :]
 
     def encode(self, rec: ConversationRecord, generation: bool = False) -> dict:
         """{"input_ids" (L,), "labels" (L,), image tensors…} of one conversation."""
         images = [_pixels(im) for im in rec.images]
-        messages = (
-            rec.messages[:-1]
-            if generation and rec.messages[-1]["role"] == "assistant"
-            else rec.messages
-        )
+        messages = rec.messages[:-1] if generation and rec.messages[-1]["role"] == "assistant" else rec.messages
         ids, labels, extra, used = [], [], {}, 0
         for text, reply in self.segments(messages, generation):
             n = text.count(getattr(self.processor, "image_token", IMAGE))
-            enc = self.processor(text=[text], images=images[used : used + n] or None,
-                                 add_special_tokens=False, return_tensors="pt")  # fmt: skip
+            enc = self.processor(
+                text=[text], images=images[used : used + n] or None, add_special_tokens=False, return_tensors="pt"
+            )
             used += n
             piece = enc["input_ids"][0].tolist()
             ids += piece
@@ -148,14 +129,10 @@ class Encoder:
                     extra.setdefault(key, []).append(value)
         if len(ids) > self.max_length:
             if self.image_id in ids[self.max_length :]:
-                raise DataError(
-                    f"sample {rec.id}: options.max_length={self.max_length} would cut its image tokens"
-                )
+                raise DataError(f"sample {rec.id}: options.max_length={self.max_length} would cut its image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not generation and all(t == -100 for t in labels):
-            raise DataError(
-                f"sample {rec.id}: no assistant token is left to learn within options.max_length"
-            )
+            raise DataError(f"sample {rec.id}: no assistant token is left to learn within options.max_length")
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         out.update({k: torch.cat(v) for k, v in extra.items()})
         return out
@@ -170,8 +147,11 @@ def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
         for key, fill in (("input_ids", pad_id), ("labels", -100)):
             pad = torch.full((gap,), fill, dtype=torch.long)
             batch[key].append(torch.cat([pad, it[key]] if left else [it[key], pad]))
-        mask = torch.cat([torch.zeros(gap), torch.ones(len(it["input_ids"]))] if left else
-                         [torch.ones(len(it["input_ids"])), torch.zeros(gap)]).long()  # fmt: skip
+        mask = torch.cat(
+            [torch.zeros(gap), torch.ones(len(it["input_ids"]))]
+            if left
+            else [torch.ones(len(it["input_ids"])), torch.zeros(gap)]
+        ).long()
         batch["attention_mask"].append(mask)
     out = {k: torch.stack(v) for k, v in batch.items()}
     for key in {k for it in items for k in it} - set(out):
@@ -222,8 +202,9 @@ class VLMSFTTask(Task):
             from mmtune.models.lora import add_lora
 
             add_lora(model, vlm.language_model(model), r=o.lora_r, alpha=o.lora_alpha)
-        vlm.set_trainable(model, {"vision": o.freeze_vision, "projector": o.freeze_projector,
-                                  "language": o.freeze_language})  # fmt: skip
+        vlm.set_trainable(
+            model, {"vision": o.freeze_vision, "projector": o.freeze_projector, "language": o.freeze_language}
+        )
         return model
 
     def save(self, model, folder: Path) -> None:
@@ -264,11 +245,7 @@ class VLMSFTTask(Task):
     def lr_scales(self, model) -> dict[str, float]:
         o = self.opts
         scale = {"vision": o.lr_vision, "projector": o.lr_projector, "language": o.lr_language}
-        prefix = (
-            "model."
-            if any(n.startswith("model.model.") for n, _ in model.named_parameters())
-            else ""
-        )
+        prefix = "model." if any(n.startswith("model.model.") for n, _ in model.named_parameters()) else ""
         return {prefix + n: scale[part] for n, part in vlm.parts(model).items()}
 
     # ------------------------------------------------------------ evaluation and use
@@ -290,8 +267,12 @@ class VLMSFTTask(Task):
         metrics = {}
         if questions:
             preds = [self.reply(model, as_conversation(r)) for r in questions]
-            m = vqa_metrics(preds, [r.answers for r in questions], [r.question_type for r in questions],
-                            [r.answer_type for r in questions])  # fmt: skip
+            m = vqa_metrics(
+                preds,
+                [r.answers for r in questions],
+                [r.question_type for r in questions],
+                [r.answer_type for r in questions],
+            )
             metrics.update({f"vqa.{k}": v for k, v in m.items()})
             exact = [
                 p.strip().lower() in {a.strip().lower() for a in r.answers}
@@ -306,8 +287,13 @@ class VLMSFTTask(Task):
 
     def predict_inputs(self, records) -> list[dict]:
         conv = [as_conversation(r) for r in records]
-        return [{"image": _pixels(c.images[0]) if c.images else None,
-                 "question": c.messages[0]["content"].replace(IMAGE, "").strip()} for c in conv]  # fmt: skip
+        return [
+            {
+                "image": _pixels(c.images[0]) if c.images else None,
+                "question": c.messages[0]["content"].replace(IMAGE, "").strip(),
+            }
+            for c in conv
+        ]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
         """Each {"image": PIL/path, "question": str} → {"answer"}."""
@@ -316,8 +302,12 @@ class VLMSFTTask(Task):
             image = inp.get("image")
             content = f"{IMAGE}\n{inp['question']}" if image is not None else inp["question"]
             image = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
-            rec = ConversationRecord(image=image, id="input", images=[image] if image is not None else [],
-                                     messages=[{"role": "user", "content": content}])  # fmt: skip
+            rec = ConversationRecord(
+                image=image,
+                id="input",
+                images=[image] if image is not None else [],
+                messages=[{"role": "user", "content": content}],
+            )
             out.append({"answer": self.reply(model, rec)})
         return out
 

@@ -33,9 +33,7 @@ class VQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_size: int = Field(32, ge=8, description="Images are resized to this square size.")
     downsample: int = Field(4, description="Image side / token grid side (a power of two).")
-    channels: int = Field(
-        16, ge=8, description="Width of the first conv level (doubles per level)."
-    )
+    channels: int = Field(16, ge=8, description="Width of the first conv level (doubles per level).")
     code_dim: int = Field(64, gt=0, description="Size of a code vector.")
     codes: int = Field(512, ge=2, description="Codebook size.")
     decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook.")
@@ -124,9 +122,22 @@ class VQAutoencoderTask(Task):
 
     def spec(self) -> dict:
         o = self.opts
-        return {k: getattr(o, k) for k in ("image_size", "downsample", "channels", "code_dim",
-                "codes", "decay", "restart_every", "normalize", "disc_channels", "disc_layers",
-                "disc_lr_scale")}  # fmt: skip
+        return {
+            k: getattr(o, k)
+            for k in (
+                "image_size",
+                "downsample",
+                "channels",
+                "code_dim",
+                "codes",
+                "decay",
+                "restart_every",
+                "normalize",
+                "disc_channels",
+                "disc_layers",
+                "disc_lr_scale",
+            )
+        }
 
     def build(self):
         self.processor = Processor(None, self.opts.image_size)  # pixels only: no text
@@ -157,8 +168,12 @@ class VQAutoencoderTask(Task):
         return {**out, "samples": len(batch["pixel_values"])}
 
     def _loader(self, records):
-        return DataLoader(self.dataset(records, train=False), collate_fn=self.collate,
-                          batch_size=self.cfg.data.eval_batch_size, num_workers=0)  # fmt: skip
+        return DataLoader(
+            self.dataset(records, train=False),
+            collate_fn=self.collate,
+            batch_size=self.cfg.data.eval_batch_size,
+            num_workers=0,
+        )
 
     def evaluate(self, model, records) -> Evaluation:
         if not records:
@@ -178,6 +193,4 @@ class VQAutoencoderTask(Task):
         rec, idx, _ = model.reconstruct(px)
         p = psnr(unnormalise(rec, self.processor), unnormalise(px, self.processor))
         g = int(math.isqrt(idx[0].numel()))
-        return [
-            {"codes": i.view(g, g).tolist(), "psnr": float(v)} for i, v in zip(idx, p, strict=True)
-        ]
+        return [{"codes": i.view(g, g).tolist(), "psnr": float(v)} for i, v in zip(idx, p, strict=True)]

@@ -46,17 +46,13 @@ class VQAOptions(FusionOptions):
     decoder_layers: int = Field(2, ge=1, description="Depth of the generative answer decoder.")
     max_answers: int = Field(3129, gt=0, description="Answer vocabulary: most frequent answers.")
     answer_max_len: int = Field(8, ge=3, description="Answer decoder length in tokens.")
-    questions_per_image: int = Field(
-        0, ge=0, description="Training: questions drawn per image per epoch (0: all)."
-    )
+    questions_per_image: int = Field(0, ge=0, description="Training: questions drawn per image per epoch (0: all).")
     curriculum_types: list[str] = Field(
         [],
         description="Training: in the first curriculum_epochs epochs, only questions whose "
         "question_type starts with one of these (e.g. [nonrel]) — easier questions first.",
     )
-    curriculum_epochs: int = Field(
-        0, ge=0, description="Epochs of the curriculum_types-only phase (0: no curriculum)."
-    )
+    curriculum_epochs: int = Field(0, ge=0, description="Epochs of the curriculum_types-only phase (0: no curriculum).")
 
 
 def group_by_image(records) -> list[list]:
@@ -71,8 +67,7 @@ def group_by_image(records) -> list[list]:
 class QuestionsDataset(torch.utils.data.Dataset):
     """One item per image: its pixels and (a seeded draw of) its questions."""
 
-    def __init__(self, records, transform, seed: int, per_image: int = 0,
-                 curriculum: tuple[list[str], int] = ([], 0)):  # fmt: skip
+    def __init__(self, records, transform, seed: int, per_image: int = 0, curriculum: tuple[list[str], int] = ([], 0)):
         self.groups, self.transform = group_by_image(records), transform
         self.seed, self.per_image, self.epoch = seed, per_image, 0
         self.curriculum_types, self.curriculum_epochs = tuple(curriculum[0]), curriculum[1]
@@ -115,8 +110,7 @@ def encode_questions(processor, records) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def _vqa_forward(m: FusionModel, pixel_values, input_ids, attention_mask, image_index,
-                 head: str, decoder_in=None):  # fmt: skip
+def _vqa_forward(m: FusionModel, pixel_values, input_ids, attention_mask, image_index, head: str, decoder_in=None):
     """Classifier logits (B_q, A), or decoder logits (B_q, T, V) for `decoder_in`."""
     if m.fusion is None:  # baseline: pooled image ⊕ pooled question → MLP
         img = m.encode_image(pixel_values, normalize=False)[image_index]
@@ -168,8 +162,13 @@ class VQATask(Task):
             }
         else:
             texts = sorted({normalize_answer(a) for r in train for a in r.answers})
-            head = {"kind": "decoder", "vocab_ids": build_vocab(tok, texts),
-                    "layers": o.decoder_layers, "max_len": o.answer_max_len, "memory": "fusion"}  # fmt: skip
+            head = {
+                "kind": "decoder",
+                "vocab_ids": build_vocab(tok, texts),
+                "layers": o.decoder_layers,
+                "max_len": o.answer_max_len,
+                "memory": "fusion",
+            }
         if isinstance(model, FusionModel):  # e.g. after fusion pre-training: keep its encoder
             if o.fusion == "concat" or model.fusion is None:
                 raise ConfigError("options.fusion must match the loaded fusion model")
@@ -195,9 +194,7 @@ class VQATask(Task):
         o = self.opts
         if not train:
             return QuestionsDataset(records, tf, self.cfg.seed)
-        if o.curriculum_epochs and not any(
-            r.question_type.startswith(tuple(o.curriculum_types)) for r in records
-        ):
+        if o.curriculum_epochs and not any(r.question_type.startswith(tuple(o.curriculum_types)) for r in records):
             types = sorted({r.question_type for r in records})[:8]
             raise ConfigError(
                 f"options.curriculum_types {o.curriculum_types} match no training question "
@@ -212,9 +209,7 @@ class VQATask(Task):
             return {}
         recs = [r for it in items for r in it["records"]]
         batch = {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items]))}
-        batch["image_index"] = torch.tensor(
-            [i for i, it in enumerate(items) for _ in it["records"]], dtype=torch.long
-        )
+        batch["image_index"] = torch.tensor([i for i, it in enumerate(items) for _ in it["records"]], dtype=torch.long)
         batch.update(encode_questions(self.processor, recs))
         batch["records"] = recs
         return batch
@@ -249,8 +244,9 @@ class VQATask(Task):
     def _answer_ids(self, model, recs) -> torch.Tensor:
         """(B, T) compact ids of each question's most frequent answer: [CLS] answer [SEP] [PAD]…"""
         best = [Counter(normalize_answer(a) for a in r.answers).most_common(1)[0][0] for r in recs]
-        enc = self.processor.tokenizer(best, padding="longest", truncation=True,
-                                           max_length=self.opts.answer_max_len, return_tensors="pt")  # fmt: skip
+        enc = self.processor.tokenizer(
+            best, padding="longest", truncation=True, max_length=self.opts.answer_max_len, return_tensors="pt"
+        )
         return model.head[self.head_name].to_compact(enc["input_ids"])
 
     # ------------------------------------------------------------ evaluation
@@ -264,15 +260,17 @@ class VQATask(Task):
             if spec["kind"] == "classifier":
                 probs = _vqa_forward(model, **inputs, head=self.head_name).float().sigmoid()
                 score, idx = probs.max(-1)
-                return [
-                    (spec["answers"][i], s)
-                    for i, s in zip(idx.tolist(), score.tolist(), strict=True)
-                ]
-            fused = model.fuse(model.image_tokens(inputs["pixel_values"]), inputs["input_ids"],
-                               inputs["attention_mask"], inputs["image_index"])  # fmt: skip
+                return [(spec["answers"][i], s) for i, s in zip(idx.tolist(), score.tolist(), strict=True)]
+            fused = model.fuse(
+                model.image_tokens(inputs["pixel_values"]),
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["image_index"],
+            )
             tok = self.processor.tokenizer
-            out = greedy_decode(model.head[self.head_name], fused, inputs["attention_mask"],
-                                bos=tok.cls_token_id, eos=tok.sep_token_id)  # fmt: skip
+            out = greedy_decode(
+                model.head[self.head_name], fused, inputs["attention_mask"], bos=tok.cls_token_id, eos=tok.sep_token_id
+            )
         return [(tok.decode(ids).strip(), 1.0) for ids in out]
 
     def evaluate(self, model, records) -> Evaluation:
@@ -285,8 +283,9 @@ class VQATask(Task):
         for batch in loader:
             preds += [a for a, _ in self.answer_batch(model, batch)]
             recs += batch["records"]
-        m = vqa_metrics(preds, [r.answers for r in recs], [r.question_type for r in recs],
-                        [r.answer_type for r in recs])  # fmt: skip
+        m = vqa_metrics(
+            preds, [r.answers for r in recs], [r.question_type for r in recs], [r.answer_type for r in recs]
+        )
         rows = [[k[: -len(".acc")], round(v, 4)] for k, v in m.items() if k.endswith(".acc")]
         table = {"title": "VQA accuracy by question / answer type", "columns": ["type", "accuracy"], "rows": rows}
         return Evaluation({f"vqa.{k}": v for k, v in m.items()}, tables={"vqa_types": table})
@@ -301,11 +300,17 @@ class VQATask(Task):
         """Each input {"image": PIL/path, "question": str, "history": [...]} → {"answer", "score"}."""
         from mmtune.data.vqa_formats import QARecord, format_history
 
-        recs = [QARecord(image=inp["image"], id=str(i), image_id=str(i), question=inp["question"],
-                         history=format_history(inp.get("history")))
-                for i, inp in enumerate(inputs)]  # fmt: skip
+        recs = [
+            QARecord(
+                image=inp["image"],
+                id=str(i),
+                image_id=str(i),
+                question=inp["question"],
+                history=format_history(inp.get("history")),
+            )
+            for i, inp in enumerate(inputs)
+        ]
         tf = self.processor.transform()
         items = [{"pixel_values": tf(load_image(r.image)), "records": [r]} for r in recs]
         answers = self.answer_batch(model, self.collate(items))
-        return [{"question": r.question, "answer": a, "score": s}
-                for r, (a, s) in zip(recs, answers, strict=True)]  # fmt: skip
+        return [{"question": r.question, "answer": a, "score": s} for r, (a, s) in zip(recs, answers, strict=True)]

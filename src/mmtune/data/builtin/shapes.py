@@ -55,8 +55,9 @@ def _place(rng: np.random.Generator) -> np.ndarray:
     return np.stack(centres)
 
 
-def draw(centres: np.ndarray, shapes: np.ndarray, size: int = IMAGE_SIZE,
-         radius: int = OBJECT_SIZE, colours=None) -> np.ndarray:  # fmt: skip
+def draw(
+    centres: np.ndarray, shapes: np.ndarray, size: int = IMAGE_SIZE, radius: int = OBJECT_SIZE, colours=None
+) -> np.ndarray:
     """(size, size, 3) uint8 scene: object k at centres[k] = (x, y), shape shapes[k] (0 circle),
     colour RGB[colours[k]] (default: RGB[k]), half-side / radius `radius`."""
     img = np.full((size, size, 3), 255, np.uint8)

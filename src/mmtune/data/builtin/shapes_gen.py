@@ -95,8 +95,7 @@ def sample_scene(rng: np.random.Generator, allow_held_out: bool) -> list[Obj]:
         n = int(rng.integers(1, 3))
         colours = rng.choice(len(COLORS), size=n, replace=False)
         quads = rng.choice(len(QUADRANTS), size=n, replace=False)
-        objs = [Obj(COLORS[c], SHAPES[int(rng.integers(2))], QUADRANTS[q])
-                for c, q in zip(colours, quads, strict=True)]  # fmt: skip
+        objs = [Obj(COLORS[c], SHAPES[int(rng.integers(2))], QUADRANTS[q]) for c, q in zip(colours, quads, strict=True)]
         if allow_held_out or not any((o.colour, o.shape, o.quadrant) in held for o in objs):
             return objs
 
@@ -108,8 +107,9 @@ def other_shape(shape: str) -> str:
 def _companion(colour: str, shape: str, quadrant: str) -> Obj:
     """The second object of a prompt pair: the next colour, the other shape, the diagonally
     opposite quadrant."""
-    return Obj(COLORS[(COLORS.index(colour) + 1) % len(COLORS)], other_shape(shape),
-               QUADRANTS[3 - QUADRANTS.index(quadrant)])  # fmt: skip
+    return Obj(
+        COLORS[(COLORS.index(colour) + 1) % len(COLORS)], other_shape(shape), QUADRANTS[3 - QUADRANTS.index(quadrant)]
+    )
 
 
 def twin(objects: list[Obj], rng: np.random.Generator) -> list[Obj] | None:
@@ -129,8 +129,9 @@ def twin(objects: list[Obj], rng: np.random.Generator) -> list[Obj] | None:
         changed += [Obj(c, o.shape, o.quadrant) for c in COLORS if c not in used_c]
         changed += [Obj(o.colour, o.shape, q) for q in QUADRANTS if q not in used_q]
         singles += [objects[:k] + [c] + objects[k + 1 :] for c in changed]
-    swaps, singles = ([e for e in edits if not any((o.colour, o.shape, o.quadrant) in held for o in e)]
-                      for edits in (swaps, singles))  # fmt: skip
+    swaps, singles = (
+        [e for e in edits if not any((o.colour, o.shape, o.quadrant) in held for o in e)] for edits in (swaps, singles)
+    )
     pool = swaps if swaps and (not singles or rng.random() < 0.5) else singles
     return pool[int(rng.integers(len(pool)))] if pool else None
 
@@ -159,8 +160,10 @@ def shapes_gen_splits(name: str = "shapes-gen", seed: int = 0) -> dict[str, list
     out = {}
     for k, (split, n) in enumerate(zip(("train", "val", "test"), SIZES[name], strict=True)):
         images, scenes = generate(n, seed * 1000 + 500 + k, allow_held_out=split == "test")
-        out[split] = [Record(image=img, captions=[caption(objs)], id=f"{split}-{i}")
-                      for i, (img, objs) in enumerate(zip(images, scenes, strict=True))]  # fmt: skip
+        out[split] = [
+            Record(image=img, captions=[caption(objs)], id=f"{split}-{i}")
+            for i, (img, objs) in enumerate(zip(images, scenes, strict=True))
+        ]
     return out
 
 

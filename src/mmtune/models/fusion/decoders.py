@@ -12,16 +12,13 @@ class TextDecoder(nn.Module):
     """Causal decoder over a compact vocabulary (the tokenizer ids its targets use), cross-attending
     to a memory (B_m, N, D_m). Ids are compact: `to_compact` / `vocab_ids` map both ways."""
 
-    def __init__(self, vocab_ids: list[int], memory_dim: int, dim: int, layers: int, heads: int,
-                 max_len: int = 64):  # fmt: skip
+    def __init__(self, vocab_ids: list[int], memory_dim: int, dim: int, layers: int, heads: int, max_len: int = 64):
         super().__init__()
         self.vocab_ids, self.max_len = list(vocab_ids), max_len
         self.embed = nn.Embedding(len(vocab_ids), dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.memory_in = nn.Sequential(nn.Linear(memory_dim, dim), nn.LayerNorm(dim))
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, cross=True, causal=True) for _ in range(layers)
-        )
+        self.blocks = nn.ModuleList(Block(dim, heads, cross=True, causal=True) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
         nn.init.normal_(self.pos, std=0.02)
         self.register_buffer("lookup", compact_lookup(vocab_ids), persistent=False)
@@ -52,8 +49,7 @@ class MLMHead(nn.Module):
     def __init__(self, vocab_ids: list[int], dim: int):
         super().__init__()
         self.vocab_ids = list(vocab_ids)
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim),
-                                 nn.Linear(dim, len(vocab_ids)))  # fmt: skip
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, len(vocab_ids)))
         self.register_buffer("lookup", compact_lookup(vocab_ids), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +57,15 @@ class MLMHead(nn.Module):
 
 
 @torch.no_grad()
-def greedy_decode(decoder: TextDecoder, memory, memory_mask=None, index=None, bos: int = 101,
-                  eos: int = 102, max_len: int | None = None) -> list[list[int]]:  # fmt: skip
+def greedy_decode(
+    decoder: TextDecoder,
+    memory,
+    memory_mask=None,
+    index=None,
+    bos: int = 101,
+    eos: int = 102,
+    max_len: int | None = None,
+) -> list[list[int]]:
     """Greedy decoding → tokenizer ids per row (without BOS/EOS); no KV cache: T is small."""
     rows = len(index) if index is not None else memory.shape[0]
     max_len = min(max_len or decoder.max_len, decoder.max_len)
@@ -85,8 +88,15 @@ def _strip(decoder: TextDecoder, row: list[int], eos_c: int) -> list[int]:
 
 
 @torch.no_grad()
-def beam_search(decoder: TextDecoder, memory, beams: int = 3, bos: int = 101, eos: int = 102,
-                max_len: int | None = None, length_penalty: float = 1.0) -> list[list[int]]:  # fmt: skip
+def beam_search(
+    decoder: TextDecoder,
+    memory,
+    beams: int = 3,
+    bos: int = 101,
+    eos: int = 102,
+    max_len: int | None = None,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
     """Beam search per memory row (B, N, D) → tokenizer ids; finished hypotheses are ranked by
     log-probability / length**length_penalty."""
     max_len = min(max_len or decoder.max_len, decoder.max_len)
@@ -116,8 +126,9 @@ def beam_search(decoder: TextDecoder, memory, beams: int = 3, bos: int = 101, eo
     return out
 
 
-def build_vocab(tokenizer, texts: list[str],
-                specials: tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")) -> list[int]:  # fmt: skip
+def build_vocab(
+    tokenizer, texts: list[str], specials: tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")
+) -> list[int]:
     """Compact decoder vocabulary: the `specials` ([PAD], [UNK], [CLS], [SEP], [MASK]), then every
     tokenizer id the texts use (sorted) — a softmax over tens of ids, not the tokenizer's 30k."""
     special = [getattr(tokenizer, f"{name}_token_id") for name in specials]

@@ -12,8 +12,7 @@ from mmtune.models.fusion.spatial import SpatialBlock, grid_positions
 class FusionEncoder(nn.Module):
     """Text tokens (B, L, H_t) × image tokens (B_i, N, H_v) → fused text tokens (B, L, D)."""
 
-    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int,
-                 spatial: bool = False):  # fmt: skip
+    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int, spatial: bool = False):
         super().__init__()
         self.spatial = spatial
         self.text_in = nn.Sequential(nn.Linear(text_dim, dim), nn.LayerNorm(dim))

@@ -36,8 +36,14 @@ class FusionOptions(BaseModel):
 
     def fusion_spec(self, heads_spec: dict, fusion: str = "cross-attention") -> dict:
         """The FusionModel spec these options describe, with the given heads."""
-        return {"dim": self.fusion_dim, "layers": self.fusion_layers, "heads": self.fusion_heads,
-                "fusion": fusion, "spatial": self.spatial, "heads_spec": heads_spec}  # fmt: skip
+        return {
+            "dim": self.fusion_dim,
+            "layers": self.fusion_layers,
+            "heads": self.fusion_heads,
+            "fusion": fusion,
+            "spatial": self.spatial,
+            "heads_spec": heads_spec,
+        }
 
 
 def text_tokens(backbone, input_ids, attention_mask) -> torch.Tensor:
@@ -61,15 +67,13 @@ def unique_rows(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
 def tower_dims(backbone) -> tuple[int, int, int]:
     """(image token dim, text token dim, embedding dim) of a dual encoder."""
     if isinstance(backbone, DualEncoder):
-        return (backbone.vision_proj.in_features, backbone.text_proj.in_features,
-                backbone.vision_proj.out_features)  # fmt: skip
+        return (backbone.vision_proj.in_features, backbone.text_proj.in_features, backbone.vision_proj.out_features)
     cfg = backbone.hf.config
     return cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.projection_dim
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.LayerNorm(d_hidden),
-                         nn.Linear(d_hidden, d_out))  # fmt: skip
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.LayerNorm(d_hidden), nn.Linear(d_hidden, d_out))
 
 
 class FusionModel(nn.Module):
@@ -88,8 +92,7 @@ class FusionModel(nn.Module):
         d, hd = spec["dim"], spec["heads"]
         self.fusion = None
         if spec["fusion"] == "cross-attention":
-            self.fusion = FusionEncoder(txt_dim, img_dim, d, spec["layers"], hd,
-                                        spatial=spec.get("spatial", False))  # fmt: skip
+            self.fusion = FusionEncoder(txt_dim, img_dim, d, spec["layers"], hd, spatial=spec.get("spatial", False))
         self.head = nn.ModuleDict()
         for name, hs in spec["heads_spec"].items():
             self.head[name] = self._make_head(hs, d, hd, img_dim, emb_dim)
@@ -114,9 +117,9 @@ class FusionModel(nn.Module):
     def add_head(self, name: str, head_spec: dict) -> None:
         img_dim, _, emb_dim = tower_dims(self.backbone)
         ref = next(self.parameters())
-        self.head[name] = self._make_head(
-            head_spec, self._spec["dim"], self._spec["heads"], img_dim, emb_dim
-        ).to(ref.device)
+        self.head[name] = self._make_head(head_spec, self._spec["dim"], self._spec["heads"], img_dim, emb_dim).to(
+            ref.device
+        )
         self._spec["heads_spec"][name] = head_spec
 
     # the dual encoder's verbs, so freezing, embedding and serving code see one vocabulary

@@ -8,9 +8,14 @@ from mmtune.models.convstem import ConvStemConfig, ConvStemModel
 from mmtune.models.dual import DualEncoder
 
 
-def shapes_fusion_preset(image_size: int = 75, dim: int = 128, vision_layers: int = 2,
-                         text_layers: int = 2, pos_scale: float = 0.5,
-                         text_pos_scale: float = 1.0):  # fmt: skip
+def shapes_fusion_preset(
+    image_size: int = 75,
+    dim: int = 128,
+    vision_layers: int = 2,
+    text_layers: int = 2,
+    pos_scale: float = 0.5,
+    text_pos_scale: float = 1.0,
+):
     """Conv-stem vision tower (5×5 tokens for 75×75 scenes) + a small BERT on the MiniLM
     word-piece vocabulary, both random; → (DualEncoder, Processor, defaults). With
     `vision_layers=0` the tokens are the stem's cells themselves and the image embedding is their
@@ -21,12 +26,20 @@ def shapes_fusion_preset(image_size: int = 75, dim: int = 128, vision_layers: in
 
     from mmtune.models.load import Processor, minilm_dir
 
-    vision = ConvStemModel(ConvStemConfig(image_size=image_size, hidden_size=dim,
-                                          num_hidden_layers=vision_layers, pos_scale=pos_scale))  # fmt: skip
+    vision = ConvStemModel(
+        ConvStemConfig(image_size=image_size, hidden_size=dim, num_hidden_layers=vision_layers, pos_scale=pos_scale)
+    )
     tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tcfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=dim, num_hidden_layers=text_layers,
-                      num_attention_heads=4, intermediate_size=4 * dim, max_position_embeddings=128,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    tcfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=dim,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * dim,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     tcfg._attn_implementation = "eager"  # 2× faster than the fused CPU kernels at this size
     text = BertModel(tcfg, add_pooling_layer=False)
     if text_pos_scale != 1.0:
