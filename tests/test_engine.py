@@ -16,9 +16,11 @@ from mmtune.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
+from mmtune.config import load_config
 from mmtune.engine import adamw, epoch_batches, lr_factor, param_groups
 from mmtune.errors import CheckpointError, UserError
 from mmtune.report import read_jsonl
+from tests.conftest import tiny_overrides
 
 
 def _weights(run_dir):
@@ -288,3 +290,31 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tiny_cfg):
     logged = [r["loss"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert losses == pytest.approx(logged, rel=1e-5)  # the same figures as metrics.jsonl
     assert "eval/zeroshot.top1" in acc.Tags()["scalars"]
+
+
+def test_labels_free_pairs_choose_best_by_validation_loss_and_say_so(tmp_path, pairs_folder, caplog):
+    """Caption-only data cannot give zeroshot.top1: best/ is chosen by val.loss, said once."""
+    folder, rows = pairs_folder
+    (folder / "pairs.csv").write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c, _ in rows))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            **{
+                "data.dataset": str(folder / "pairs.csv"),
+                "data.val_fraction": 0.25,
+                "data.batch_size": 4,
+                "train.eval_every": 1,
+                "train.max_steps": 3,
+            },
+        ),
+    )
+    with caplog.at_level("WARNING", logger="mmtune"):
+        api.train(cfg)
+    warned = [r.getMessage() for r in caplog.records if "cannot be computed" in r.getMessage()]
+    assert len(warned) == 1 and "val.loss" in warned[0] and "\n" not in warned[0]
+    evals = [r for r in read_jsonl(cfg.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert len(evals) == 3 and all("val.loss" in r for r in evals)
+    best = min(range(3), key=lambda i: evals[i]["val.loss"])
+    meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["state"]["step"] == evals[best]["step"]  # the lowest validation loss was kept
