@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from mmtune.data.images import load_image
-from mmtune.export import _plain, export_hf, export_run
+from mmtune.export import export_hf, export_run, plain_copy
 from mmtune.runs import load_run
 from tests.test_serve import make_images
 
@@ -128,7 +128,7 @@ def test_lora_adapters_are_merged_before_export(tmp_path):
     inject_adapter_in_model(cfg, model.hf)
     px, tok, img, txt = reference(model.eval(), proc, paths)
     assert np.abs(before - txt).max() > 1e-3  # the adapters really change the embeddings
-    plain, merged = _plain(model)
+    plain, merged = plain_copy(model)
     assert merged == 8  # q and v in 2 layers of each tower
     assert not any("lora" in k for k in plain.state_dict())
     export_hf(plain, proc, tmp_path / "hf")

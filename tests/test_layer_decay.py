@@ -29,11 +29,13 @@ def test_scales_follow_depth():
 
 
 def test_optimizer_groups_carry_the_scales():
-    groups = param_groups(_clf(0.5), 0.1)
+    clf = _clf(0.5)
+    groups = param_groups(clf, 0.1, clf.lr_scales())  # what the classify task gives the engine
     by_scale = {}
     for g in groups:
         by_scale[g["lr_scale"]] = by_scale.get(g["lr_scale"], 0) + sum(p.numel() for p in g["params"])
     assert set(by_scale) == {1.0, 0.5, 0.25, 0.125}
-    plain = param_groups(_clf(None), 0.1)
+    unscaled = _clf(None)
+    plain = param_groups(unscaled, 0.1, unscaled.lr_scales())
     assert [g["lr_scale"] for g in plain] == [1.0, 1.0]
     assert sum(by_scale.values()) == sum(sum(p.numel() for p in g["params"]) for g in plain)

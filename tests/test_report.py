@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from mmtune.errors import UserError
-from mmtune.report import _fmt, read_jsonl, write_report
+from mmtune.report import format_value, read_jsonl, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = "data:image/png;base64,"
@@ -86,7 +86,7 @@ def test_read_jsonl_skips_bad_lines(tmp_path: Path) -> None:
     ],
 )
 def test_fmt(value: object, text: str) -> None:
-    assert _fmt(value) == text
+    assert format_value(value) == text
 
 
 def test_full_report(tmp_path: Path) -> None:

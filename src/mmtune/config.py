@@ -179,19 +179,19 @@ class Config(_Section):
         return Path(self.output_dir) / self.name
 
 
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _all_keys(ann, f"{prefix}{name}.")
+            keys += all_keys(ann, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
     return keys
 
 
-def _unknown_key_error(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(Config), n=1)
+def unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(Config), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -200,7 +200,7 @@ def _format_validation(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return str(_unknown_key_error(loc))
+        return str(unknown_key_error(loc))
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     where = f"config key '{loc}'" if loc else "config"
@@ -254,7 +254,7 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
             return
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise _unknown_key_error(key)
+            raise unknown_key_error(key)
         node = nxt
     node[parts[-1]] = value
 

@@ -73,7 +73,7 @@ class TextEncoder(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
-def _plain(model):
+def plain_copy(model):
     """A copy without the locked-text cache (a Python dict cannot be exported) and adapters merged."""
     model = copy.deepcopy(model).eval()
     model.text_locked = False
@@ -313,7 +313,7 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "hf", tolerance: flo
         offered = ", ".join(task.exports) or "none"
         raise UserError(f"{run} is a {task.name} run, which exports as: {offered} (not {fmt})")
     processor = task.processor
-    model, merged = _plain(model)
+    model, merged = plain_copy(model)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: pick a new folder")

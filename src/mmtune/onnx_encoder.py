@@ -76,12 +76,12 @@ def _quiet_stdout_fd():
 
 def export_encoders(model, processor, folder: Path) -> float:
     """Write image_encoder.onnx / text_encoder.onnx for `model`; max abs diff to PyTorch."""
-    from mmtune.export import _plain, export_onnx
+    from mmtune.export import export_onnx, plain_copy
 
     name = model.__class__.__name__
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UserError(f"--backend onnx: {name} is not a dual encoder; use --backend torch")
-    plain, _ = _plain(model)
+    plain, _ = plain_copy(model)
     try:
         with _quiet_stdout_fd():
             diff = export_onnx(plain, processor, folder)

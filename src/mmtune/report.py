@@ -71,7 +71,7 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fmt(value: Any, none: str = "NaN") -> str:
+def format_value(value: Any, none: str = "NaN") -> str:
     """Format a value for display: ints as ints, floats to 4 significant digits."""
     if value is None:
         return none  # metrics writers turn a NaN into null
@@ -177,11 +177,13 @@ def _headline(final: dict, evals: list[dict]) -> dict[str, Any]:
     return dict(list(rest.items())[:_MAX_HEADLINE])
 
 
-def _table(columns: Iterable[Any], rows: Iterable[Iterable[Any]], none: str = "") -> str:
+def html_table(columns: Iterable[Any], rows: Iterable[Iterable[Any]], none: str = "") -> str:
     """An HTML table; every cell is escaped and numbers are right-aligned."""
-    head = "".join(f"<th>{escape(_fmt(c, none))}</th>" for c in columns)
+    head = "".join(f"<th>{escape(format_value(c, none))}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if _is_num(c) else ''}>{escape(_fmt(c, none))}</td>" for c in row) + "</tr>"
+        "<tr>"
+        + "".join(f"<td{' class=num' if _is_num(c) else ''}>{escape(format_value(c, none))}</td>" for c in row)
+        + "</tr>"
         for row in rows
     )
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
@@ -194,7 +196,8 @@ def _metric_tables(final: dict) -> str:
         name = key.split(".", 1)[1] if "." in key else key
         groups.setdefault(_group(key), []).append((name, value))
     return "".join(
-        f"<h3>{escape(group)}</h3>" + _table(["metric", "value"], items, none="NaN") for group, items in groups.items()
+        f"<h3>{escape(group)}</h3>" + html_table(["metric", "value"], items, none="NaN")
+        for group, items in groups.items()
     )
 
 
@@ -213,18 +216,18 @@ def _extra_tables(run_dir: Path, notes: list[str]) -> str:
             continue
         rows = [row if isinstance(row, list) else [row] for row in spec["rows"]]
         title = spec.get("title") or path.stem
-        parts.append(f"<h3>{escape(_fmt(title))}</h3>" + _table(spec["columns"], rows))
+        parts.append(f"<h3>{escape(format_value(title))}</h3>" + html_table(spec["columns"], rows))
     return "".join(parts)
 
 
-def _figure(path: Path, caption: str) -> str:
+def html_figure(path: Path, caption: str) -> str:
     """An <img> with the PNG inlined as a base64 data URI, so the report is one file."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     cap = escape(caption)
     return f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
 
 
-def _section(title: str, content: str) -> str:
+def html_section(title: str, content: str) -> str:
     """A titled section, or nothing when content is empty."""
     return f"<section><h2>{escape(title)}</h2>{content}</section>" if content else ""
 
@@ -236,7 +239,7 @@ def _summary(records: list[dict]) -> str:
     steps = [r["step"] for r in records if _is_num(r.get("step"))]
     parts = [f"{n_train} train records", f"{n_eval} eval records"]
     if steps:
-        parts.append(f"last step {_fmt(max(steps))}")
+        parts.append(f"last step {format_value(max(steps))}")
     parts.append(f"report made {time.strftime('%Y-%m-%d %H:%M')}")
     return escape(" · ".join(parts))
 
@@ -252,16 +255,16 @@ def _extra_plots(plots_dir: Path) -> list[tuple[Path, str]]:
     ]
 
 
-def _cards(headline: dict[str, Any]) -> str:
+def html_cards(headline: dict[str, Any]) -> str:
     """The headline numbers as large cards."""
     cards = "".join(
-        f'<div class="card"><div class="v">{escape(_fmt(v))}</div><div class="k">{escape(k)}</div></div>'
+        f'<div class="card"><div class="v">{escape(format_value(v))}</div><div class="k">{escape(k)}</div></div>'
         for k, v in headline.items()
     )
     return f'<div class="cards">{cards}</div>' if cards else ""
 
 
-def _document(title: str, body: str) -> str:
+def html_document(title: str, body: str) -> str:
     """Wrap body in a complete HTML page with the inline stylesheet."""
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -292,17 +295,17 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     body = "".join(
         [
             f'<h1>{escape(title)}</h1><div class="sub">{_summary(records)}</div>',
-            _cards(_headline(final, evals)),
-            _section("Training curves", "".join(_figure(p, c) for p, c in made)),
-            _section("Final metrics", _metric_tables(final)),
-            _section("Tables", tables),
-            _section("Other plots", "".join(_figure(p, c) for p, c in extra)),
-            _section("Config", f"<pre>{escape(config_text)}</pre>" if config_text else ""),
-            _section("Notes", "".join(f'<p class="note">{escape(n)}</p>' for n in notes)),
+            html_cards(_headline(final, evals)),
+            html_section("Training curves", "".join(html_figure(p, c) for p, c in made)),
+            html_section("Final metrics", _metric_tables(final)),
+            html_section("Tables", tables),
+            html_section("Other plots", "".join(html_figure(p, c) for p, c in extra)),
+            html_section("Config", f"<pre>{escape(config_text)}</pre>" if config_text else ""),
+            html_section("Notes", "".join(f'<p class="note">{escape(n)}</p>' for n in notes)),
         ]
     )
     out = run_dir / "report.html"
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(_document(title, body), encoding="utf-8")
+    tmp.write_text(html_document(title, body), encoding="utf-8")
     os.replace(tmp, out)  # a reader never sees a half-written report
     return out

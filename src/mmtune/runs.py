@@ -10,6 +10,7 @@ run's task to rebuild the model — no command tests what kind of model it holds
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from mmtune.errors import CheckpointError
 
 SPEC_FILE = "mmtune_model.json"
+log = logging.getLogger("mmtune")
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -62,12 +64,13 @@ def run_config(spec_dir: Path, overrides: dict | None = None):
     for cand in (spec_dir.parent / "config.yaml", spec_dir / "config.yaml"):
         if cand.is_file():
             return load_config(cand, overrides, saved_run=True)
-    task = read_spec(spec_dir).get("task")
-    if task is None:
-        raise CheckpointError(
-            f"{spec_dir} does not say which task made it (written by an older mmtune): run "
-            f"`mmtune runs upgrade {spec_dir}` once"
-        )
+    spec = read_spec(spec_dir)
+    task = spec.get("task")
+    if task is None:  # a model folder written before runs named their task, or by save_spec alone
+        from mmtune.tasks import infer_legacy_task
+
+        task = infer_legacy_task(spec)
+        log.info("%s does not name its task: read as %s (`mmtune runs upgrade` records it)", spec_dir, task)
     return load_config(None, {"task": task, **(overrides or {})})
 
 

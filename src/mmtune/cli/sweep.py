@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_sweep(args, extra) -> int:
-    from mmtune.cli import _print_metrics
+    from mmtune.cli.common import print_metrics
     from mmtune.config import parse_overrides
     from mmtune.errors import ConfigError
     from mmtune.sweep import objective_of
@@ -68,7 +68,7 @@ def cmd_sweep(args, extra) -> int:
         objective=objective_of(cfg),
     )
     summary = run_sweep(sw, args.jobs, args.baseline)
-    _print_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    print_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
     print(f"sweep folder: {folder}  best config: {folder / 'best.yaml'}")
     print(f"report: {folder / 'report.html'}")
     return 0

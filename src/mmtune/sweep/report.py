@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from mmtune.report import _cards, _document, _figure, _fmt, _section, _table
+from mmtune.report import format_value, html_cards, html_document, html_figure, html_section, html_table
 
 
 def trial_rows(study) -> list[dict]:
@@ -143,7 +143,7 @@ def _axis_value(v, key: str) -> float:
 
 def _label(key: str, lo: float, hi: float) -> str:
     log = "log10 " if key.endswith("lr") else ""
-    return f"{key}\n{log}{_fmt(lo)} … {_fmt(hi)}"
+    return f"{key}\n{log}{format_value(lo)} … {format_value(hi)}"
 
 
 def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
@@ -174,22 +174,22 @@ def write_report(folder: Path, rows: list[dict], summary: dict, study) -> Path:
         }
     )
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    body = f"<h1>Sweep {summary['sweep']}</h1>" + _cards(cards)
-    body += _section("Trials", _table(columns, [[r.get(c) for c in columns] for r in rows]))
+    body = f"<h1>Sweep {summary['sweep']}</h1>" + html_cards(cards)
+    body += html_section("Trials", html_table(columns, [[r.get(c) for c in columns] for r in rows]))
     _curves(study, plots / "curves.png")
-    figs = _figure(plots / "history.png", "optimisation history")
-    figs += _figure(plots / "curves.png", "validation curves per trial")
+    figs = html_figure(plots / "history.png", "optimisation history")
+    figs += html_figure(plots / "curves.png", "validation curves per trial")
     if imp:
-        figs += _figure(plots / "importances.png", "parameter importances")
-    figs += _figure(plots / "parallel.png", "parallel coordinates")
-    body += _section("Search", figs)
+        figs += html_figure(plots / "importances.png", "parameter importances")
+    figs += html_figure(plots / "parallel.png", "parallel coordinates")
+    body += html_section("Search", figs)
     test = summary["best_test"]
     base = summary.get("baseline_test") or {}
     keys = [k for k in test if base.get(k) is not None] or list(test)
     rows_t = [[k, test.get(k), base.get(k)] for k in keys]
-    body += _section(
-        "Test split: best trial (evaluated once) vs baseline", _table(["figure", "best trial", "baseline"], rows_t)
+    body += html_section(
+        "Test split: best trial (evaluated once) vs baseline", html_table(["figure", "best trial", "baseline"], rows_t)
     )
     out = folder / "report.html"
-    out.write_text(_document(f"sweep {summary['sweep']}", body))
+    out.write_text(html_document(f"sweep {summary['sweep']}", body))
     return out

@@ -11,7 +11,6 @@ model.unfreeze_top_k: {int: [0, 4]}           # integer in [low, high], both inc
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mmtune.config import Config, _all_keys, _unknown_key_error, load_config, read_yaml_mapping
+from mmtune.config import Config, all_keys, load_config, read_yaml_mapping, unknown_key_error
 from mmtune.errors import ConfigError
 
 KINDS = ("choice", "int", "uniform", "loguniform")
@@ -142,7 +141,7 @@ def _is_number(x: Any) -> bool:
 
 def check_space(space: Space, base: Base) -> None:
     """Every key exists (config or task options) and every bound is a value the config accepts."""
-    known = set(_all_keys(Config))
+    known = set(all_keys(Config))
     options = options_model(base.load().task)
     for key in [p.key for p in space.params] + list(space.fixed):
         if key.startswith("options."):
@@ -151,24 +150,15 @@ def check_space(space: Space, base: Base) -> None:
                 names = ", ".join(options.model_fields)
                 raise ConfigError(f"unknown config key '{key}' (task options: {names})")
         elif key not in known:
-            raise _unknown_key_error(key)
+            raise unknown_key_error(key)
     for p in space.params:
         for value in p.candidates():
             base.load({**space.fixed, p.key: value})
 
 
 def options_model(task: str) -> type[BaseModel] | None:
-    """The task's options model: the pydantic `…Options` class its module defines (if any)."""
-    from mmtune.tasks import _REGISTRY, get_task
+    """The task's declared options model (None for a task without options)."""
+    from mmtune.tasks import NoOptions, get_task
 
-    get_task(task)  # an unknown task fails here, naming it
-    module = importlib.import_module(_REGISTRY[task].split(":")[0])
-    for name, obj in vars(module).items():
-        if (
-            name.endswith("Options")
-            and isinstance(obj, type)
-            and issubclass(obj, BaseModel)
-            and obj.__module__ == module.__name__
-        ):
-            return obj
-    return None
+    options = get_task(task).Options  # an unknown task fails here, naming it
+    return None if options is NoOptions else options
