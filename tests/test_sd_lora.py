@@ -148,6 +148,7 @@ def test_training_changes_only_adapters_lowers_loss_and_reloads(tmp_path):
     loss_before = task.denoise_loss(model, batch)
     assert task.denoise_loss(model, batch) == loss_before  # fixed seeds and timesteps
 
+    task.save(model, cfg.run_dir / "model")  # what api.train writes before the loop
     Trainer(cfg, task, model, make_accelerator(cfg, cfg.run_dir), (batch, []), cfg.run_dir).fit()
     model.eval()
     base_after = _base_tensors(model)

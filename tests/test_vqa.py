@@ -377,10 +377,10 @@ def test_spatial_cross_attention_looks_near_far_or_elsewhere():
     returns where each head looked and its attention."""
     import torch
 
-    from mmtune.models.fusion import Block, grid_positions
+    from mmtune.models.fusion import SpatialBlock, grid_positions
 
     torch.manual_seed(0)
-    blk = Block(16, 2, cross=True, spatial=True)
+    blk = SpatialBlock(16, 2)
     torch.nn.init.zeros_(blk.q.weight)
     torch.nn.init.zeros_(blk.q.bias)
     pos = grid_positions(26)
