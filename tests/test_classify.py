@@ -48,6 +48,7 @@ def comparison(tmp_path_factory):
     return run, json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_method_reports_the_comparison_keys(comparison):
     run, m = comparison
     for method in METHODS:
@@ -60,6 +61,7 @@ def test_every_method_reports_the_comparison_keys(comparison):
     assert "Methods compared" in html and "WiSE-FT" in html and "wise_ft_alpha" in html
 
 
+@pytest.mark.slow
 def test_trainable_parameter_counts(comparison):
     _, m = comparison
     assert m["zeroshot.trainable_params"] == 0
@@ -69,6 +71,7 @@ def test_trainable_parameter_counts(comparison):
     assert m["wise-ft.trainable_params"] == m["finetune.trainable_params"]
 
 
+@pytest.mark.slow
 def test_wise_ft_endpoints_are_the_zero_shot_and_fine_tuned_models(comparison):
     run, m = comparison
     table = json.loads((run / "tables" / "3_wise_ft.json").read_text())
@@ -80,6 +83,7 @@ def test_wise_ft_endpoints_are_the_zero_shot_and_fine_tuned_models(comparison):
     assert rows[m["wise-ft.alpha"]]["val.top1"] == best_val  # chosen on val, not on test
 
 
+@pytest.mark.slow
 def test_each_method_folder_reloads_as_its_reported_model(comparison):
     """The saved checkpoint of every method predicts what the comparison reported."""
     from mmtune.config import load_config
@@ -99,6 +103,7 @@ def test_each_method_folder_reloads_as_its_reported_model(comparison):
         assert acc == pytest.approx(m[f"{method}.test.top1"], abs=1e-9), method
 
 
+@pytest.mark.slow
 def test_probe_of_a_comparison_run_matches_sklearn_on_its_cached_features(comparison):
     """The cached features the run's probe saw; same chosen C → same test accuracy (±0.5 pt)."""
     run, m = comparison
@@ -193,6 +198,7 @@ def test_unfreeze_patterns_and_their_errors():
         set_trainable(clf, names, patterns=["*text_model*"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "lora"])
 def test_mmtune_eval_of_a_method_folder_matches_the_comparison(comparison, method, tmp_path):
     """`mmtune eval` rebuilds the classifier head (and LoRA) of a classify run folder."""

@@ -131,6 +131,7 @@ def test_every_shipped_config_validates_and_contrastive_ones_run(config, tmp_pat
     assert saved["model"]["name"] == cfg.model.name and saved["train"]["max_steps"] == 2
 
 
+@pytest.mark.slow
 def test_demo_reaches_zero_shot_target(tmp_path, capsys):
     """The demo as shipped: zero-shot top-1 ≥ 0.95 on held-out digits with unseen templates."""
     assert main(["demo", f"output_dir={tmp_path}", "train.progress=false"]) == 0

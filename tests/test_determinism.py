@@ -165,6 +165,7 @@ def _why(run) -> str:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):
     """F1 [dist]: torchrun --max-restarts 1, rank 1 killed after a checkpoint: all restart,
     resume automatically and finish with the uninterrupted run's weights. R8 [dist]: after the
@@ -185,6 +186,7 @@ def test_torchrun_restart_resumes_to_the_same_weights(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_lost_rank_without_restarts_fails_naming_the_rank(tmp_path):
     """F2 [dist]: a rank lost without restarts → non-zero exit naming the rank, no hang."""
     run = _torchrun(tmp_path, "lost", 0, faulty=True)

@@ -249,6 +249,7 @@ def _train(tmp_path, config, *extra):
     return tmp_path / name, json.loads((tmp_path / name / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_shipped_configs_and_generate(tmp_path, capsys):
     vq_run, m = _train(
         tmp_path,

@@ -253,6 +253,7 @@ def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune(tmp_path, capsys):
     args = [
         "train",
