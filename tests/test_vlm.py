@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from mmtune.data.conversations import ConversationRecord, as_conversation, read_
 from mmtune.data.vqa_formats import QARecord
 from mmtune.errors import DataError
 from mmtune.tasks import Context, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMG = np.zeros((32, 32, 3), dtype=np.uint8)
 REPLIES = ["a red circle", "it is on the left", "two squares"]
@@ -210,3 +213,27 @@ def test_llava_composed_from_parts_keeps_their_weights_and_loads_in_plain_transf
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, plain(**inputs).logits, atol=1e-5)
+
+
+def test_mmtune_train_reads_a_llava_conversations_file(tmp_path, caplog):
+    """`data.dataset=FILE.json` of LLaVA records trains vlm-sft through the CLI; with no score to
+    compute on free-form dialog, best is chosen by the validation loss, said in one line."""
+    from mmtune.cli import main
+    from tests.conftest import write_image
+
+    rows = []
+    for i in range(8):
+        write_image(tmp_path / f"s{i}.png", size=(32, 32), color=(200, 30, 30) if i % 2 else (30, 30, 200))
+        colour = "red" if i % 2 else "blue"
+        turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour}]
+        rows.append({"id": f"s{i}", "image": f"s{i}.png", "conversations": turns})
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    args = ["train", "-c", str(ROOT / "configs" / "tiny" / "vlm-sft.yaml"), f"output_dir={tmp_path}", "name=chat",
+            f"data.dataset={tmp_path / 'chat.json'}", "data.val_fraction=0.25", "train.max_steps=2",
+            "train.eval_every=1"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="mmtune"):
+        assert main(args) == 0
+    assert sum("cannot be computed" in r.getMessage() for r in caplog.records) == 1
+    m = json.loads((tmp_path / "chat" / "metrics.json").read_text())
+    assert m["data.train"] == 6 and m["data.val"] == 2
+    assert (tmp_path / "chat" / "checkpoints" / "best" / "COMPLETE").is_file()

@@ -54,10 +54,11 @@ class DataConfig(_Section):
         description="Built-in name (`digits`) or a path: CSV/TSV/JSONL pairs file, COCO captions "
         "JSON, or a folder of images with same-stem .txt captions.",
     )
-    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder", "imagefolder"] = Field(
+    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder", "imagefolder", "conversations"] = Field(
         "auto",
         description="Reader to use; `auto` decides from the path. `imagefolder`: a sub-folder "
-        "of images per class (the folder name is the label).",
+        "of images per class (the folder name is the label). `conversations`: LLaVA conversation or "
+        "messages records (JSON list or JSONL; `auto` finds them too).",
     )
     val: str | None = Field(None, description="Validation data path (same formats).")
     test: str | None = Field(None, description="Test data path (same formats).")

@@ -73,8 +73,11 @@ def _builtin(name: str, seed: int) -> Splits | None:
 
 
 def _read(path: str, data_cfg, classes=None) -> Table:
+    from mmtune.data.conversations import read_conversations, sniff_conversations
     from mmtune.data.vqa_formats import read_vqa, sniff_vqa
 
+    if data_cfg.format == "conversations" or (data_cfg.format == "auto" and sniff_conversations(path)):
+        return read_conversations(path, data_cfg.image_root)  # LLaVA conversations / messages
     if data_cfg.format in ("auto", "jsonl") and sniff_vqa(path):  # questions: VQA v2 / JSONL
         return read_vqa(path, data_cfg.image_root)
     fmt = detect_format(path) if data_cfg.format == "auto" else data_cfg.format

@@ -92,6 +92,20 @@ def parse_conversation(row: dict, where: str, root: Path) -> ConversationRecord:
     return ConversationRecord(image=paths[0] if paths else "", id=ident, messages=turns, images=paths)
 
 
+def sniff_conversations(path: str | Path) -> bool:
+    """Whether a .json/.jsonl file holds LLaVA conversations or messages records (its head only:
+    a conversations file can be large)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    with open(p, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16)
+    if p.suffix.lower() == ".json" and not head.lstrip().startswith("["):
+        return False
+    first = head.lstrip("[ \n\r\t")[:4096]
+    return '"conversations"' in first or '"messages"' in first
+
+
 def read_conversations(path: str | Path, image_root: str | Path | None = None) -> Table:
     """A LLaVA / messages JSON list or JSONL file → ConversationRecords."""
     path = Path(path)
