@@ -142,3 +142,28 @@ def test_shard_folder_source_equals_the_files(setup, tmp_path):
     with torch.no_grad():
         want = model.encode_image(proc.images([load_image(p) for p in paths[:5]])).numpy()
     np.testing.assert_allclose(emb.vectors, want, atol=1e-5)
+
+
+def test_embed_takes_the_columns_it_asks_for_and_stores_absolute_paths(setup, tmp_path, monkeypatch, capsys):
+    """An open_clip-style `filepath,title` CSV: the error names data.image_column, and then both the
+    flags and that very `data.*` override work; paths stay valid from any other directory."""
+    from mmtune.cli import main
+
+    root, run, paths, model, proc = setup
+    (root / "oc.csv").write_text(
+        "filepath,title\n" + "".join(f"imgs/{p.name},cap {i}\n" for i, p in enumerate(paths[:3]))
+    )
+    monkeypatch.chdir(root)  # a relative source, as a user types it
+    base = ["embed", "--checkpoint", str(run), "--images", "oc.csv", "--no-progress"]
+    assert main([*base, "-o", str(tmp_path / "x.parquet")]) == 2
+    assert "data.image_column" in capsys.readouterr().err
+    assert (
+        main([*base, "--image-column", "filepath", "--caption-column", "title", "-o", str(tmp_path / "a.parquet")]) == 0
+    )
+    args = [*base, "data.image_column=filepath", "data.caption_column=title", "-o", str(tmp_path / "b.parquet")]
+    assert main(args) == 0
+    a, b = read_embeddings(tmp_path / "a.parquet", "image"), read_embeddings(tmp_path / "b.parquet", "image")
+    assert a.meta["path"] == b.meta["path"] == [str(p.resolve()) for p in paths[:3]]
+    assert a.meta["caption"] == ["cap 0", "cap 1", "cap 2"]
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=0)
+    assert main([*base, "train.lr=1", "-o", str(tmp_path / "c.parquet")]) == 2  # not an embed setting

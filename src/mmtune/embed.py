@@ -147,9 +147,12 @@ def image_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
         paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
             raise DataError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return [Item("image", str(p.relative_to(src)), str(p), _first_caption(p)) for p in paths]
+        # absolute paths: the file is read later from wherever search or serve runs
+        return [Item("image", str(p.relative_to(src)), str(p.resolve()), _first_caption(p)) for p in paths]
     table = read_coco(src) if fmt == "coco" else read_table(src, fmt, **columns)
-    return [Item("image", r.id, str(r.image), r.captions[0] if r.captions else None) for r in table.records]
+    return [
+        Item("image", r.id, str(Path(r.image).resolve()), r.captions[0] if r.captions else None) for r in table.records
+    ]
 
 
 def text_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
@@ -166,7 +169,7 @@ def text_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:
     elif fmt == "coco":
         table = read_coco(src)
     else:
-        table = read_table(src, fmt, **columns)
+        table = read_table(src, fmt, **{k: v for k, v in columns.items() if k != "image_root"})
     caps = dict.fromkeys(c for r in table.records for c in r.captions)
     return [Item("text", f"text:{n}", None, c) for n, c in enumerate(caps, 1)]
 

@@ -14,15 +14,14 @@ def cmd_embed(args, extra) -> int:
     from mmtune.onnx_encoder import maybe_onnx
     from mmtune.runs import load_run
 
-    if extra:
-        raise UserError(f"unexpected arguments {extra}")
     if not (args.images or args.texts):
         raise UserError("give --images SOURCE and/or --texts SOURCE")
+    columns = _columns(args, extra)
     items = []
     if args.images:
-        items += image_items(args.images)
+        items += image_items(args.images, **columns)
     if args.texts:
-        items += text_items(args.texts)
+        items += text_items(args.texts, **columns)
     threads()
     model, proc = load_run(args.checkpoint)
     model = maybe_onnx(model, proc, args.backend, args.quantize)
@@ -94,6 +93,23 @@ def cmd_search(args, extra) -> int:
     return 0
 
 
+def _columns(args, extra: list[str]) -> dict:
+    """The pairs-file columns: --image-column / --caption-column, else `data.*=` overrides, else
+    the run's own config (what it was trained on), else the defaults."""
+    from mmtune.runs import resolve_checkpoint, run_config
+
+    over = overrides(extra)
+    bad = [k for k in over if k not in ("data.image_column", "data.caption_column", "data.image_root")]
+    if bad:
+        raise UserError(f"embed takes data.image_column, data.caption_column, data.image_root; not {bad[0]}")
+    data = run_config(resolve_checkpoint(args.checkpoint)[0], over).data
+    return {
+        "image_column": args.image_column or data.image_column,
+        "caption_column": args.caption_column or data.caption_column,
+        "image_root": data.image_root,
+    }
+
+
 def add_backend_args(p) -> None:
     p.add_argument(
         "--backend",
@@ -116,6 +132,8 @@ def add_parser(sub) -> None:
         "--images", help="folder of images, pairs file (CSV/TSV/JSONL/COCO), or a shard folder from `mmtune data shard`"
     )
     e.add_argument("--texts", help="text file (one per line) or pairs file (its captions)")
+    e.add_argument("--image-column", help="pairs file: the image column (default: the run's data.image_column)")
+    e.add_argument("--caption-column", help="pairs file: the caption column (default: the run's data.caption_column)")
     e.add_argument("--output", "-o", required=True, help="Parquet file to write")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
