@@ -159,3 +159,14 @@ def test_two_workers_share_one_study(tmp_path):
     a, b = ([t for t in trials if t.user_attrs["pid"] == p] for p in pids)
     # some trial of one worker ran while a trial of the other did: two trials at once
     assert any(x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete for x in a for y in b)
+
+
+def test_shipped_space_file_checks_against_its_base_config():
+    """configs/sweep-digits.yaml (what `make sweep-digits` searches) reads and checks cleanly
+    against configs/classify-digits.yaml: three searched keys, its fixed trial budget."""
+    from mmtune.sweep.space import Base, load_space
+
+    root = Path(__file__).parents[1] / "configs"
+    space = load_space(root / "sweep-digits.yaml", Base(str(root / "classify-digits.yaml"), {}))
+    assert {p.key for p in space.params} == {"train.lr", "options.lora_r", "train.weight_decay"}
+    assert space.fixed["options.method"] == "lora" and space.fixed["train.max_steps"] == 40

@@ -228,12 +228,43 @@ def test_mmtune_train_reads_a_llava_conversations_file(tmp_path, caplog):
         turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour}]
         rows.append({"id": f"s{i}", "image": f"s{i}.png", "conversations": turns})
     (tmp_path / "chat.json").write_text(json.dumps(rows))
-    args = ["train", "-c", str(ROOT / "configs" / "tiny" / "vlm-sft.yaml"), f"output_dir={tmp_path}", "name=chat",
-            f"data.dataset={tmp_path / 'chat.json'}", "data.val_fraction=0.25", "train.max_steps=2",
-            "train.eval_every=1"]  # fmt: skip
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "tiny" / "vlm-sft.yaml"),
+        f"output_dir={tmp_path}",
+        "name=chat",
+        f"data.dataset={tmp_path / 'chat.json'}",
+        "data.val_fraction=0.25",
+        "train.max_steps=2",
+        "train.eval_every=1",
+    ]
     with caplog.at_level("WARNING", logger="mmtune"):
         assert main(args) == 0
     assert sum("cannot be computed" in r.getMessage() for r in caplog.records) == 1
     m = json.loads((tmp_path / "chat" / "metrics.json").read_text())
     assert m["data.train"] == 6 and m["data.val"] == 2
     assert (tmp_path / "chat" / "checkpoints" / "best" / "COMPLETE").is_file()
+
+
+def test_shipped_vlm_shapes_config_trains(tmp_path, monkeypatch):
+    """configs/vlm-shapes.yaml as shipped, on the smallest scenes for two steps."""
+    from mmtune.cli import main
+    from mmtune.data.builtin import shapes
+
+    monkeypatch.setenv("MMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(shapes.SIZES, "shapes-mini", (12, 4, 4))
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "vlm-shapes.yaml"),
+        f"output_dir={tmp_path}",
+        "name=v",
+        "data.dataset=shapes-mini",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.progress=false",
+    ]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert m["train.steps"] == 2 and "vqa.acc" in m
