@@ -47,10 +47,10 @@ def bench_model(folder: Path) -> Path:
     import torch
 
     from mmtune.checkpoint import save_checkpoint
-    from mmtune.models.load import _lit_minilm, save_spec
+    from mmtune.models.load import preset, save_spec
 
     torch.manual_seed(0)
-    model, proc, _ = _lit_minilm(256)
+    model, proc, _ = preset("lit-minilm", embed_dim=256)
     save_spec(model, proc, folder / "model")
     save_checkpoint(folder / "checkpoints" / "last", model)
     return folder

@@ -151,9 +151,9 @@ def test_train_refuses_a_method_without_a_training_loop(tmp_path, capsys):
 
 def _tiny_classifier():
     from mmtune.models.classifier import ImageClassifier, image_side
-    from mmtune.models.load import _tiny_clip
+    from mmtune.models.load import preset
 
-    model, proc, _ = _tiny_clip()
+    model, proc, _ = preset("tiny-clip")
     clf = ImageClassifier(model, torch.randn(10, 16))
     return clf, image_side(model, proc.image_size)
 

@@ -89,10 +89,10 @@ def test_onnx_export_gives_the_same_embeddings(trained, tmp_path):
 def test_composed_model_exports(tmp_path):
     """lit-minilm (ViT [CLS] + BERT mean pooling): two AutoModel folders + projections, and ONNX."""
     from mmtune.checkpoint import save_checkpoint
-    from mmtune.models.load import _lit_minilm, save_spec
+    from mmtune.models.load import preset, save_spec
 
     torch.manual_seed(0)
-    model, proc, _ = _lit_minilm(32)
+    model, proc, _ = preset("lit-minilm", embed_dim=32)
     model.lock_text(True)
     run = tmp_path / "run"
     save_spec(model, proc, run / "model")
@@ -118,10 +118,10 @@ def test_composed_model_exports(tmp_path):
 def test_lora_adapters_are_merged_before_export(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
-    from mmtune.models.load import _tiny_clip
+    from mmtune.models.load import preset
 
     torch.manual_seed(0)
-    model, proc, _ = _tiny_clip()
+    model, proc, _ = preset("tiny-clip")
     paths = make_images(tmp_path / "imgs", 3)
     before = reference(model.eval(), proc, paths)[3]
     cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

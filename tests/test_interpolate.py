@@ -10,13 +10,13 @@ from mmtune.cli import main
 from mmtune.errors import CheckpointError
 from mmtune.interpolate import interpolate_state
 from mmtune.models import save_spec
-from mmtune.models.load import _tiny_clip
+from mmtune.models.load import preset
 from mmtune.runs import load_run
 
 
 def _run(folder, seed, model=None):
     torch.manual_seed(seed)
-    model, proc, _ = _tiny_clip() if model is None else (model, _tiny_clip()[1], None)
+    model, proc, _ = preset("tiny-clip") if model is None else (model, preset("tiny-clip")[1], None)
     save_spec(model, proc, folder / "model")
     save_checkpoint(folder / "checkpoints" / "last", model)
     return model
@@ -52,7 +52,7 @@ def test_different_architectures_are_refused(tmp_path, capsys):
     from mmtune.models.lora import add_lora
 
     _run(tmp_path / "a", 0)
-    model, _, _ = _tiny_clip()
+    model, _, _ = preset("tiny-clip")
     add_lora(model, model.tower("vision"))
     _run(tmp_path / "b", 1, model)
     code = main(

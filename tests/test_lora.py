@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from mmtune.models.classifier import ImageClassifier
-from mmtune.models.load import _tiny_clip
+from mmtune.models.load import preset
 from mmtune.models.lora import add_lora, has_lora, merge_lora
 
 
 def _adapted(seed=0):
     torch.manual_seed(seed)
-    model, _, _ = _tiny_clip()
+    model, _, _ = preset("tiny-clip")
     clf = ImageClassifier(model, torch.randn(10, 16) * 5)
     base_keys = set(clf.state_dict())
     names = add_lora(clf, model.tower("vision"), r=4, alpha=8.0)
@@ -24,7 +24,7 @@ def _adapted(seed=0):
 
 def test_adapters_go_on_every_image_tower_linear_only():
     clf, names, _ = _adapted()
-    fresh = _tiny_clip()[0]
+    fresh = preset("tiny-clip")[0]
     tower_linears = {
         f"backbone.hf.vision_model.{n}"
         for n, m in fresh.hf.vision_model.named_modules()
@@ -50,7 +50,7 @@ def test_merged_model_predicts_exactly_as_the_unmerged_one():
     # and the adapters changed the model: merging is not trivially the identity
     ref, _, _ = _adapted()
     merge_lora(ref)
-    fresh = ImageClassifier(_tiny_clip()[0], torch.zeros(10, 16))
+    fresh = ImageClassifier(preset("tiny-clip")[0], torch.zeros(10, 16))
     fresh.load_state_dict(clf.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), after, rtol=1e-5, atol=1e-5)
@@ -59,7 +59,7 @@ def test_merged_model_predicts_exactly_as_the_unmerged_one():
 def test_lora_changes_the_output_relative_to_the_base():
     clf, _, _ = _adapted()
     torch.manual_seed(0)
-    base = ImageClassifier(_tiny_clip()[0], torch.zeros(10, 16))
+    base = ImageClassifier(preset("tiny-clip")[0], torch.zeros(10, 16))
     state = {k.replace(".base_layer", ""): v for k, v in clf.state_dict().items() if "lora_" not in k}
     base.load_state_dict(state)
     x = torch.randn(8, 3, 16, 16)

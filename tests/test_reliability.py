@@ -248,7 +248,7 @@ def test_d4_captions_not_utf8_are_filtered_and_long_ones_truncated(tmp_path):
     """D4: a caption that was not UTF-8 is dropped and counted like empty ones; a 10,000-char
     caption is kept and truncated to the context length by the tokenizer."""
     from mmtune.data.formats import read_table
-    from mmtune.models.load import _tiny_clip
+    from mmtune.models.load import preset
     from tests.conftest import write_image
 
     for i in range(4):
@@ -261,7 +261,7 @@ def test_d4_captions_not_utf8_are_filtered_and_long_ones_truncated(tmp_path):
     kept, counts = screen(recs)
     assert [r.image.rsplit("/", 1)[-1] for r in kept] == ["0.png", "3.png"]
     assert dict(counts) == {"caption_not_utf8": 1, "empty_caption": 1}
-    _, proc, _ = _tiny_clip()
+    _, proc, _ = preset("tiny-clip")
     ids = proc.tokenize([kept[1].captions[0], "short"])["input_ids"]
     assert len(kept[1].captions[0]) > 10_000 and ids.shape[1] == proc.max_length
 

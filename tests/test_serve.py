@@ -36,10 +36,10 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 def make_run(root: Path) -> Path:
     """A run folder of the tiny-clip preset (random weights, seed 0), as `mmtune train` lays it."""
     from mmtune.checkpoint import save_checkpoint
-    from mmtune.models.load import _tiny_clip, save_spec
+    from mmtune.models.load import preset, save_spec
 
     torch.manual_seed(0)
-    model, proc, _ = _tiny_clip()
+    model, proc, _ = preset("tiny-clip")
     save_spec(model, proc, root / "model")
     save_checkpoint(root / "checkpoints" / "last", model)
     return root

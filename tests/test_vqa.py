@@ -206,13 +206,13 @@ def _dialog_jsonl(folder: Path) -> Path:
 
 def test_dialog_history_reaches_the_question_encoder(tmp_path, capsys):
     from mmtune.data.vqa_formats import read_vqa
-    from mmtune.models.load import _tiny_clip
+    from mmtune.models.load import preset
     from mmtune.tasks.vqa import encode_questions
 
     path = _dialog_jsonl(tmp_path)
     recs = read_vqa(path).records
     assert recs[1].history == ["is it red? yes"] and recs[0].history == []
-    _, proc, _ = _tiny_clip()
+    _, proc, _ = preset("tiny-clip")
     enc = encode_questions(proc, recs[:2])
     text = proc.tokenizer.decode(enc["input_ids"][1], skip_special_tokens=False)
     assert text.startswith("[CLS] and the shade? [SEP] is it red? yes [SEP]")

@@ -19,7 +19,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field(
         "lit-minilm",
-        description="Preset (`lit-minilm`, `tiny-clip`), a transformers checkpoint (hub id or "
+        description="Preset (`lit-minilm`, `photo-minilm`, `tiny-clip`), a transformers checkpoint (hub id or "
         "local folder) or a run folder / checkpoint folder of mmtune.",
     )
     vision: str | None = Field(
@@ -30,6 +30,23 @@ class ModelConfig(_Section):
         None, description="Compose a dual encoder: text checkpoint (BERT-like) for the text tower."
     )
     embed_dim: int = Field(256, gt=0, description="Shared embedding size of a composed model.")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Built-in presets: input resolution in pixels (null: the preset's — "
+        "lit-minilm 16, tiny-clip 16, photo-minilm 224). A checkpoint keeps its own.",
+    )
+    patch_size: int | None = Field(None, gt=0, description="Built-in presets: pixels per token side (null: 4, 4, 16).")
+    vision_width: int | None = Field(
+        None, gt=0, description="Built-in presets: image tower hidden size (null: 192, 32, 256)."
+    )
+    vision_layers: int | None = Field(None, gt=0, description="Built-in presets: image tower blocks (null: 4, 2, 4).")
+    vision_heads: int | None = Field(None, gt=0, description="Built-in presets: attention heads (null: 4, 4, 4).")
+    vision_stem: Literal["patch", "conv"] | None = Field(
+        None,
+        description="Built-in presets: `patch` (ViT patch embedding) or `conv` (log2(patch_size) "
+        "stride-2 3×3 convolutions; better from scratch on little data). null: patch, patch, conv.",
+    )
     lock_text: bool | None = Field(
         None,
         description="Freeze the text tower (LiT); its features are cached. None: preset default.",

@@ -33,10 +33,13 @@ class Table:
 
 
 def detect_format(path: str | Path) -> str:
-    """Pick a reader from the path: folder, .json (COCO), .jsonl, .tsv, else CSV (sniffed)."""
+    """Pick a reader from the path: a folder of images with .txt captions (`folder`) or of class
+    sub-folders (`imagefolder`), .json (COCO), .jsonl, .tsv, else CSV (sniffed)."""
     p = Path(path)
     if p.is_dir():
-        return "folder"
+        entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+        own_images = any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+        return "folder" if own_images or not any(e.is_dir() for e in entries) else "imagefolder"
     if not p.exists():
         raise DataError(f"data not found: {p}")
     suffix = p.suffix.lower()

@@ -118,12 +118,11 @@ def load_model(model_cfg):
     """(model, processor) for `model.name` (preset / checkpoint / open_clip folder / run folder)."""
     from mmtune.models import load as L
 
+    L.refuse_shape_fields(model_cfg)
     if model_cfg.vision is not None:
         model, proc, defaults = _compose(model_cfg)
-    elif model_cfg.name == "lit-minilm":
-        model, proc, defaults = L._lit_minilm(model_cfg.embed_dim)
-    elif model_cfg.name == "tiny-clip":
-        model, proc, defaults = L._tiny_clip()
+    elif model_cfg.name in L.PRESETS:
+        model, proc, defaults = L.build_preset(model_cfg)
     elif model_cfg.name in _fusion_presets():
         model, proc, defaults = _fusion_presets()[model_cfg.name]()
     elif (Path(model_cfg.name) / "open_clip_config.json").is_file() and not (

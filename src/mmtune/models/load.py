@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from mmtune.data.images import ImageTransform
-from mmtune.errors import CheckpointError
+from mmtune.errors import CheckpointError, ConfigError
 from mmtune.models.dual import DualEncoder, HFDualEncoder
 from mmtune.runs import SPEC_FILE, read_spec
 
@@ -89,37 +89,115 @@ def _preprocess_spec(p: Processor) -> dict:
 # ---------------------------------------------------------------- presets
 
 
-def _tiny_vit_config(image_size: int, patch: int, hidden: int, layers: int, heads: int):
-    from transformers import ViTConfig
+@dataclass(frozen=True)
+class VisionShape:
+    """A built-in preset's image tower: what `model.image_size`, `model.patch_size`,
+    `model.vision_width`, `model.vision_layers`, `model.vision_heads` and `model.vision_stem`
+    change (each null keeps the preset's value)."""
 
-    return ViTConfig(
-        image_size=image_size,
-        patch_size=patch,
+    image_size: int  # input resolution (pixels, square)
+    patch_size: int  # one token per patch_size × patch_size pixels
+    width: int  # hidden size of the transformer blocks
+    layers: int  # transformer blocks
+    heads: int  # attention heads
+    stem: str  # `patch`: a ViT patch embedding; `conv`: stride-2 3×3 convolutions (log2(patch) of them)
+
+
+# (model.name → its image tower); every preset's text side is fixed (see its builder)
+PRESET_VISION = {
+    "lit-minilm": VisionShape(image_size=16, patch_size=4, width=192, layers=4, heads=4, stem="patch"),
+    "tiny-clip": VisionShape(image_size=16, patch_size=4, width=32, layers=2, heads=4, stem="patch"),
+    "photo-minilm": VisionShape(image_size=224, patch_size=16, width=256, layers=4, heads=4, stem="conv"),
+}
+PRESETS = set(PRESET_VISION)
+SHAPE_FIELDS = {  # ModelConfig field → VisionShape field
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "vision_width": "width",
+    "vision_layers": "layers",
+    "vision_heads": "heads",
+    "vision_stem": "stem",
+}
+
+
+def refuse_shape_fields(model_cfg) -> None:
+    """`model.image_size`… shape a built-in preset only; a checkpoint brings its own tower."""
+    given = [f"model.{f}" for f in SHAPE_FIELDS if getattr(model_cfg, f) is not None]
+    if given and (model_cfg.name not in PRESET_VISION or model_cfg.vision is not None):
+        raise ConfigError(
+            f"{', '.join(given)}: shape the image tower of a built-in preset "
+            f"({', '.join(sorted(PRESETS))}); '{model_cfg.vision or model_cfg.name}' brings its own"
+        )
+
+
+def vision_shape(model_cfg) -> VisionShape:
+    """The preset's image tower with the config's `model.image_size`… fields applied, checked."""
+    refuse_shape_fields(model_cfg)
+    given = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS if getattr(model_cfg, f) is not None}
+    shape = replace(PRESET_VISION[model_cfg.name], **{SHAPE_FIELDS[f]: v for f, v in given.items()})
+    if shape.image_size % shape.patch_size:
+        raise ConfigError(
+            f"model.image_size={shape.image_size} is not a multiple of model.patch_size={shape.patch_size}"
+        )
+    if shape.width % shape.heads:
+        raise ConfigError(f"model.vision_width={shape.width} does not split into model.vision_heads={shape.heads}")
+    if shape.stem == "conv" and (shape.patch_size < 2 or shape.patch_size & (shape.patch_size - 1)):
+        raise ConfigError(
+            f"model.patch_size={shape.patch_size}: a conv stem halves the image per layer, so the "
+            "patch size must be a power of two (2, 4, 8, 16, 32)"
+        )
+    if shape.stem == "conv" and model_cfg.name == "tiny-clip":
+        raise ConfigError("model.vision_stem=conv: tiny-clip is a transformers CLIPModel (patch stem only)")
+    return shape
+
+
+def _vision_tower(shape: VisionShape) -> torch.nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    if shape.stem == "conv":
+        from mmtune.models.convstem import ConvStemConfig, ConvStemModel
+
+        config = ConvStemConfig(
+            image_size=shape.image_size,
+            channels=min(64, shape.width),
+            stem_layers=shape.patch_size.bit_length() - 1,
+            hidden_size=shape.width,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+        )
+        return ConvStemModel(config)
+    config = ViTConfig(
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
         num_channels=3,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=hidden * 2,
+        hidden_size=shape.width,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.width * 2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    return ViTModel(config, add_pooling_layer=False)
 
 
-def _lit_minilm(embed_dim: int) -> tuple[torch.nn.Module, Processor, dict]:
-    from transformers import AutoTokenizer, BertModel, ViTModel
+def _minilm_dual(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
+    """lit-minilm / photo-minilm: an image tower trained from scratch beside the pretrained,
+    locked all-MiniLM-L6-v2 text tower (LiT)."""
+    from transformers import AutoTokenizer, BertModel
 
-    vcfg = _tiny_vit_config(image_size=16, patch=4, hidden=192, layers=4, heads=4)
-    vision = ViTModel(vcfg, add_pooling_layer=False)
+    shape = vision_shape(model_cfg)
+    vision = _vision_tower(shape)
     text = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
     tok = AutoTokenizer.from_pretrained(minilm_dir())
-    model = DualEncoder(vision, text, vcfg.hidden_size, text.config.hidden_size, embed_dim)
-    proc = Processor(tok, vcfg.image_size, max_length=64)
+    model = DualEncoder(vision, text, shape.width, text.config.hidden_size, model_cfg.embed_dim)
+    proc = Processor(tok, shape.image_size, max_length=64)
     return model, proc, {"lock_text": True}
 
 
-def _tiny_clip() -> tuple[torch.nn.Module, Processor, dict]:
+def _tiny_clip(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
+    shape = vision_shape(model_cfg)
     tok = AutoTokenizer.from_pretrained(minilm_dir())  # a real offline BERT word-piece vocab
     text = dict(
         vocab_size=tok.vocab_size,
@@ -133,18 +211,30 @@ def _tiny_clip() -> tuple[torch.nn.Module, Processor, dict]:
         pad_token_id=tok.pad_token_id,
     )
     vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
+        hidden_size=shape.width,
+        intermediate_size=round(shape.width * 37 / 32),  # the preset's MLP ratio (37 at width 32)
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
     )
     hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    return HFDualEncoder(hf), Processor(tok, 16, max_length=32), {"lock_text": False}
+    return HFDualEncoder(hf), Processor(tok, shape.image_size, max_length=32), {"lock_text": False}
 
 
-PRESETS = {"lit-minilm", "tiny-clip"}
+def build_preset(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
+    """(model, processor, defaults) of a built-in dual-encoder preset."""
+    if model_cfg.name == "tiny-clip":
+        return _tiny_clip(model_cfg)
+    return _minilm_dual(model_cfg)
+
+
+def preset(name: str, **fields) -> tuple[torch.nn.Module, Processor, dict]:
+    """A built-in preset by name, `fields` as in the config's `model` section (e.g. image_size=28)."""
+    from mmtune.config import ModelConfig
+
+    return build_preset(ModelConfig(name=name, **fields))
+
 
 # ---------------------------------------------------------------- spec save / rebuild
 

@@ -1,0 +1,127 @@
+"""Built-in presets: their image tower's resolution, patch, width, depth and stem are config fields
+(`model.image_size`…), a run rebuilds them, and the shipped 28-px digits config trains.
+
+Before: every preset saw 16×16 pixels and no config key said so or changed it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmtune.checkpoint import save_checkpoint
+from mmtune.cli import main
+from mmtune.config import ModelConfig, load_config
+from mmtune.data.formats import detect_format
+from mmtune.errors import ConfigError
+from mmtune.models import build_from_spec, load_model, load_weights, save_spec
+from mmtune.models.load import PRESET_VISION
+from mmtune.runs import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "size", "tokens"),
+    [
+        ("lit-minilm", {}, 16, 16 + 1),  # 4×4 patches of 4 px, + [CLS]
+        ("lit-minilm", {"image_size": 28, "vision_stem": "conv"}, 28, 49 + 1),  # 2 stride-2 convs: 7×7
+        ("lit-minilm", {"image_size": 32, "patch_size": 8, "vision_width": 64, "vision_layers": 1}, 32, 16 + 1),
+        ("photo-minilm", {}, 224, 14 * 14 + 1),  # 4 stride-2 convs: 14×14
+        ("tiny-clip", {"image_size": 28, "patch_size": 7}, 28, 16 + 1),
+    ],
+)
+def test_preset_shape_fields_build_and_reload(tmp_path, name, fields, size, tokens):
+    model, proc = load_model(ModelConfig(name=name, **fields))
+    model.eval()
+    assert proc.image_size == size  # the processor resizes to the tower's resolution
+    px = torch.randn(2, 3, size, size)
+    assert model.image_tokens(px).shape[1] == tokens
+    if "vision_width" in fields:
+        assert model.image_tokens(px).shape[2] == fields["vision_width"]
+    save_spec(model, proc, tmp_path / "model")
+    save_checkpoint(tmp_path / "ckpt", model)
+    again, proc2, _ = build_from_spec(tmp_path / "model")
+    load_weights(again, tmp_path / "ckpt" / "model.safetensors")
+    again.eval()
+    assert proc2.image_size == size
+    torch.testing.assert_close(model.encode_image(px), again.encode_image(px), rtol=0, atol=1e-6)
+
+
+def test_the_defaults_are_the_documented_ones():
+    """README's preset table and config.py's field descriptions state these values."""
+    assert {n: (s.image_size, s.patch_size, s.width, s.layers, s.heads, s.stem) for n, s in PRESET_VISION.items()} == {
+        "lit-minilm": (16, 4, 192, 4, 4, "patch"),
+        "tiny-clip": (16, 4, 32, 2, 4, "patch"),
+        "photo-minilm": (224, 16, 256, 4, 4, "conv"),
+    }
+    readme = (ROOT / "README.md").read_text()
+    for row in (
+        "| `lit-minilm` | 16 | 4 | 192 | 4 | 4 | patch |",
+        "| `photo-minilm` | 224 | 16 | 256 | 4 | 4 | conv |",
+    ):
+        assert row in readme
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"name": "runs/whatever", "image_size": 28}, "model.image_size: shape the image tower of a built-in preset"),
+        ({"image_size": 30, "patch_size": 4}, "not a multiple of model.patch_size=4"),
+        ({"image_size": 24, "patch_size": 6, "vision_stem": "conv"}, "must be a power of two"),
+        ({"vision_width": 100, "vision_heads": 3}, "does not split into model.vision_heads=3"),
+        ({"name": "tiny-clip", "vision_stem": "conv"}, "patch stem only"),
+    ],
+)
+def test_impossible_shapes_are_one_line_errors(fields, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_model(ModelConfig(**fields))
+
+
+def _digits28_folder(root: Path, per_class: int) -> Path:
+    """A 28×28 ImageFolder from the built-in digits (8×8, upsampled), one sub-folder per digit."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for digit in range(10):
+        folder = root / str(digit)
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(d.target == digit)[:per_class]:
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), "L").resize((28, 28), Image.BICUBIC)
+            img.save(folder / f"{i}.png")
+    return root
+
+
+def test_digits28_config_trains_on_an_image_folder(tmp_path):
+    """configs/digits28.yaml, on a 28-px ImageFolder found by `data.format: auto` (before: a
+    folder of class sub-folders was read as a caption folder: "no training records")."""
+    train = _digits28_folder(tmp_path / "train", 6)
+    test = _digits28_folder(tmp_path / "test", 2)
+    assert detect_format(train) == "imagefolder"
+    cfg = load_config(ROOT / "configs" / "digits28.yaml")
+    assert (cfg.model.image_size, cfg.model.vision_stem) == (28, "conv")
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "digits28.yaml"),
+            f"data.dataset={train}",
+            f"data.test={test}",
+            f"output_dir={tmp_path / 'runs'}",
+            "data.batch_size=16",
+            "train.max_steps=3",
+            "train.eval_every=0",
+            "train.progress=false",
+        ]
+    )
+    assert code == 0
+    run = tmp_path / "runs" / "digits28"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data.test"] == 20 and 0.0 <= metrics["top1"] <= 1.0
+    _, proc = load_run(run)  # the classifier, rebuilt at the run's resolution
+    assert proc.image_size == 28
