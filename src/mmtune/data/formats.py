@@ -128,7 +128,7 @@ def read_table(
             if label_column:
                 name = str(row[label_column]).strip()
                 if name not in index:
-                    known = source or f"one of {classes}"
+                    known = f"in {source}" if source else f"one of {classes}"
                     raise DataError(f"{path}: row {n}: label {name!r} is not {known}")
                 label = index[name]
             rec = by_image[img] = Record(image=str(root / img), label=label, id=img)
@@ -200,7 +200,7 @@ def read_image_folder(folder: str | Path, classes: list[str] | None = None, sour
         classes = sort_classes(names)
     unknown = [n for n in names if n not in classes]
     if unknown:
-        known = source or f"one of {classes}"
+        known = f"in {source}" if source else f"one of {classes}"
         raise DataError(f"{folder}: class folder {unknown[0]!r} is not {known}")
     index = {c: i for i, c in enumerate(classes)}
     records = []

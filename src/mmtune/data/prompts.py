@@ -8,6 +8,7 @@ of one template a line; every template holds exactly one placeholder, `{}` or `{
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import string
@@ -306,8 +307,6 @@ def prompt_record(classes: list[str], templates: list[str], templates_spec: Any,
 
 
 def _overridden(record: dict, key: str, value: Any) -> bool:
-    import json
-
     source = record.get("source")
     return source is not None and json.dumps(source.get(key)) != json.dumps(value)
 
