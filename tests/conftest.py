@@ -51,6 +51,15 @@ def tiny_cfg(tmp_path):
     return make
 
 
+def one_line_error(capsys, *needles) -> str:
+    """The CLI's stderr: one `mmtune: error:` line (no traceback) holding every needle."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmtune: error:") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 def write_image(path, size=(20, 20), color=(200, 30, 30), fmt=None) -> str:
     # crc32, not hash(): str hashes change from process to process, the images must not
     rng = np.random.default_rng(zlib.crc32(str(Path(path).name).encode()))

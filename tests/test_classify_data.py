@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtune.cli import main
-from tests.conftest import tiny_overrides, write_image
+from tests.conftest import one_line_error, tiny_overrides, write_image
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "classify-digits.yaml"
 
@@ -27,14 +27,6 @@ def _classify(tmp_path, *extra) -> list[str]:
         tmp_path, **{"data.batch_size": 4, "train.max_steps": 2, "data.shift": "[]", "options.compare": "[finetune]"}
     )
     return ["classify", "--config", str(CONFIG), *[f"{k}={v}" for k, v in over.items()], *extra]
-
-
-def _one_line_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("mmtune: error:") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def test_image_folder_trains_and_reports(tmp_path):
@@ -56,13 +48,13 @@ def test_image_folder_with_an_empty_class_folder(tmp_path, capsys):
     (train / "green").mkdir()
     args = _classify(tmp_path, f"data.dataset={train}", "data.format=imagefolder")
     assert main(args) == 2
-    _one_line_error(capsys, "'green'", "no images")
+    one_line_error(capsys, "'green'", "no images")
 
 
 def test_a_single_class_dataset(tmp_path, capsys):
     train = _image_folder(tmp_path / "train", {"red": 6})
     assert main(_classify(tmp_path, f"data.dataset={train}", "data.format=imagefolder")) == 2
-    _one_line_error(capsys, "single class", "'red'")
+    one_line_error(capsys, "single class", "'red'")
 
 
 def test_csv_label_outside_the_class_list(tmp_path, capsys):
@@ -80,7 +72,7 @@ def test_csv_label_outside_the_class_list(tmp_path, capsys):
         "data.caption_column=null",
     )
     assert main(args) == 2
-    _one_line_error(capsys, "val.csv", "'horse'", "['cat', 'dog']")
+    one_line_error(capsys, "val.csv", "'horse'", "['cat', 'dog']")
 
 
 def test_a_checkpoint_without_an_image_tower(tmp_path, capsys):
@@ -91,7 +83,7 @@ def test_a_checkpoint_without_an_image_tower(tmp_path, capsys):
         BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ).save_pretrained(bert)
     assert main(_classify(tmp_path, f"model.name={bert}")) == 2
-    _one_line_error(capsys, "no image tower", str(bert))
+    one_line_error(capsys, "no image tower", str(bert))
 
 
 def test_digits_shift_is_fixed_and_built_from_the_test_split():

@@ -178,8 +178,11 @@ def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
     return ckpt.verify(p)
 
 
-def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None) -> dict:
-    """Evaluate a run (or checkpoint folder) on a split of the configured data."""
+def evaluate(
+    checkpoint: str | Path, cfg: Config | None = None, split: str | None = None, artifacts: str | Path | None = None
+) -> dict:
+    """Evaluate a run (or checkpoint folder) on a split of the configured data; the evaluation's
+    tables and plots go into `artifacts` (`tables/`, `plots/`) when given."""
     from mmtune.runs import open_run, resolve_checkpoint, run_config
 
     checkpoint = Path(checkpoint)
@@ -192,7 +195,10 @@ def evaluate(checkpoint: str | Path, cfg: Config | None = None, split: str | Non
     records = splits.get(split) or splits.val
     start = time.perf_counter()
     with torch.no_grad():
-        metrics = dict(task.evaluate(model, records).metrics)
+        evaluation = task.evaluate(model, records)
+    if artifacts is not None:
+        write_artifacts(Path(artifacts), evaluation)
+    metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
     metrics["eval.seconds"] = round(time.perf_counter() - start, 3)
     return metrics

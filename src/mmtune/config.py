@@ -82,6 +82,19 @@ class DataConfig(_Section):
     image_column: str = Field("image", description="Column holding the image path.")
     caption_column: str | None = Field("caption", description="Column holding the caption; null for label-only files.")
     label_column: str | None = Field(None, description="Optional column holding a class label.")
+    classnames: str | list[Any] | dict[Any, Any] | None = Field(
+        None,
+        description="The classes in order (label index = position): a list, or a text file of one "
+        "class a line (blank lines and `#` comments ignored); an entry `key: display name` shows "
+        "folder / label `key` as that name in prompts and tables (a `{key: name}` mapping or a "
+        ".yaml file of one works too). Default: the folder names / label values sorted "
+        "(numerically when all are integers).",
+    )
+    label_pattern: str | None = Field(
+        None,
+        description="Caption-only pairs data: a caption matching this pattern (`a photo of a {}.`) "
+        "gives its image the label in the `{}` place, which makes zero-shot evaluation possible.",
+    )
     image_root: str | None = Field(None, description="Folder image paths are relative to (default: the file's folder).")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Held out of a single file for validation when no `val`."

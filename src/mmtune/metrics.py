@@ -91,6 +91,37 @@ def confusion_matrix(preds: ArrayLike, labels: ArrayLike, n_classes: int) -> np.
     return counts.reshape(n_classes, n_classes)
 
 
+def ratio(a, b) -> float | None:
+    """a / b rounded to 4 places; None when b is 0."""
+    return round(float(a) / float(b), 4) if b else None
+
+
+def per_class_rows(classes: list[str], cm: np.ndarray) -> list[list]:
+    """Per class of a confusion matrix (C, C): [name, support, precision, recall], in class order."""
+    rows = []
+    for c, name in enumerate(classes):
+        support, predicted = int(cm[c].sum()), int(cm[:, c].sum())
+        rows.append([name, support, ratio(cm[c, c], predicted), ratio(cm[c, c], support)])
+    return rows
+
+
+def class_tables(classes: list[str], preds: ArrayLike, labels: ArrayLike, prefix: str, title: str) -> dict:
+    """`{prefix}_per_class` and `{prefix}_confusion` tables ({title, columns, rows}), rows and
+    columns in class order (rows: true class, columns: prediction)."""
+    cm = confusion_matrix(preds, labels, len(classes))
+    per_class = {
+        "title": f"{title}: per class",
+        "columns": ["class", "support", "precision", "recall"],
+        "rows": per_class_rows(classes, cm),
+    }
+    confusion = {
+        "title": f"{title}: confusion matrix (rows: true class, columns: prediction)",
+        "columns": ["true \\ predicted", *classes],
+        "rows": [[name, *map(int, cm[c])] for c, name in enumerate(classes)],
+    }
+    return {f"{prefix}_per_class": per_class, f"{prefix}_confusion": confusion}
+
+
 def _negatives_above_best_positive(
     queries: Tensor, keys: Tensor, query_ids: Tensor, key_ids: Tensor, block_size: int
 ) -> Tensor:

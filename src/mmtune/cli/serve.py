@@ -15,7 +15,12 @@ def add_parser(sub) -> None:
     v = sub.add_parser("serve", help="HTTP server: embed, classify, search, a search page")
     v.add_argument("checkpoint", nargs="?", help="run folder (default: the index's checkpoint)")
     v.add_argument("--index", help="index folder for /v1/search and the page")
-    v.add_argument("--config", "-c", help="serve YAML (configs/serve.yaml); key=value overrides")
+    v.add_argument(
+        "--config",
+        "-c",
+        help="serve YAML (configs/serve.yaml); key=value overrides (options.* / data.* keys: the run's "
+        "config, e.g. options.templates=openai-imagenet data.classnames=classes.txt)",
+    )
     v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, help="port (default 8000)")
     add_backend_args(v)
@@ -30,6 +35,8 @@ def cmd_serve(args, extra) -> int:
     if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
         extra, args.checkpoint = [args.checkpoint, *extra], None  # an override, not a path
     over = overrides(extra)
+    # keys of the run's own config (its prompt templates, class names) go to the run
+    run_over = {k: over.pop(k) for k in list(over) if k.startswith(("options.", "data."))}
     for key in ("host", "port"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
@@ -48,7 +55,7 @@ def cmd_serve(args, extra) -> int:
     threads()
 
     def load():
-        return Backend.from_run(ckpt, args.index, cfg.tasks, args.backend, args.quantize)
+        return Backend.from_run(ckpt, args.index, cfg.tasks, args.backend, args.quantize, run_over)
 
     # an ONNX export that fails must stop the command with its message, so it loads first
     app = create_app(load() if args.backend == "onnx" else load, cfg, api_key=key)

@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     e.add_argument("--config", "-c", help="config for the data (default: the run's config.yaml)")
     e.add_argument("--split", choices=["val", "test"], help="split to evaluate")
     e.add_argument("--output", "-o", help="also write the metrics to this JSON file")
+    e.add_argument(
+        "--artifacts",
+        help="also write the evaluation's tables (DIR/tables/*.json: e.g. per-class results and the "
+        "confusion matrix, classes in data.classnames order) and plots into this folder",
+    )
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="fine-tune lit-minilm on digits, evaluate zero-shot")
@@ -50,11 +55,13 @@ def cmd_eval(args, extra) -> int:
     overrides = parse_overrides(extra)
     # without --config: the run's own config (data, options), in today's keys
     cfg = load_config(args.config, overrides) if args.config else run_config(resolve_checkpoint(ckpt)[0], overrides)
-    metrics = api.evaluate(ckpt, cfg, split=args.split)
+    metrics = api.evaluate(ckpt, cfg, split=args.split, artifacts=args.artifacts)
     print_metrics(metrics)
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.output}")
+    if args.artifacts:
+        print(f"tables and plots written to {args.artifacts}")
     return 0
 
 

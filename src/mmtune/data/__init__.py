@@ -21,6 +21,7 @@ from mmtune.data.formats import (
     read_table,
 )
 from mmtune.data.images import BadImage, ImageTransform, load_image
+from mmtune.data.prompts import ClassNames, labels_from_captions, read_classnames, relabel
 from mmtune.errors import DataError
 
 log = logging.getLogger("mmtune.data")
@@ -30,7 +31,10 @@ __all__ = ["Record", "Splits", "ImageTextDataset", "load_splits", "screen", "Bad
 
 @dataclass
 class Splits:
-    """The records of each split, with class names and prompt templates where known."""
+    """The records of each split, with class names and prompt templates where known.
+
+    `classes` are the names prompts and tables show; `class_keys` the folder names / label values
+    they stand for, where `data.classnames` gave other display names (else None: the same)."""
 
     train: list[Record]
     val: list[Record]
@@ -40,9 +44,19 @@ class Splits:
     eval_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     skipped: Counter = field(default_factory=Counter)
     name: str = ""
+    class_keys: list[str] | None = None
 
     def get(self, split: str) -> list[Record]:
         return getattr(self, split)
+
+    @property
+    def keys(self) -> list[str] | None:
+        """The folder names / label values of the classes, in class order."""
+        return self.class_keys or self.classes
+
+    def template_sets(self) -> dict[str, list[str]]:
+        """The dataset's own prompt sets by `options.templates` name."""
+        return {"eval": self.eval_templates, "train": self.train_templates}
 
 
 def _builtin(name: str, seed: int) -> Splits | None:
@@ -72,7 +86,7 @@ def _builtin(name: str, seed: int) -> Splits | None:
     return None
 
 
-def _read(path: str, data_cfg, classes=None) -> Table:
+def _read(path: str, data_cfg, classes=None, source=None) -> Table:
     from mmtune.data.conversations import read_conversations, sniff_conversations
     from mmtune.data.vqa_formats import read_vqa, sniff_vqa
 
@@ -86,7 +100,7 @@ def _read(path: str, data_cfg, classes=None) -> Table:
     if fmt == "folder":
         return read_caption_folder(path)
     if fmt == "imagefolder":
-        return read_image_folder(path, classes)
+        return read_image_folder(path, classes, source)
     return read_table(
         path,
         fmt,
@@ -95,21 +109,47 @@ def _read(path: str, data_cfg, classes=None) -> Table:
         label_column=data_cfg.label_column,
         image_root=data_cfg.image_root,
         classes=classes,
+        source=source,
     )
 
 
 def load_splits(data_cfg, seed: int = 0) -> Splits:
-    """Build train/val/test from `data.dataset` (built-in name or path), `data.val`, `data.test`."""
+    """Build train/val/test from `data.dataset` (built-in name or path), `data.val`, `data.test`;
+    classes in the order of `data.classnames`, or labels from captions by `data.label_pattern`."""
+    names = read_classnames(data_cfg.classnames)
     builtin = _builtin(data_cfg.dataset, data_cfg.split_seed)
-    if builtin is not None:
-        return builtin
+    if builtin is None:
+        splits = _read_splits(data_cfg, seed, names)
+    elif names is not None and builtin.classes is not None and not data_cfg.label_pattern:
+        relabel(builtin.train + builtin.val + builtin.test, builtin.classes, names, builtin.name)
+        builtin.classes = names.keys
+        splits = builtin
+    else:
+        splits = builtin
+    parts = (splits.train, splits.val, splits.test)
+    if data_cfg.label_pattern:
+        source = names.source if names else "data.classnames"
+        keys = names.keys if names else None
+        splits.classes = labels_from_captions(parts, data_cfg.label_pattern, keys, source, splits.name)
+    elif names is not None and splits.classes is None:
+        raise DataError(
+            f"data.classnames: {splits.name} has no class labels (use data.format=imagefolder, "
+            "data.label_column or data.label_pattern)"
+        )
+    if names is not None and names.names != names.keys:
+        splits.classes, splits.class_keys = list(names.names), list(names.keys)
+    return splits
+
+
+def _read_splits(data_cfg, seed: int, names: ClassNames | None) -> Splits:
     if not Path(data_cfg.dataset).exists():
         raise DataError(f"data.dataset: '{data_cfg.dataset}' is neither a built-in (digits, shapes) nor a file")
-    main = _read(data_cfg.dataset, data_cfg)
+    keys, source = (names.keys, names.source) if names else (None, None)
+    main = _read(data_cfg.dataset, data_cfg, keys, source)
     skipped = Counter(main.skipped)
     records = main.records
     if data_cfg.val:
-        val_t = _read(data_cfg.val, data_cfg, main.classes)
+        val_t = _read(data_cfg.val, data_cfg, main.classes, source)
         train, val = records, val_t.records
         skipped.update(val_t.skipped)
     else:
@@ -119,7 +159,7 @@ def load_splits(data_cfg, seed: int = 0) -> Splits:
         train = [records[i] for i in sorted(order[n_val:])]
     test: list[Record] = []
     if data_cfg.test:
-        test_t = _read(data_cfg.test, data_cfg, main.classes)
+        test_t = _read(data_cfg.test, data_cfg, main.classes, source)
         test = test_t.records
         skipped.update(test_t.skipped)
     splits = Splits(train, val, test, classes=main.classes, skipped=skipped, name=data_cfg.dataset)

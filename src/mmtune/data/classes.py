@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mmtune.data import Record, screen
 from mmtune.data.formats import detect_format, read_image_folder, read_table
+from mmtune.data.prompts import read_classnames, relabel
 from mmtune.errors import DataError
 
 SHIFT_BUILTINS = ("digits-shift",)
@@ -31,7 +32,7 @@ def check_classes(splits) -> list[str]:
 def _read(path: str, data_cfg, classes: list[str]) -> list[Record]:
     fmt = data_cfg.format
     if fmt == "imagefolder" or (fmt == "auto" and Path(path).is_dir()):
-        return read_image_folder(path, classes).records
+        return read_image_folder(path, classes, _source(data_cfg)).records
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"data.shift '{path}': use an ImageFolder or a CSV/TSV/JSONL with labels")
@@ -45,8 +46,14 @@ def _read(path: str, data_cfg, classes: list[str]) -> list[Record]:
         label_column=data_cfg.label_column,
         image_root=data_cfg.image_root,
         classes=classes,
+        source=_source(data_cfg),
     )
     return table.records
+
+
+def _source(data_cfg) -> str | None:
+    """Where the classes were named, for errors: data.classnames, or the training classes."""
+    return "data.classnames" if data_cfg.classnames is not None else None
 
 
 def shift_name(entry: str) -> str:
@@ -55,7 +62,8 @@ def shift_name(entry: str) -> str:
 
 
 def shift_splits(data_cfg, classes: list[str]) -> dict[str, list[Record]]:
-    """`data.shift` entries → {name: records}, labelled with the training classes, screened."""
+    """`data.shift` entries → {name: records}, labelled with the training classes (their folder
+    names / label values, `Splits.keys`), screened."""
     out = {}
     for entry in data_cfg.shift:
         if entry == "digits-shift":
@@ -64,6 +72,11 @@ def shift_splits(data_cfg, classes: list[str]) -> dict[str, list[Record]]:
             from mmtune.data.builtin.digits_shift import shift_records
 
             records = shift_records(data_cfg.split_seed)
+            names = read_classnames(data_cfg.classnames)
+            if names is not None:
+                from mmtune.data.builtin.digits import CLASSES
+
+                relabel(records, CLASSES, names, "digits-shift")
         elif Path(entry).exists():
             records = _read(entry, data_cfg, classes)
         else:

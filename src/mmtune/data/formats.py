@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtune.data.images import IMAGE_EXTENSIONS
+from mmtune.data.prompts import sort_classes
 from mmtune.errors import DataError
 
 
@@ -102,8 +103,12 @@ def read_table(
     label_column: str | None = None,
     image_root: str | Path | None = None,
     classes: list[str] | None = None,
+    source: str | None = None,
 ) -> Table:
-    """Read a CSV/TSV/JSONL of image paths with captions and/or labels; rows of one image merge."""
+    """Read a CSV/TSV/JSONL of image paths with captions and/or labels; rows of one image merge.
+
+    Labels index `classes` (named by `source` in errors), else their distinct values sorted
+    (numerically when all are integers)."""
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in ("csv", "tsv", "jsonl"):
@@ -115,7 +120,7 @@ def read_table(
     _check_columns(rows, needed, path)
     root = Path(image_root) if image_root else path.parent
     if label_column and classes is None:
-        classes = sorted({str(r[label_column]).strip() for r in rows})
+        classes = sort_classes(str(r[label_column]).strip() for r in rows)
     index = {c: i for i, c in enumerate(classes or [])}
     by_image: dict[str, Record] = {}
     for n, row in enumerate(rows, 1):
@@ -126,7 +131,8 @@ def read_table(
             if label_column:
                 name = str(row[label_column]).strip()
                 if name not in index:
-                    raise DataError(f"{path}: row {n}: label {name!r} is not one of {classes}")
+                    known = f"in {source}" if source else f"one of {classes}"
+                    raise DataError(f"{path}: row {n}: label {name!r} is not {known}")
                 label = index[name]
             rec = by_image[img] = Record(image=str(root / img), label=label, id=img)
         cap = row.get(caption_column) if caption_column else None
@@ -178,11 +184,13 @@ def read_caption_folder(folder: str | Path) -> Table:
     return Table(records, None, {"no_caption": no_caption} if no_caption else {})
 
 
-def read_image_folder(folder: str | Path, classes: list[str] | None = None) -> Table:
+def read_image_folder(folder: str | Path, classes: list[str] | None = None, source: str | None = None) -> Table:
     """Read an ImageFolder: one sub-folder of images per class, its name the label.
 
-    With `classes` (a validation/test folder read against the training classes) every sub-folder
-    must name one of them; classes without a folder simply have no samples there.
+    With `classes` (`data.classnames`, or the training classes for a validation/test folder;
+    named by `source` in errors) every sub-folder must name one of them, and label = its position;
+    classes without a folder simply have no samples there. Without, the folder names sorted
+    (numerically when all are integers: 0, 1, 2, …, 10).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -192,10 +200,11 @@ def read_image_folder(folder: str | Path, classes: list[str] | None = None) -> T
         raise DataError(f"{folder}: no class sub-folders (an ImageFolder has one per class)")
     names = [p.name for p in subdirs]
     if classes is None:
-        classes = names
+        classes = sort_classes(names)
     unknown = [n for n in names if n not in classes]
     if unknown:
-        raise DataError(f"{folder}: class folder {unknown[0]!r} is not one of {classes}")
+        known = f"in {source}" if source else f"one of {classes}"
+        raise DataError(f"{folder}: class folder {unknown[0]!r} is not {known}")
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for sub in subdirs:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mmtune import api
 from mmtune.config import load_config, save_config
 from mmtune.data.classes import check_classes, shift_splits
+from mmtune.data.prompts import prompt_record, resolve_templates
 from mmtune.errors import ConfigError, DataError, UserError
 from mmtune.interpolate import interpolate_state
 from mmtune.models.classifier import (
@@ -114,8 +115,8 @@ def _setup(cfg, opts, run_dir: Path) -> Env:
     model.to(device).eval()
     ctx = Context(cfg, splits, device)
     save_config(cfg, run_dir / "config.yaml")
-    sets = {"val": splits.val, "test": splits.test, **shift_splits(cfg.data, classes)}
-    templates = splits.eval_templates if opts.templates == "eval" else splits.train_templates
+    sets = {"val": splits.val, "test": splits.test, **shift_splits(cfg.data, splits.keys)}
+    templates = resolve_templates(opts.templates, splits.template_sets())
     return Env(cfg, opts, run_dir, classes, templates, model, processor, ctx, sets)
 
 
@@ -244,13 +245,8 @@ def _write_method(env: Env, method: str, res: Result) -> None:
 
     folder = env.run_dir / method
     if method not in TRAINED:
-        info = {
-            "method": method,
-            "classes": env.classes,
-            "templates": env.templates,
-            "head": "linear",
-            "trainable_params": res.trainable,
-        }
+        record = prompt_record(env.classes, env.templates, env.opts.templates, env.cfg.data.classnames)
+        info = {"method": method, **record, "head": "linear", "trainable_params": res.trainable}
         save_checkpoint(folder / "checkpoints" / "best", res.clf)
         save_classifier_spec(res.clf.backbone, env.processor, folder / "model", info)
         save_config(env.cfg, folder / "config.yaml")

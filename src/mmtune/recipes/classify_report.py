@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from mmtune.metrics import confusion_matrix
+from mmtune.metrics import confusion_matrix, ratio
+from mmtune.metrics import per_class_rows as class_rows
 
 
 def write_table(run_dir: Path, name: str, title: str, columns: list, rows: list) -> None:
@@ -26,19 +27,12 @@ def per_class_rows(classes, logits: dict, labels: dict) -> tuple[list, list]:
     shifts = [s for s in logits if s not in ("val", "test")]
     columns = ["class", "test support", "test precision", "test recall"]
     columns += [f"{s} recall" for s in shifts]
-    rows = []
-    for c, name in enumerate(classes):
-        support, predicted = int(cm[c].sum()), int(cm[:, c].sum())
-        row = [name, support, _ratio(cm[c, c], predicted), _ratio(cm[c, c], support)]
+    rows = class_rows(classes, cm)
+    for c, row in enumerate(rows):
         for s in shifts:
             mask = y[s] == c
-            row.append(_ratio((preds[s][mask] == c).sum(), mask.sum()))
-        rows.append(row)
+            row.append(ratio((preds[s][mask] == c).sum(), mask.sum()))
     return columns, rows
-
-
-def _ratio(a, b) -> float | None:
-    return round(float(a) / float(b), 4) if b else None
 
 
 def confusion_png(preds, labels, classes: list[str], path: Path, title: str) -> None:

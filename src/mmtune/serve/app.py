@@ -262,10 +262,16 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
         if _kind(request) != "form":
             raise ApiError(415, "send multipart/form-data with an 'image' file and 'labels'")
         form = await _form(request, {"image", "labels"})
-        labels = _labels(form, cfg.max_labels, cfg.max_text_chars)
-        pixels = await _pixels(st, form)
-        img, txt = await asyncio.gather(_call(st, st.image, [pixels]), _call(st, st.text, labels))
-        logits = st.backend.scale() * (np.stack(txt) @ img[0])  # (L,)
+        backend = st.ready()
+        if form.getlist("labels") or backend.class_weights is None:
+            labels = _labels(form, cfg.max_labels, cfg.max_text_chars)
+            pixels = await _pixels(st, form)
+            img, txt = await asyncio.gather(_call(st, st.image, [pixels]), _call(st, st.text, labels))
+            weights = np.stack(txt)
+        else:  # no labels: the run's classes through its prompt templates (its zero-shot head)
+            labels, weights = backend.classes, backend.class_weights
+            img = await _call(st, st.image, [await _pixels(st, form)])
+        logits = backend.scale() * (weights @ img[0])  # (L,)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         best = labels[int(probs.argmax())]

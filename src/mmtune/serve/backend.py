@@ -24,10 +24,19 @@ class Backend:
     """
 
     def __init__(
-        self, model, processor, index=None, tasks: dict | None = None, name: str = "", embeds: bool = True, encoder=None
+        self,
+        model,
+        processor,
+        index=None,
+        tasks: dict | None = None,
+        name: str = "",
+        embeds: bool = True,
+        encoder=None,
+        prompts: tuple[list[str], list[str]] | None = None,
     ):
         """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
-        verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search."""
+        verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search;
+        `prompts`: the run's (classes, templates), /v1/classify's classes when a request has none."""
         self.model, self.processor, self.index = model.eval(), processor, index
         self.encoder = model if encoder is None else encoder.eval()
         self.tasks = tasks or {}
@@ -40,24 +49,45 @@ class Backend:
                 f"the index holds {index.dim}-d vectors but the model embeds {self.dim}-d: "
                 "build the index with this model's embeddings"
             )
+        self.classes: list[str] = []
+        self.class_weights: np.ndarray | None = None  # (C, D): mean prompt embedding per class
+        if prompts is not None and embeds:
+            from mmtune.metrics import zeroshot_weights
+
+            classes, templates = prompts
+            texts = [t.format(c) for c in classes for t in templates]
+            emb = torch.from_numpy(
+                np.concatenate([self.embed_texts(texts[i : i + 256]) for i in range(0, len(texts), 256)])
+            )
+            self.classes = list(classes)
+            self.class_weights = zeroshot_weights(emb, len(classes), len(templates)).numpy()
 
     @classmethod
     def from_run(
-        cls, checkpoint: str | Path, index_dir=None, task_names=None, backend: str = "torch", quantize: str = "none"
+        cls,
+        checkpoint: str | Path,
+        index_dir=None,
+        task_names=None,
+        backend: str = "torch",
+        quantize: str = "none",
+        overrides: dict | None = None,
     ):
         """Load a run / checkpoint / exported model folder and the index; the run's task serves
-        what its `routes` declare (its `predict` unless `task_names` leaves it out)."""
+        what its `routes` declare (its `predict` unless `task_names` leaves it out). `overrides`:
+        dotted keys of the run's config (`options.templates`, `data.classnames`)."""
         from mmtune.onnx_encoder import maybe_onnx
         from mmtune.retrieval import VectorIndex
-        from mmtune.runs import open_run
+        from mmtune.runs import open_run, resolve_checkpoint, run_config
 
-        task, model = open_run(checkpoint)
+        cfg = run_config(resolve_checkpoint(checkpoint)[0], overrides) if overrides else None
+        task, model = open_run(checkpoint, cfg)
         index = VectorIndex.load(index_dir) if index_dir else None
         wanted = "predict" in task.routes and (task_names is None or task.name in task_names)
         tasks = {task.name: task} if wanted else {}
         embeds = "embed" in task.routes
         encoder = maybe_onnx(model, task.processor, backend, quantize) if embeds else None
-        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder)
+        prompts = task.class_prompts()
+        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder, prompts)
 
     def scale(self) -> float:
         return float(self.encoder.scale().detach())

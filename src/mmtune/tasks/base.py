@@ -148,6 +148,11 @@ class Task(abc.ABC):
         none for a task without predictions."""
         return []
 
+    def class_prompts(self) -> tuple[list[str], list[str]] | None:
+        """(class names, prompt templates) of the model's zero-shot classifier as the run recorded
+        them — what the server's `/v1/classify` uses when a request names no labels; none here."""
+        return None
+
     def format_prediction(self, output: dict) -> str:
         """One prediction as `mmtune predict` prints it (JSON by default)."""
         return json.dumps(output)

@@ -13,15 +13,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmtune.config import validate_options
 from mmtune.data import ImageTextDataset
 from mmtune.data.classes import check_classes, prompt_records, shift_splits
 from mmtune.data.images import load_image
+from mmtune.data.prompts import check_templates_option, head_prompts, prompt_record
 from mmtune.errors import ConfigError
 from mmtune.losses import clip_loss
-from mmtune.metrics import classification_metrics
+from mmtune.metrics import class_tables, classification_metrics
 from mmtune.models.classifier import (
     ImageClassifier,
     classify_logits,
@@ -80,9 +81,17 @@ class ClassifyOptions(BaseModel):
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
         description="WiSE-FT mixing coefficients α to evaluate.",
     )
-    templates: Literal["eval", "train"] = Field(
-        "eval", description="Prompt templates of the zero-shot head: held-out `eval` ones or `train`."
+    templates: str | list[str] = Field(
+        "eval",
+        description="Prompt templates of the zero-shot head: the dataset's held-out `eval` ones or "
+        "`train`, a built-in set (`simple`, `openai-imagenet`), one template, a list, or a file of "
+        "one a line; each with one `{}` (or `{c}`) where the class name goes.",
     )
+
+    @field_validator("templates")
+    @classmethod
+    def _check_templates(cls, value):
+        return check_templates_option(value)
 
 
 def classify_options(cfg) -> ClassifyOptions:
@@ -113,8 +122,8 @@ class ClassifyTask(Task):
 
     @property
     def templates(self) -> list[str]:
-        sp = self.ctx.splits
-        return sp.eval_templates if self.opts.templates == "eval" else sp.train_templates
+        """The zero-shot head's templates: from the config and data, else the run's record."""
+        return head_prompts(self.opts.templates, self.cfg.data.classnames, self.ctx.splits, self.info)[1]
 
     # ------------------------------------------------------------ the model's life
 
@@ -129,7 +138,8 @@ class ClassifyTask(Task):
             )
         model, self.processor = load_model(self.cfg.model)
         require_image_tower(model, self.cfg.model.name)
-        self.info = {"method": method, "classes": self.classes, "templates": self.templates}
+        record = prompt_record(self.classes, self.templates, self.opts.templates, self.cfg.data.classnames)
+        self.info = {"method": method, **record}
         if method == "flyp":
             self.info.update(head="zeroshot", trainable_params=count_parameters(model)[0])
             return model  # trained contrastively, evaluated with a zero-shot head
@@ -156,14 +166,20 @@ class ClassifyTask(Task):
 
     def load(self, folder: Path):
         model, self.processor, self.info = rebuild_classifier(folder)
+        trained = self.info.get("classes")
         if self.classes is None:
-            self.classes = self.info.get("classes")
+            self.classes = trained
+        elif self.info["head"] != "zeroshot" and trained and self.classes != trained:
+            raise ConfigError(
+                f"{folder.parent}: its head was trained on the classes {trained} (in that order), the "
+                f"data gives {self.classes}: set data.classnames to the run's classes"
+            )
         return model
 
     def _zeroshot(self, backbone) -> torch.Tensor:
         """The zero-shot head (C, D) of the task's classes and templates, on the model's device."""
         ctx = self.ctx
-        templates = self.info.get("templates") or self.templates
+        templates = self.templates
         device = next(backbone.parameters()).device
         head_ctx = ctx if device == ctx.device else type(ctx)(ctx.cfg, ctx.splits, device)
         return zeroshot_head(backbone, self.classes, templates, head_ctx, self.processor)
@@ -232,12 +248,14 @@ class ClassifyTask(Task):
     def evaluate(self, model, records) -> Evaluation:
         """top1, top5, mean per-class recall; on the final split also every `data.shift` split."""
         clf = self.classifier(model)
-        metrics = split_metrics(clf, records, self.ctx, self.processor)
+        logits = classify_logits(clf, records, self.ctx, self.processor)
+        labels = torch.tensor([r.label for r in records])
+        metrics = classification_metrics(logits, labels)
         if records is self.ctx.splits.get(self.cfg.eval.split) and self.cfg.data.shift:
             if self._shift is None:
-                self._shift = shift_splits(self.cfg.data, self.classes)
+                self._shift = shift_splits(self.cfg.data, self.ctx.splits.keys)
             metrics.update(shift_metrics(clf, self._shift, self.ctx, self.processor))
-        return Evaluation(metrics)
+        return Evaluation(metrics, tables=class_tables(self.classes, logits.argmax(1), labels, "classes", "Classes"))
 
     def predict_inputs(self, records) -> list[dict]:
         return [{"image": load_image(r.image)} for r in records]

@@ -8,16 +8,17 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader
 
 from mmtune.data import ImageTextDataset
 from mmtune.data.images import load_image
+from mmtune.data.prompts import check_templates_option, head_prompts, prompt_record
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.errors import ConfigError, UserError
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
-from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_weights
+from mmtune.metrics import class_tables, classification_metrics, retrieval_metrics, zeroshot_weights
 from mmtune.tasks.base import Evaluation, Task
 
 
@@ -40,8 +41,11 @@ class ContrastiveOptions(BaseModel):
     )
     zeroshot: bool = Field(True, description="Evaluate zero-shot classification (needs labels).")
     retrieval: bool = Field(True, description="Evaluate image-text retrieval Recall@K.")
-    templates: Literal["eval", "train"] = Field(
-        "eval", description="Prompt templates for zero-shot: held-out `eval` ones or `train`."
+    templates: str | list[str] = Field(
+        "eval",
+        description="Prompt templates for zero-shot: the dataset's held-out `eval` ones or `train`, "
+        "a built-in set (`simple`, `openai-imagenet`), one template, a list, or a file of one a line; "
+        "each with one `{}` (or `{c}`) where the class name goes.",
     )
     twins: bool = Field(
         False,
@@ -49,6 +53,11 @@ class ContrastiveOptions(BaseModel):
         "edit away (colours or shapes swapped between the objects, or one attribute changed) with "
         "its own caption, a hard negative in both directions.",
     )
+
+    @field_validator("templates")
+    @classmethod
+    def _check_templates(cls, value):
+        return check_templates_option(value)
 
 
 def collate_pairs(items: list[dict | None], processor) -> dict:
@@ -146,6 +155,8 @@ class ContrastiveTask(Task):
             raise ConfigError(f"options.twins needs the built-in shapes-gen, not {self.cfg.data.dataset}")
         # gradient caching back-propagates chunk by chunk and averages gradients itself
         self.syncs_own_gradients = bool(self.opts.gradcache_chunk)
+        self.record: dict = {}  # the zero-shot classes and templates the run recorded
+        self._head: torch.Tensor | None = None  # (C, D) of class_prompts(), made once for predict
 
     # ------------------------------------------------------------ the model's life
 
@@ -166,12 +177,17 @@ class ContrastiveTask(Task):
     def save(self, model, folder: Path) -> None:
         from mmtune.models.load import save_spec
 
-        save_spec(model, self.processor, folder)
+        classes, templates = self._prompts()
+        extra = None
+        if classes:  # recorded, so eval and serve rebuild the same zero-shot head
+            extra = {"zeroshot": prompt_record(classes, templates, self.opts.templates, self.cfg.data.classnames)}
+        save_spec(model, self.processor, folder, extra=extra)
 
     def load(self, folder: Path):
         from mmtune.models.load import build_from_spec
 
-        model, self.processor, _ = build_from_spec(folder)
+        model, self.processor, spec = build_from_spec(folder)
+        self.record = dict(spec.get("zeroshot") or {})
         return model
 
     # ------------------------------------------------------------ data
@@ -227,42 +243,63 @@ class ContrastiveTask(Task):
 
     # ------------------------------------------------------------ evaluation and use
 
-    @property
-    def templates(self) -> list[str]:
-        sp = self.ctx.splits
-        return sp.eval_templates if self.opts.templates == "eval" else sp.train_templates
+    def _prompts(self) -> tuple[list[str] | None, list[str]]:
+        return head_prompts(self.opts.templates, self.cfg.data.classnames, self.ctx.splits, self.record)
+
+    def class_prompts(self) -> tuple[list[str], list[str]] | None:
+        classes, templates = self._prompts()
+        return (classes, templates) if classes else None
 
     def evaluate(self, model, records) -> Evaluation:
         ctx, o, proc = self.ctx, self.opts, self.processor
         img = embed_images(model, records, ctx, proc)
         metrics: dict[str, float] = {}
-        labels = [r.label for r in records]
-        if o.zeroshot and ctx.classes and all(lb is not None for lb in labels):
-            w = zeroshot_classifier(model, ctx.classes, self.templates, ctx, proc)
-            zs = classification_metrics(img @ w.T, torch.tensor(labels))
+        tables: dict[str, dict] = {}
+        # zero-shot over the records that carry a label (data.label_pattern may leave some without)
+        rows = [i for i, r in enumerate(records) if r.label is not None]
+        if o.zeroshot and ctx.classes and rows:
+            classes, templates = self._prompts()
+            w = zeroshot_classifier(model, classes, templates, ctx, proc)
+            labels = torch.tensor([records[i].label for i in rows])
+            scores = img[rows] @ w.T
+            zs = classification_metrics(scores, labels)
             metrics.update({f"zeroshot.{k}": v for k, v in zs.items()})
+            tables.update(class_tables(classes, scores.argmax(1), labels, "zeroshot", "Zero-shot"))
         if o.retrieval and any(r.captions for r in records):
             texts, text_groups, image_groups = caption_groups(records)
             txt = embed_texts(model, texts, ctx, proc)
             rt = retrieval_metrics(img, txt, text_groups, image_groups=image_groups)
             metrics.update({f"retrieval.{k}": v for k, v in rt.items()})
-        return Evaluation(metrics)
+        return Evaluation(metrics, tables=tables)
 
     def predict_inputs(self, records) -> list[dict]:
         labels = [c for r in records for c in r.captions[:1]] or ["a photo."]
         return [{"image": load_image(r.image), "labels": labels} for r in records]
 
     def predict(self, model, inputs: list[dict]) -> list[dict]:
-        """Each input {"image": PIL, "labels": [...]} → zero-shot probabilities over the labels."""
+        """Each input {"image": PIL, "labels": [...]} → zero-shot probabilities over the labels
+        (texts as given); without "labels", over the run's classes with its prompt templates."""
         out = []
         for inp in inputs:
             px = self.processor.images([inp["image"]]).to(self.ctx.device)
             with torch.no_grad():
                 img = model.encode_image(px).float().cpu()
-            txt = embed_texts(model, list(inp["labels"]), self.ctx, self.processor)
+            if "labels" in inp:
+                labels = list(inp["labels"])
+                txt = embed_texts(model, labels, self.ctx, self.processor)
+            else:
+                labels, txt = self._class_head(model)
             probs = (model.scale().float().cpu() * img @ txt.T).softmax(-1)[0]
-            out.append({"labels": list(inp["labels"]), "probs": probs.tolist()})
+            out.append({"labels": labels, "probs": probs.tolist()})
         return out
+
+    def _class_head(self, model) -> tuple[list[str], torch.Tensor]:
+        prompts = self.class_prompts()
+        if prompts is None:
+            raise ValueError("give 'labels': this run records no classes")
+        if self._head is None:
+            self._head = zeroshot_classifier(model, *prompts, self.ctx, self.processor)
+        return list(prompts[0]), self._head
 
 
 def caption_groups(records) -> tuple[list[str], list[int], list[int]]:
