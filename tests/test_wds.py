@@ -274,3 +274,84 @@ def test_embed_reads_img2dataset_shards_by_pattern(tmp_path, i2d):
     with torch.no_grad():
         want = model.encode_image(proc.images(images)).numpy()
     np.testing.assert_allclose(emb.vectors[:4], want, atol=1e-5)
+
+
+def _resume_cfgs(tiny_cfg, shards, **extra):
+    common = {"data.shards": shards, "data.batch_size": 16, "train.max_steps": 4, **extra}
+    return tiny_cfg(name="resumed", **common, **{"train.stop_after_steps": 2}), tiny_cfg(name="resumed", **common)
+
+
+def test_resuming_on_another_shard_set_is_refused_naming_it(tiny_cfg, i2d, tmp_path):
+    """The shard list (names and sizes in reading order) is part of the resume fingerprint. Before,
+    a checkpoint streamed from 5 shards resumed silently on 4 of them (or on a rewritten shard),
+    skipping or repeating samples."""
+    from mmtune.errors import CheckpointError
+
+    folder, _ = i2d
+    first, rest = _resume_cfgs(tiny_cfg, f"{folder}/{{00000..00004}}.tar")
+    api.train(first)
+    fewer = _resume_cfgs(tiny_cfg, f"{folder}/{{00000..00003}}.tar")[1]
+    with pytest.raises(CheckpointError, match=r"another shard set \(5 shards then, 4 now; 00004.tar is gone\)"):
+        api.train(fewer, resume="auto")
+    copy = tmp_path / "copy"  # the same names, one shard rewritten with fewer samples
+    copy.mkdir()
+    for i in range(5):
+        (copy / f"{i:05d}.tar").write_bytes((folder / f"{i:05d}.tar").read_bytes())
+    write_img2dataset(copy, digits_splits(0)["train"][:30], 30)  # rewrites 00000.tar only
+    moved = _resume_cfgs(tiny_cfg, str(copy))[1]
+    with pytest.raises(CheckpointError, match=r"00000.tar was \d+ bytes, now \d+"):
+        api.train(moved, resume="auto")
+    assert (
+        main(
+            [
+                "train",
+                "model.name=tiny-clip",
+                f"output_dir={rest.output_dir}",
+                "name=resumed",
+                f"data.shards={copy}",
+                "data.batch_size=16",
+                "train.max_steps=4",
+                "train.progress=false",
+                "--resume",
+                "auto",
+            ]
+        )
+        == 2
+    )  # one line through the CLI
+    metrics = api.train(rest, resume="auto")  # the same set resumes
+    assert metrics["train.steps"] == 4
+
+
+def _corrupt_shards(folder, records, bad_keys):
+    """Two shards of 24 samples (img2dataset's members: KEY.jpg + KEY.txt + KEY.cls); the samples
+    in `bad_keys` get a JPEG cut after 40 bytes, or a `.cls` that is not a number."""
+    folder.mkdir(parents=True)
+    for shard in range(2):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for pos, rec in enumerate(records[shard * 24 : (shard + 1) * 24]):
+                key = f"{shard:05d}{pos:04d}"
+                jpeg = _jpeg(rec.image)
+                _add(tar, f"{key}.jpg", jpeg[:40] if bad_keys.get(key) == "truncated" else jpeg)
+                _add(tar, f"{key}.txt", rec.captions[0].encode())
+                _add(tar, f"{key}.cls", b"seven" if bad_keys.get(key) == "bad_cls" else str(rec.label).encode())
+
+
+def test_streamed_bad_samples_reach_metrics_json(tiny_cfg, tmp_path):
+    """Bad samples met while streaming are counted by reason in metrics.json, loader workers and a
+    resume included. Before, ShardStream counted them in its own (per-worker) counter, which
+    nothing read: metrics.json said data.skipped 0."""
+    folder = tmp_path / "bad-shards"
+    bad = {"000000003": "truncated", "000010005": "truncated", "000010020": "bad_cls"}
+    _corrupt_shards(folder, digits_splits(0)["train"][:48], bad)
+    _, expected = check_shards(folder)  # one pass, decoded here
+    assert dict(expected) == {"truncated": 2, "bad_cls": 1}
+    # 48 samples, batches of 16, 3 steps: exactly one pass over the stream
+    common = {"data.shards": str(folder), "data.batch_size": 16, "train.max_steps": 3, "data.num_workers": 2}
+    straight = api.train(tiny_cfg(name="straight", **common))
+    api.train(tiny_cfg(name="parts", **common, **{"train.stop_after_steps": 1}))
+    resumed = api.train(tiny_cfg(name="parts", **common), resume="auto")
+    for metrics in (straight, resumed):
+        assert metrics["data.shards.skipped"] == 3
+        assert metrics["data.shards.skipped.truncated"] == 2 and metrics["data.shards.skipped.bad_cls"] == 1
+    written = json.loads((tiny_cfg(name="parts").run_dir / "metrics.json").read_text())
+    assert written["data.shards.skipped.truncated"] == 2

@@ -14,6 +14,7 @@ import torch
 
 from mmtune.config import Config, save_config
 from mmtune.data import Splits, load_splits, screen
+from mmtune.data.wds import shard_signature
 from mmtune.errors import CheckpointError, UserError
 from mmtune.tasks import Context, Evaluation, get_task
 
@@ -55,11 +56,14 @@ def build_data(cfg: Config) -> Splits:
 
 
 def fingerprint(records, cfg: Config) -> str:
-    """Identifies the training data and batch geometry a checkpoint's data position refers to."""
+    """Identifies the training data and batch geometry a checkpoint's data position refers to:
+    the records, or with `data.shards` the shard list (names and sizes, in reading order)."""
     h = hashlib.sha256()
     for r in records:
         h.update(str(r.id).encode())
     h.update(f"{len(records)}/{cfg.data.batch_size}/{cfg.train.grad_accum}/{cfg.seed}".encode())
+    if cfg.data.shards:
+        h.update(json.dumps(shard_signature(cfg.data.shards)).encode())
     return h.hexdigest()[:16]
 
 
@@ -134,6 +138,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     if resume_dir is not None:
         trainer.resume(resume_dir)
     state = trainer.fit()
+    streamed = trainer.stream_skipped() if cfg.data.shards else None  # every rank takes part
     if not acc.is_main_process:
         return {}
     if state.step < trainer.total_steps:
@@ -147,6 +152,9 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     write_artifacts(run_dir, evaluation)
     metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
+    if streamed is not None:  # skips while streaming: a bad sample met in several epochs counts each time
+        metrics["data.shards.skipped"] = int(sum(streamed.values()))
+        metrics.update({f"data.shards.skipped.{k}": int(v) for k, v in streamed.items()})
     metrics.update(
         {
             "eval.split": final_split,

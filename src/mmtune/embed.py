@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmtune.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+from mmtune.data.images import IMAGE_EXTENSIONS, BadImage, load_image, member_bytes
+from mmtune.data.wds import shard_member
 from mmtune.errors import DataError
 
 log = logging.getLogger("mmtune.embed")
@@ -83,40 +82,14 @@ def shard_items(source: str | Path) -> list[Item]:
     return items
 
 
-def shard_member(path: str) -> tuple[str, str] | None:
-    """(tar path, member name) when `path` is `SHARD.tar#MEMBER` of an existing shard, else None."""
-    tar_path, sep, member = str(path).rpartition("#")
-    if not sep or not tar_path.endswith(".tar") or not os.path.isfile(tar_path):
-        return None
-    return tar_path, member
-
-
 class ImageSource:
-    """Opens an item's image: a file path, or `SHARD.tar#MEMBER` read from the shard (each tar is
-    indexed once and kept open while a run lasts; safe to share between threads)."""
-
-    def __init__(self):
-        self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
-        self._lock = threading.Lock()
+    """Opens an item's image: a file path, or `SHARD.tar#MEMBER` read from the shard by offset
+    (each tar's headers are read once; safe to share between threads)."""
 
     def read_member(self, path: str, parts: tuple[str, str] | None = None) -> bytes:
         """The bytes of shard member `path` (`SHARD.tar#MEMBER`; `parts`: its `shard_member`, when
         the caller has it already); BadImage when it is missing."""
-        parts = parts or shard_member(path)
-        if parts is None:
-            raise BadImage(path, "missing")
-        tar_path, member = parts
-        with self._lock:  # one TarFile's file position is shared by its readers
-            if tar_path not in self._tars:
-                tar = tarfile.open(tar_path, "r")  # noqa: SIM115 (kept open; closed by close())
-                self._tars[tar_path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
-            tar, members = self._tars[tar_path]
-            if member not in members:
-                raise BadImage(path, "missing")
-            data = tar.extractfile(members[member]).read()
-        if not data:
-            raise BadImage(path, "empty")
-        return data
+        return member_bytes(path, parts)
 
     def __call__(self, path: str):
         parts = shard_member(path)
@@ -127,9 +100,7 @@ class ImageSource:
         return data
 
     def close(self) -> None:
-        for tar, _ in self._tars.values():
-            tar.close()
-        self._tars.clear()
+        """Nothing is held open."""
 
 
 def image_items(source: str | Path, fmt: str = "auto", **columns) -> list[Item]:

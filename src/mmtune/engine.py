@@ -9,7 +9,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmtune import checkpoint as ckpt
+from mmtune.data.shards import SKIPPED
+from mmtune.data.wds import shard_signature
 from mmtune.errors import CheckpointError, UserError
 from mmtune.precision import effective_precision
 from mmtune.tasks import TrainStep, selection_metric
@@ -47,6 +50,9 @@ class TrainState:
     best: float | None = None
     nonfinite: int = 0  # consecutive skipped steps
     skipped_steps: int = 0
+    # bad samples skipped while streaming shards, by reason: every rank's in a checkpoint, this
+    # rank's (plus, on rank 0, the checkpoint's) while training
+    data_skipped: dict = field(default_factory=dict)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, scales=None) -> list[dict]:
@@ -223,6 +229,7 @@ class Trainer:
         self.cfg, self.task, self.acc, self.run_dir = cfg, task, acc, Path(run_dir)
         self.train_records, self.val_records = data
         self.fingerprint = fingerprint
+        self.shards = shard_signature(cfg.data.shards) if cfg.data.shards else None
         t = cfg.train
         self.world, self.rank = acc.num_processes, acc.process_index
         _rank_aware_logging(self.rank, self.world)
@@ -261,13 +268,16 @@ class Trainer:
 
     def save(self, name: str = "last") -> None:
         self.acc.wait_for_everyone()
+        skipped = self.stream_skipped()  # every rank takes part
         if self.acc.is_main_process:
             trainer_state = {
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
                 "rng": _rng_state(),
             }
-            meta = {"state": asdict(self.state), "fingerprint": self.fingerprint}
+            meta = {"state": {**asdict(self.state), "data_skipped": skipped}, "fingerprint": self.fingerprint}
+            if self.shards is not None:
+                meta["shards"] = self.shards
             keep = self.cfg.train.keep_last
             if name == "last" and keep > 1:
                 ckpt.retire_last(self.ckpt_dir, self.state.step)
@@ -281,6 +291,7 @@ class Trainer:
         if not ckpt.is_complete(folder):
             raise CheckpointError(f"no valid checkpoint at {folder}")
         meta = ckpt.read_meta(folder)
+        _check_shards(folder, meta.get("shards"), self.shards)
         if meta.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"{folder}: saved for other data or batch size (fingerprint differs); refusing to "
@@ -292,6 +303,8 @@ class Trainer:
         self.sched.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])
         self.state = TrainState(**meta["state"])
+        if self.rank > 0:  # the checkpoint holds every rank's counts: rank 0 carries them on
+            self.state.data_skipped = {}
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     # ------------------------------------------------------------ loop
@@ -336,6 +349,9 @@ class Trainer:
         while st.step < self.total_steps and st.step != t.stop_after_steps:
             for batch in self._loader(st.epoch, st.batch):
                 st.batch += 1
+                skipped = batch.pop(SKIPPED, None) if isinstance(batch, dict) else None
+                if skipped:
+                    st.data_skipped = dict(Counter(st.data_skipped) + Counter(skipped))
                 if not batch:
                     continue
                 with self.acc.autocast():
@@ -376,6 +392,15 @@ class Trainer:
         if t.report_to:
             self.acc.end_training()
         return st
+
+    def stream_skipped(self) -> dict:
+        """Bad samples skipped while streaming shards, by reason, summed over ranks (collective)."""
+        counts = Counter(self.state.data_skipped)
+        if self.world > 1 and dist.is_initialized():
+            every: list = [None] * self.world
+            dist.all_gather_object(every, dict(counts))
+            counts = sum((Counter(c) for c in every), Counter())
+        return dict(sorted(counts.items()))
 
     def _optimizer_step(self, bad: bool) -> None:
         st, t = self.state, self.cfg.train
@@ -474,6 +499,31 @@ class Trainer:
             epoch = st.epoch + st.batch / max(1, self.steps_per_epoch * self.cfg.train.grad_accum)
             full = {"kind": record.pop("kind"), "step": st.step, "epoch": round(epoch, 4)}
             append_jsonl(self.run_dir / "metrics.jsonl", {**full, "time": st.train_seconds, **record})
+
+
+def _check_shards(folder: Path, then: list | None, now: list | None) -> None:
+    """CheckpointError naming how the shard set differs from the one the checkpoint streamed."""
+    if then is None or now is None or then == now:
+        return
+    names_then, names_now = dict(map(tuple, then)), dict(map(tuple, now))
+    gone = [n for n in names_then if n not in names_now]
+    new = [n for n in names_now if n not in names_then]
+    resized = [n for n in names_then if n in names_now and names_then[n] != names_now[n]]
+    if gone or new or resized:
+        first = (
+            f"{gone[0]} is gone"
+            if gone
+            else f"{new[0]} is new"
+            if new
+            else f"{resized[0]} was {names_then[resized[0]]} bytes, now {names_now[resized[0]]}"
+        )
+    else:
+        first = "the same files in another order"
+    raise CheckpointError(
+        f"{folder}: saved while streaming another shard set ({len(then)} shards then, {len(now)} now; "
+        f"{first}); refusing to resume, since samples would be skipped or repeated — point data.shards "
+        "at the shards the run started with, or start a new run"
+    )
 
 
 class _Window:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmtune.cli.benchmark import add_benchmark_args, cmd_eval_benchmark
 from mmtune.cli.common import configs_dir, load_cfg, print_metrics
+from mmtune.errors import UserError
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -17,16 +19,17 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", help="RUN_DIR or checkpoint folder to continue, or 'auto'")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run's checkpoint")
-    e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint, or any model on zero-shot benchmarks")
+    e.add_argument("--checkpoint", help="run folder or checkpoint folder")
     e.add_argument("--config", "-c", help="config for the data (default: the run's config.yaml)")
-    e.add_argument("--split", choices=["val", "test"], help="split to evaluate")
-    e.add_argument("--output", "-o", help="also write the metrics to this JSON file")
+    e.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate")
+    e.add_argument("--output", "-o", help="also write the metrics to this JSON file (--suite: a folder)")
     e.add_argument(
         "--artifacts",
         help="also write the evaluation's tables (DIR/tables/*.json: e.g. per-class results and the "
         "confusion matrix, classes in data.classnames order) and plots into this folder",
     )
+    add_benchmark_args(e)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="fine-tune lit-minilm on digits, evaluate zero-shot")
@@ -51,6 +54,12 @@ def cmd_eval(args, extra) -> int:
     from mmtune.config import load_config, parse_overrides
     from mmtune.runs import resolve_checkpoint, run_config
 
+    if args.benchmark or args.suite:
+        return cmd_eval_benchmark(args, extra)
+    if not args.checkpoint:
+        raise UserError("mmtune eval needs --checkpoint RUN, or --benchmark B with --model M, or --suite FILE")
+    if args.split == "train":
+        raise UserError("--split train is for --benchmark; a run is evaluated on val or test")
     ckpt = Path(args.checkpoint)
     overrides = parse_overrides(extra)
     # without --config: the run's own config (data, options), in today's keys

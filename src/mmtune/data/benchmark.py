@@ -1,4 +1,5 @@
-"""Write a labelled dataset in CLIP_benchmark's WebDataset layout (`mmtune data benchmark`).
+"""CLIP_benchmark's WebDataset layout: write a labelled dataset in it (`mmtune data benchmark`),
+read one for evaluation (`mmtune eval --benchmark`).
 
 The layout CLIP_benchmark's `wds/` datasets read:
 
@@ -8,18 +9,23 @@ The layout CLIP_benchmark's `wds/` datasets read:
     DIR/<split>/0.tar … N-1.tar                 samples `s0000000.<image ext>` + `s0000000.cls`
 
 Image files are copied byte for byte (their extension kept, `jpeg` as `jpg`); in-memory pixels
-are stored as lossless WebP, CLIP_benchmark's default.
+are stored as lossless WebP, CLIP_benchmark's default. Retrieval datasets (flickr30k, mscoco)
+have the same layout with `.txt` captions (one a line) instead of `.cls`, and no class names.
+Read back, each image stays in its shard (`N.tar#KEY.webp`, decoded when it is evaluated).
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from mmtune.data.formats import Record, Table
+from mmtune.data.images import BadImage
 from mmtune.errors import DataError
 
 CLASSNAMES, TEMPLATES, NSHARDS = (
@@ -82,3 +88,72 @@ def write_benchmark(
     for name, records in splits.items():
         write_split(records, out / name, samples_per_shard)
     return {name: len(records) for name, records in splits.items()}
+
+
+def is_benchmark(path: str | Path) -> bool:
+    """A folder in CLIP_benchmark's layout: class names, templates or a `SPLIT/nshards.txt`."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return (p / CLASSNAMES).is_file() or (p / TEMPLATES).is_file() or any(p.glob(f"*/{NSHARDS}"))
+
+
+def _lines(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_benchmark(folder: str | Path, split: str = "test") -> tuple[Table, list[str] | None]:
+    """(records of one split, with class names and bad samples counted by reason; the prompt
+    templates in mmtune's `{}` form, None when the folder has none)."""
+    from mmtune.data.shards import IMAGE_EXTS, sample_text
+    from mmtune.data.wds import shard_paths
+
+    folder = Path(folder)
+    if not (folder / split / NSHARDS).is_file():
+        have = sorted(p.parent.name for p in folder.glob(f"*/{NSHARDS}"))
+        raise DataError(f"{folder}: no split '{split}' ({split}/{NSHARDS} missing; splits here: {have or 'none'})")
+    classes = _lines(folder / CLASSNAMES)
+    prompts = _lines(folder / TEMPLATES)
+    templates = None if prompts is None else [t.replace("{c}", "{}") for t in prompts]
+    records: list[Record] = []
+    bad: Counter = Counter()
+    for path in shard_paths(folder / split):
+        for key, members in _samples(path, bad):
+            image = next((f"{path}#{members[e]}" for e in IMAGE_EXTS if e in members), None)
+            try:
+                captions, label = sample_text(members, key)
+                if image is None:
+                    raise BadImage(key, "missing", "no image member")
+                if label is not None and classes is not None and not 0 <= label < len(classes):
+                    raise BadImage(key, "bad_cls", f"label {label} with {len(classes)} classes")
+            except BadImage as e:
+                bad[e.reason] += 1
+                continue
+            records.append(Record(image=image, captions=captions, label=label, id=f"{path.name}/{key}"))
+    return Table(records, classes, dict(bad)), templates
+
+
+def _samples(path: Path, bad: Counter):
+    """(key, {ext: bytes of a text member, or the image member's name}) of one tar, in order;
+    a damaged tar counts `unreadable_shard` and serves the samples before the damage."""
+    from mmtune.data.shards import IMAGE_EXTS
+    from mmtune.data.wds import sample_key
+
+    key, members = None, {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = sample_key(m.name)
+                if members and k != key:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = m.name if ext in IMAGE_EXTS else tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError):
+        bad["unreadable_shard"] += 1
+    if members:
+        yield key, members

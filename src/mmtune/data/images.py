@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmtune.data.wds import read_member, shard_member
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -40,13 +43,26 @@ def _open_checked(source, max_pixels: int, setting: str) -> Image.Image:
     return img
 
 
+def member_bytes(ref: str, parts: tuple[str, str] | None = None) -> bytes:
+    """The bytes of shard member `ref` (`SHARD.tar#MEMBER`; `parts`: its `shard_member`, when the
+    caller has it); BadImage when it is missing or empty."""
+    parts = parts or shard_member(ref)
+    data = None if parts is None else read_member(*parts)
+    if data is None:
+        raise BadImage(ref, "missing")
+    if not data:
+        raise BadImage(ref, "empty")
+    return data
+
+
 def load_image(
     source,
     max_pixels: int = 40_000_000,
     draft: int | None = None,
     setting: str = "data.max_image_pixels",
 ) -> Image.Image:
-    """Decode a path, file object, array or PIL image to RGB; BadImage with a reason otherwise.
+    """Decode a path, `SHARD.tar#MEMBER`, file object, array or PIL image to RGB; BadImage with a
+    reason otherwise.
 
     `draft`: the smallest side the caller needs. A JPEG is then decoded at a reduced DCT scale
     (1/2, 1/4 or 1/8) that still keeps both sides ≥ `draft` — several times faster than a full
@@ -58,7 +74,10 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _to_rgb(Image.fromarray(source))
     name = getattr(source, "name", source)
-    if isinstance(source, str | Path):
+    member = shard_member(source) if isinstance(source, str | Path) and not os.path.exists(source) else None
+    if member is not None:  # an image inside a WebDataset shard
+        source = io.BytesIO(member_bytes(str(source), member))
+    elif isinstance(source, str | Path):
         if not os.path.exists(source):
             raise BadImage(str(source), "missing")
         if os.path.getsize(source) == 0:

@@ -15,7 +15,9 @@ reads shards r, r+W, …; samples pass through a seeded shuffle buffer. A rank's
 depends only on (seed, epoch, rank) — not on the number of loader workers, which split the
 decoding of the batches among them — so a run resumes exactly at any batch of an epoch by
 replaying the stream up to it without decoding. A rank whose shards run out before the epoch's
-fixed number of batches starts another pass over them with a new shuffle.
+fixed number of batches starts another pass over them with a new shuffle. Each batch carries
+the bad samples skipped while making it (`batch[SKIPPED]`, by reason), which the trainer adds up
+into `data.shards.skipped.<reason>` of `metrics.json`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mmtune.errors import DataError
 
 log = logging.getLogger("mmtune.data")
 INDEX = "index.json"
+SKIPPED = "_skipped"  # batch key: {reason: count} of the bad samples skipped making the batch
 __all__ = ["ShardStream", "check_shards", "read_index", "read_shard", "write_shards"]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "img")
 
@@ -143,7 +146,7 @@ def _image_part(sample: dict) -> bytes | None:
     return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
 
-def _text(sample: dict, key: str) -> tuple[list[str], int | None]:
+def sample_text(sample: dict, key: str) -> tuple[list[str], int | None]:
     """(captions, label) from a sample's .json, .txt and .cls members; BadImage names a bad one."""
     meta: dict = {}
     if "json" in sample:
@@ -175,7 +178,7 @@ def decode(sample: dict, transform: ImageTransform, rng, max_pixels: int, index:
     Raises BadImage (reason: missing / not_image / truncated / too_large / bad_json / bad_cls /
     missing_text) for a bad sample.
     """
-    captions, label = _text(sample, sample["key"])
+    captions, label = sample_text(sample, sample["key"])
     data = _image_part(sample)
     if data is None:
         raise BadImage(sample["key"], "missing", "no image member")
@@ -317,7 +320,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         stream = self.samples()
         for k in range(self.stop):
+            before = Counter(self.bad)
             raw = list(itertools.islice(stream, self.batch_size))
             if k < self.start or (k - self.start) % workers != worker:
                 continue  # another worker's batch, or one consumed before the resume point
-            yield self.collate([self._decode(sweep, s) for sweep, s in raw])
+            batch = self.collate([self._decode(sweep, s) for sweep, s in raw])
+            if isinstance(batch, dict):  # tasks' batches; the skips met making it travel with it
+                batch[SKIPPED] = dict(self.bad - before)  # (workers share no counter): the trainer sums them
+            yield batch

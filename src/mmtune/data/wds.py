@@ -175,6 +175,52 @@ def _write_cache(fresh: dict, cache: dict) -> None:
             log.info("cannot cache shard counts in %s (%s)", folder, e.strerror)
 
 
+def shard_signature(spec: str | Path) -> list[list]:
+    """[[file name, size in bytes], …] of a source's tars in reading order: what a checkpoint's
+    data position refers to (names and sizes, so the same shards copied elsewhere still match)."""
+    return [[p.name, p.stat().st_size] for p in shard_paths(spec)]
+
+
+# ---------------------------------------------------------------- members by reference
+
+_MEMBERS: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+
+
+def shard_member(ref: str | Path) -> tuple[str, str] | None:
+    """(tar path, member name) when `ref` is `SHARD.tar#MEMBER` of an existing tar, else None."""
+    tar_path, sep, member = str(ref).rpartition("#")
+    if not sep or not tar_path.endswith(".tar") or not os.path.isfile(tar_path):
+        return None
+    return tar_path, member
+
+
+def _member_offsets(tar_path: str) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of a tar, read from its headers once per version."""
+    st = os.stat(tar_path)
+    stamp = (st.st_size, st.st_mtime_ns)
+    cached = _MEMBERS.get(tar_path)
+    if cached is None or cached[0] != stamp:
+        offsets = {}
+        with contextlib.suppress(tarfile.TarError, EOFError, OSError), tarfile.open(tar_path, "r") as tar:
+            for m in tar:  # a damaged tar serves the members before the damage
+                if m.isfile():
+                    offsets[m.name] = (m.offset_data, m.size)
+        _MEMBERS[tar_path] = cached = (stamp, offsets)
+    return cached[1]
+
+
+def read_member(tar_path: str, member: str) -> bytes | None:
+    """The bytes of one tar member (None when the tar lacks it), by offset: no handle is kept
+    open, so loader workers and threads share nothing."""
+    where = _member_offsets(tar_path).get(member)
+    if where is None:
+        return None
+    offset, size = where
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)  # short when the file was cut off: decoding reports it truncated
+
+
 def resolve(spec: str | Path) -> tuple[list[Shard], list[str] | None]:
     """(shards with sample counts, class names if the source records them) of a shard source."""
     from mmtune.data.shards import INDEX, read_index

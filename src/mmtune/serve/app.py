@@ -28,7 +28,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from mmtune.data.images import BadImage
-from mmtune.embed import ImageSource, shard_member
+from mmtune.data.wds import shard_member
+from mmtune.embed import ImageSource
 from mmtune.serve.backend import Backend
 from mmtune.serve.batcher import MicroBatcher, Overloaded
 from mmtune.serve.limits import (
