@@ -136,7 +136,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     state = trainer.fit()
     if not acc.is_main_process:
         return {}
-    if state.step < trainer.total_steps:
+    if state.step < trainer.total_steps and not state.stopped_early:
         print(f"stopped after step {state.step} of {trainer.total_steps}; continue with --resume auto")
         return {"train.steps": state.step}
     best = run_dir / "checkpoints" / "best"
@@ -154,6 +154,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
             "train.seconds": round(state.train_seconds, 3),
             "train.samples_per_s": round(state.samples / max(state.train_seconds, 1e-9), 2),
             "train.skipped_steps": state.skipped_steps,
+            **({"train.stopped_early": state.stopped_early} if cfg.train.early_stopping else {}),
             "model.trainable_params": trainable,
             "model.total_params": total,
         }
