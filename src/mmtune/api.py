@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -75,7 +76,8 @@ def _metric_summary(splits: Splits, task) -> dict:
 
 
 def write_artifacts(run_dir: Path, evaluation: Evaluation) -> None:
-    """A task's tables (tables/NAME.json) and images (plots/NAME.png) in the run folder."""
+    """A task's tables (tables/NAME.json), images (plots/NAME.png) and examples
+    (examples/NAME.json, thumbnails examples/NAME/NN.png) in the run folder."""
     if evaluation.tables:
         (run_dir / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in evaluation.tables.items():
@@ -84,6 +86,17 @@ def write_artifacts(run_dir: Path, evaluation: Evaluation) -> None:
         (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     for name, image in evaluation.images.items():
         image.save(run_dir / "plots" / f"{name}.png")
+    for name, ex in evaluation.examples.items():
+        folder = run_dir / "examples" / name
+        shutil.rmtree(folder, ignore_errors=True)  # thumbnails of an earlier evaluation
+        folder.mkdir(parents=True)
+        files = []
+        for i, image in enumerate(ex.images):
+            image.save(folder / f"{i:02d}.png")
+            files.append(f"examples/{name}/{i:02d}.png")
+        rows = [[*row, f] for row, f in zip(ex.rows, files, strict=True)]
+        spec = {"title": ex.title, "columns": [*ex.columns, "image"], "rows": rows}
+        (run_dir / "examples" / f"{name}.json").write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -20,6 +20,7 @@ from mmtune.data import ImageTextDataset
 from mmtune.data.classes import check_classes, prompt_records, shift_splits
 from mmtune.data.images import load_image
 from mmtune.errors import ConfigError
+from mmtune.examples import classification_examples
 from mmtune.losses import clip_loss
 from mmtune.metrics import classification_metrics
 from mmtune.models.classifier import (
@@ -232,12 +233,15 @@ class ClassifyTask(Task):
     def evaluate(self, model, records) -> Evaluation:
         """top1, top5, mean per-class recall; on the final split also every `data.shift` split."""
         clf = self.classifier(model)
-        metrics = split_metrics(clf, records, self.ctx, self.processor)
+        logits = classify_logits(clf, records, self.ctx, self.processor)
+        labels = [r.label for r in records]
+        metrics = classification_metrics(logits, torch.tensor(labels))
         if records is self.ctx.splits.get(self.cfg.eval.split) and self.cfg.data.shift:
             if self._shift is None:
                 self._shift = shift_splits(self.cfg.data, self.classes)
             metrics.update(shift_metrics(clf, self._shift, self.ctx, self.processor))
-        return Evaluation(metrics)
+        examples = classification_examples(logits.softmax(-1), labels, records, self.classes, "classifier")
+        return Evaluation(metrics, examples=examples)
 
     def predict_inputs(self, records) -> list[dict]:
         return [{"image": load_image(r.image)} for r in records]

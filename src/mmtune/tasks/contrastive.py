@@ -15,6 +15,7 @@ from mmtune.data import ImageTextDataset
 from mmtune.data.images import load_image
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.errors import ConfigError, UserError
+from mmtune.examples import classification_examples, retrieval_examples
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
 from mmtune.metrics import classification_metrics, retrieval_metrics, zeroshot_weights
@@ -236,17 +237,26 @@ class ContrastiveTask(Task):
         ctx, o, proc = self.ctx, self.opts, self.processor
         img = embed_images(model, records, ctx, proc)
         metrics: dict[str, float] = {}
+        examples = {}
         labels = [r.label for r in records]
         if o.zeroshot and ctx.classes and all(lb is not None for lb in labels):
             w = zeroshot_classifier(model, ctx.classes, self.templates, ctx, proc)
-            zs = classification_metrics(img @ w.T, torch.tensor(labels))
+            logits = img @ w.T  # (N, C) cosine similarities
+            zs = classification_metrics(logits, torch.tensor(labels))
             metrics.update({f"zeroshot.{k}": v for k, v in zs.items()})
+            probs = (model.scale().detach().float().cpu() * logits).softmax(-1)  # as `predict` does
+            found = classification_examples(probs, labels, records, ctx.classes, "zero-shot")
+            examples.update({f"zeroshot_{name}": ex for name, ex in found.items()})
         if o.retrieval and any(r.captions for r in records):
             texts, text_groups, image_groups = caption_groups(records)
             txt = embed_texts(model, texts, ctx, proc)
             rt = retrieval_metrics(img, txt, text_groups, image_groups=image_groups)
             metrics.update({f"retrieval.{k}": v for k, v in rt.items()})
-        return Evaluation(metrics)
+            picks = [text_groups.index(g) for g in dict.fromkeys(text_groups)][:4]  # 4 unrelated queries
+            relevant = torch.tensor([text_groups[i] for i in picks])[:, None] == torch.tensor(image_groups)[None, :]
+            queries = [texts[i] for i in picks]
+            examples["retrieval"] = retrieval_examples(txt[picks] @ img.T, queries, relevant, records)
+        return Evaluation(metrics, examples=examples)
 
     def predict_inputs(self, records) -> list[dict]:
         labels = [c for r in records for c in r.captions[:1]] or ["a photo."]
