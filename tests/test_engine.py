@@ -318,3 +318,70 @@ def test_labels_free_pairs_choose_best_by_validation_loss_and_say_so(tmp_path, p
     best = min(range(3), key=lambda i: evals[i]["val.loss"])
     meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     assert meta["state"]["step"] == evals[best]["step"]  # the lowest validation loss was kept
+
+
+def _evals(run_dir):
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+def test_early_stopping_stops_before_max_steps_and_says_why(tiny_cfg, capsys):
+    """train.early_stopping=2 with a min_delta no accuracy can beat: evaluations 2 and 3 bring no
+    improvement, so the run stops at step 3 of 10 (before: early_stopping was an unknown key)."""
+    cfg = tiny_cfg(
+        **{
+            "train.max_steps": 10,
+            "train.eval_every": 1,
+            "train.early_stopping": 2,
+            "train.early_stopping_min_delta": 10,
+        }
+    )
+    seen = []
+    metrics = api.train(cfg, on_eval=lambda step, m: seen.append(step))
+    assert seen == [1, 2, 3]  # the sweep's hook saw every evaluation
+    assert [r["step"] for r in _evals(cfg.run_dir)] == [1, 2, 3]
+    assert metrics["train.steps"] == 3 and metrics["train.stopped_early"] is True
+    assert "zeroshot.top1" in metrics  # the final (test) evaluation still ran, from best
+    saved = json.loads((cfg.run_dir / "metrics.json").read_text())
+    assert saved["train.stopped_early"] is True and saved["train.steps"] == 3
+    last = json.loads((cfg.run_dir / "checkpoints" / "last" / "meta.json").read_text())
+    assert last["state"]["step"] == 3 and last["state"]["stopped_early"] is True
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "early stopping" in ln]
+    assert len(lines) == 1 and "step 3 of 10" in lines[0] and "zeroshot.top1" in lines[0]
+
+
+def test_early_stopping_with_large_patience_runs_to_the_end(tiny_cfg):
+    cfg = tiny_cfg(**{"train.max_steps": 4, "train.eval_every": 1, "train.early_stopping": 100})
+    metrics = api.train(cfg)
+    assert metrics["train.steps"] == 4 and metrics["train.stopped_early"] is False
+    assert [r["step"] for r in _evals(cfg.run_dir)] == [1, 2, 3, 4]
+
+
+def test_early_stopping_follows_the_validation_loss_fallback(tmp_path, pairs_folder, capsys):
+    """Caption-only data: best (and patience) go by val.loss; a min_delta of 100 stops at step 2."""
+    folder, rows = pairs_folder
+    (folder / "pairs.csv").write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c, _ in rows))
+    extra = {"data.dataset": str(folder / "pairs.csv"), "data.val_fraction": 0.25, "data.batch_size": 4}
+    extra.update({"train.eval_every": 1, "train.max_steps": 6, "train.early_stopping": 1})
+    cfg = load_config(None, tiny_overrides(tmp_path, **extra, **{"train.early_stopping_min_delta": 100}))
+    metrics = api.train(cfg)
+    assert metrics["train.steps"] == 2 and metrics["train.stopped_early"] is True
+    out = capsys.readouterr().out
+    assert "early stopping at step 2 of 6: val.loss" in out
+
+
+def test_a_pruned_trial_is_still_pruned_with_early_stopping_on(tiny_cfg):
+    from mmtune.engine import Pruned
+
+    cfg = tiny_cfg(**{"train.max_steps": 6, "train.eval_every": 1, "train.early_stopping": 1})
+
+    def prune(step, metrics):
+        raise Pruned(f"pruned at {step}")
+
+    with pytest.raises(Pruned):
+        api.train(cfg, on_eval=prune)
+    assert [r["step"] for r in _evals(cfg.run_dir)] == [1]
+
+
+def test_early_stopping_needs_evaluations(tiny_cfg):
+    with pytest.raises(UserError, match="train.eval_every"):
+        tiny_cfg(**{"train.early_stopping": 3})

@@ -6,6 +6,10 @@ own loading helpers; the tolerance is the issue's 1e-4 (max abs difference).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -35,6 +39,24 @@ def trained(tmp_path_factory):
     train(cfg)
     paths = make_images(root / "imgs", 5)
     return cfg.run_dir, paths
+
+
+@contextlib.contextmanager
+def transformers_log():
+    """What transformers logs at INFO and above meanwhile (its logger does not propagate)."""
+    from transformers.utils import logging as hf_logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("transformers")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    logger.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(level)
 
 
 def feats(out) -> torch.Tensor:
@@ -100,8 +122,15 @@ def test_composed_model_exports(tmp_path):
     paths = make_images(tmp_path / "imgs", 3)
     px, tok, img, txt = reference(model.eval(), proc, paths)
     export_run(run, tmp_path / "hf", "hf")
-    vision = AutoModel.from_pretrained(tmp_path / "hf" / "vision").eval()
-    text = AutoModel.from_pretrained(tmp_path / "hf" / "text").eval()
+    with transformers_log() as logged:
+        vision = AutoModel.from_pretrained(tmp_path / "hf" / "vision").eval()
+        text = AutoModel.from_pretrained(tmp_path / "hf" / "text").eval()
+    # The towers have no pooler; AutoModel's classes do: it used to come back "newly initialized"
+    # (MISSING) at random. Now every weight is found, and the pooler is all zeros.
+    assert logged.getvalue() and "newly initialized" not in logged.getvalue()
+    assert "MISSING" not in logged.getvalue()
+    assert all(float(p.detach().abs().max()) == 0 for m in (vision, text) for p in m.pooler.parameters())
+    assert "pooler" in (tmp_path / "hf" / "README.md").read_text()
     proj = load_file(str(tmp_path / "hf" / "projection.safetensors"))
     with torch.no_grad():
         cls = vision(pixel_values=px).last_hidden_state[:, 0]

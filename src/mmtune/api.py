@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,7 +80,8 @@ def _metric_summary(splits: Splits, task) -> dict:
 
 
 def write_artifacts(run_dir: Path, evaluation: Evaluation) -> None:
-    """A task's tables (tables/NAME.json) and images (plots/NAME.png) in the run folder."""
+    """A task's tables (tables/NAME.json), images (plots/NAME.png) and examples
+    (examples/NAME.json, thumbnails examples/NAME/NN.png) in the run folder."""
     if evaluation.tables:
         (run_dir / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in evaluation.tables.items():
@@ -88,6 +90,17 @@ def write_artifacts(run_dir: Path, evaluation: Evaluation) -> None:
         (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     for name, image in evaluation.images.items():
         image.save(run_dir / "plots" / f"{name}.png")
+    for name, ex in evaluation.examples.items():
+        folder = run_dir / "examples" / name
+        shutil.rmtree(folder, ignore_errors=True)  # thumbnails of an earlier evaluation
+        folder.mkdir(parents=True)
+        files = []
+        for i, image in enumerate(ex.images):
+            image.save(folder / f"{i:02d}.png")
+            files.append(f"examples/{name}/{i:02d}.png")
+        rows = [[*row, f] for row, f in zip(ex.rows, files, strict=True)]
+        spec = {"title": ex.title, "columns": [*ex.columns, "image"], "rows": rows}
+        (run_dir / "examples" / f"{name}.json").write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -141,7 +154,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     streamed = trainer.stream_skipped() if cfg.data.shards else None  # every rank takes part
     if not acc.is_main_process:
         return {}
-    if state.step < trainer.total_steps:
+    if state.step < trainer.total_steps and not state.stopped_early:
         print(f"stopped after step {state.step} of {trainer.total_steps}; continue with --resume auto")
         return {"train.steps": state.step}
     best = run_dir / "checkpoints" / "best"
@@ -162,6 +175,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
             "train.seconds": round(state.train_seconds, 3),
             "train.samples_per_s": round(state.samples / max(state.train_seconds, 1e-9), 2),
             "train.skipped_steps": state.skipped_steps,
+            **({"train.stopped_early": state.stopped_early} if cfg.train.early_stopping else {}),
             "model.trainable_params": trainable,
             "model.total_params": total,
         }

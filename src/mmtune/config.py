@@ -147,6 +147,16 @@ class TrainConfig(_Section):
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0: at the end only.")
     save_every: int = Field(0, ge=0, description="Save `last` every N steps; 0: at evals/end.")
+    early_stopping: int | None = Field(
+        None,
+        ge=0,
+        description="Stop once the selection metric (`eval.metric`) has gone this many evaluations "
+        "in a row without improving by more than `early_stopping_min_delta` (needs "
+        "`eval_every`); `last` is saved, the final evaluation uses `best`. null or 0: off.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of the selection metric that counts as an improvement."
+    )
     keep_last: int = Field(
         1,
         ge=1,
@@ -172,6 +182,12 @@ class TrainConfig(_Section):
         description="Process-group timeout (seconds): a rank that stops answering fails the run "
         "after this long instead of hanging it.",
     )
+
+    @model_validator(mode="after")
+    def _check_early_stopping(self) -> TrainConfig:
+        if self.early_stopping and not self.eval_every:
+            raise ValueError("train.early_stopping counts evaluations: set train.eval_every too")
+        return self
 
 
 class EvalConfig(_Section):

@@ -53,6 +53,8 @@ class TrainState:
     # bad samples skipped while streaming shards, by reason: every rank's in a checkpoint, this
     # rank's (plus, on rank 0, the checkpoint's) while training
     data_skipped: dict = field(default_factory=dict)
+    stale_evals: int = 0  # evaluations in a row without an improvement over min_delta
+    stopped_early: bool = False  # train.early_stopping ended the run
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, scales=None) -> list[dict]:
@@ -346,7 +348,7 @@ class Trainer:
         self.model.train()
         micro, window = 0, _Window()
         bad = torch.zeros((), device=self.acc.device)
-        while st.step < self.total_steps and st.step != t.stop_after_steps:
+        while st.step < self.total_steps and st.step != t.stop_after_steps and not st.stopped_early:
             for batch in self._loader(st.epoch, st.batch):
                 st.batch += 1
                 skipped = batch.pop(SKIPPED, None) if isinstance(batch, dict) else None
@@ -378,12 +380,14 @@ class Trainer:
                 elif t.save_every and st.step % t.save_every == 0:
                     self.save("last")
                     window.start = time.perf_counter()
-                if st.step >= self.total_steps or st.step == t.stop_after_steps:
+                if st.step >= self.total_steps or st.step == t.stop_after_steps or st.stopped_early:
                     break
             else:
                 st.epoch, st.batch = st.epoch + 1, 0
         bar.close()
-        if st.step < self.total_steps:
+        if st.stopped_early:
+            pass  # evaluated and saved at the evaluation that stopped it
+        elif st.step < self.total_steps:
             self.save("last")  # a session ended early: resumable, not finished
         elif t.eval_every:
             self.evaluate_and_save()
@@ -432,16 +436,44 @@ class Trainer:
             metrics["val.loss"] = self.validation_loss(self.val_records)
         self.log({"kind": "eval", **metrics})
         value = self._selection_value(metrics)
-        better = (lambda a, b: a > b) if self.higher_is_better else (lambda a, b: a < b)
-        improved = value is not None and (self.state.best is None or better(value, self.state.best))
+        improved = value is not None and (self.state.best is None or self._better(value, self.state.best))
+        self._count_stale(value)
         if improved:
             self.state.best = value
         self.save("last")
         if improved and self.acc.is_main_process:
             ckpt.copy_checkpoint(self.ckpt_dir / "last", self.ckpt_dir / "best")
         self._report_eval(metrics)
+        if self.state.stopped_early and self.acc.is_main_process:
+            t = self.cfg.train
+            print(
+                f"early stopping at step {self.state.step} of {self.total_steps}: {self.metric} has not "
+                f"improved by more than {t.early_stopping_min_delta:g} in {t.early_stopping} evaluations "
+                f"(best {self.state.best:.6g}); `last` saved, `best` kept",
+                flush=True,
+            )
         self.model.train()
         return metrics
+
+    def _better(self, value: float, than: float, margin: float = 0.0) -> bool:
+        """Whether `value` beats `than` by more than `margin` in the selection metric's direction."""
+        return value > than + margin if self.higher_is_better else value < than - margin
+
+    def _count_stale(self, value: float | None) -> None:
+        """`train.early_stopping`: count evaluations without an improvement over min_delta (before
+        `best` moves); the run stops when the count reaches the patience — on every rank alike."""
+        t, st = self.cfg.train, self.state
+        if not t.early_stopping or value is None:
+            return
+        if st.best is None or self._better(value, st.best, t.early_stopping_min_delta):
+            st.stale_evals = 0
+        else:
+            st.stale_evals += 1
+        stop = float(st.stale_evals >= t.early_stopping)
+        if self.world > 1:  # rank 0's evaluation decides for all
+            flag = torch.tensor(stop if self.acc.is_main_process else 0.0, device=self.acc.device)
+            stop = float(self.acc.reduce(flag, "sum"))
+        st.stopped_early = bool(stop)
 
     def _selection_value(self, metrics: dict) -> float | None:
         """The selection metric, or the validation loss (said once) when this data lacks it."""

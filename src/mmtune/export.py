@@ -100,11 +100,35 @@ def _save_hf(model: HFDualEncoder, processor, out: Path) -> None:
     ).save_pretrained(out)
 
 
+def save_whole(tower: nn.Module, folder: Path) -> list[str]:
+    """Save a transformers tower so that `AutoModel.from_pretrained` finds every weight of the class
+    it builds. A tower made without its pooler (mmtune pools itself: [CLS] or the mean) would load
+    with a random pooler and transformers' "newly initialized" warning; the missing parts are
+    written as zeros instead (the pooler's output is then 0; no recipe reads it). Returns their names."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):  # names and shapes only: nothing allocated
+        whole = AutoModel.from_config(tower.config)
+    have = dict(tower.named_children())
+    missing = [name for name, _ in whole.named_children() if name not in have]
+    if missing:
+        tower = copy.deepcopy(tower)
+        dtype = next(tower.parameters()).dtype
+        for name in missing:
+            part = getattr(whole, name).to_empty(device="cpu").to(dtype)
+            for t in (*part.parameters(), *part.buffers()):
+                t.data.zero_()
+            setattr(tower, name, part)  # the attribute may exist as None
+    tower.save_pretrained(folder)
+    return missing
+
+
 def _save_towers(model: DualEncoder, processor, out: Path) -> None:
     from safetensors.torch import save_file
 
-    model.vision.save_pretrained(out / "vision")
-    model.text.save_pretrained(out / "text")
+    zeroed = save_whole(model.vision, out / "vision") + save_whole(model.text, out / "text")
+    if zeroed:
+        log.info("written as zeros (unused by the embedding recipe): %s", ", ".join(sorted(set(zeroed))))
     processor.tokenizer.save_pretrained(out / "text")
     save_file(
         {
@@ -268,7 +292,10 @@ def _card(run: Path, fmt: str, model, max_diff: float, merged: int) -> str:
             "# vision = AutoModel.from_pretrained(FOLDER/'vision'); text = AutoModel.from_pretrained(FOLDER/'text')\n"
             "# img = normalize(vision(pixel_values).last_hidden_state[:, 0] @ Wv.T)\n"
             "# txt = normalize(mean over attention_mask of text(...).last_hidden_state @ Wt.T)\n"
-            "# Wv, Wt = projection.safetensors['vision_projection.weight'], ['text_projection.weight']\n```"
+            "# Wv, Wt = projection.safetensors['vision_projection.weight'], ['text_projection.weight']\n```\n\n"
+            "The towers are pooled as above, not by their `pooler`: the towers were trained without "
+            "one, so the folders hold the pooler's weights as zeros (`pooler_output` is 0) — loading "
+            "finds every weight and initialises nothing at random."
         ),
     }
     onnx_use = (

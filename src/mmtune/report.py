@@ -43,6 +43,10 @@ figcaption{text-align:center;color:#5b6474;font-size:13px}
 pre{background:#fff;border:1px solid #d8dce3;border-radius:8px;padding:12px;overflow-x:auto;
  font-size:13px}
 .note{color:#9a4b00}
+.examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin:4px 0 12px}
+.examples figure{margin:0;padding:6px}
+.examples img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated}
+.examples figcaption{text-align:left;font-size:12px;overflow-wrap:anywhere}
 """
 
 
@@ -201,30 +205,62 @@ def _metric_tables(final: dict) -> str:
     )
 
 
-def _extra_tables(run_dir: Path, notes: list[str]) -> str:
-    """Render every tables/*.json holding {title, columns, rows}."""
-    parts = []
-    for path in sorted((run_dir / "tables").glob("*.json")):
-        label = f"tables/{path.name}"
+def _specs(run_dir: Path, folder: str, notes: list[str], last_column: str | None = None):
+    """(path, spec) of every FOLDER/*.json holding {title, columns, rows} (the last column named
+    `last_column` when given); a bad file becomes a note."""
+    for path in sorted((run_dir / folder).glob("*.json")):
+        label = f"{folder}/{path.name}"
         spec = _read_json(path, label, notes)
         if spec is None:
             continue
-        if not (
-            isinstance(spec, dict) and isinstance(spec.get("columns"), list) and isinstance(spec.get("rows"), list)
-        ):
-            notes.append(f"{label}: expected an object with title, columns and rows")
+        ok = isinstance(spec, dict) and isinstance(spec.get("columns"), list) and isinstance(spec.get("rows"), list)
+        if not ok or (last_column and spec["columns"][-1:] != [last_column]):
+            need = f" (the last: {last_column})" if last_column else ""
+            notes.append(f"{label}: expected an object with title, columns{need} and rows")
             continue
+        yield path, spec
+
+
+def _extra_tables(run_dir: Path, notes: list[str]) -> str:
+    """Render every tables/*.json holding {title, columns, rows}."""
+    parts = []
+    for path, spec in _specs(run_dir, "tables", notes):
         rows = [row if isinstance(row, list) else [row] for row in spec["rows"]]
         title = spec.get("title") or path.stem
         parts.append(f"<h3>{escape(format_value(title))}</h3>" + html_table(spec["columns"], rows))
     return "".join(parts)
 
 
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def html_figure(path: Path, caption: str) -> str:
     """An <img> with the PNG inlined as a base64 data URI, so the report is one file."""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
     cap = escape(caption)
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
+    return f'<figure><img src="{_data_uri(path)}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
+
+
+def _example_card(run_dir: Path, columns: list, row: list) -> str:
+    """One example: its thumbnail (the row's last cell, a path inside the run) and its values."""
+    *values, rel = row
+    path = (run_dir / str(rel)).resolve()
+    inside = path.is_relative_to(run_dir.resolve()) and path.is_file()
+    img = f'<img src="{_data_uri(path)}" alt="{escape(str(values[0]))}">' if inside else ""
+    lines = "<br>".join(f"{escape(str(c))}: {escape(format_value(v))}" for c, v in zip(columns, values, strict=False))
+    return f"<figure>{img}<figcaption>{lines}</figcaption></figure>"
+
+
+def _examples(run_dir: Path, notes: list[str]) -> str:
+    """Every examples/*.json ({title, columns, rows}; a row's last cell is its thumbnail) as cards."""
+    parts = []
+    for path, spec in _specs(run_dir, "examples", notes, last_column="image"):
+        columns = spec["columns"]
+        rows = [r for r in spec["rows"] if isinstance(r, list) and len(r) == len(columns)]
+        cards = "".join(_example_card(run_dir, columns[:-1], r) for r in rows)
+        title = escape(format_value(spec.get("title") or path.stem))
+        parts.append(f"<h3>{title}</h3>" + (f'<div class="examples">{cards}</div>' if cards else "<p>none</p>"))
+    return "".join(parts)
 
 
 def html_section(title: str, content: str) -> str:
@@ -299,6 +335,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
             html_section("Training curves", "".join(html_figure(p, c) for p, c in made)),
             html_section("Final metrics", _metric_tables(final)),
             html_section("Tables", tables),
+            html_section("Examples", _examples(run_dir, notes)),
             html_section("Other plots", "".join(html_figure(p, c) for p, c in extra)),
             html_section("Config", f"<pre>{escape(config_text)}</pre>" if config_text else ""),
             html_section("Notes", "".join(f'<p class="note">{escape(n)}</p>' for n in notes)),

@@ -64,6 +64,8 @@ class Evaluation:
     metrics: dict[str, float]
     tables: dict[str, dict] = field(default_factory=dict)  # NAME → {title, columns, rows}
     images: dict[str, Any] = field(default_factory=dict)  # NAME → PIL image (plots/NAME.png)
+    # NAME → mmtune.examples.Examples: rows with thumbnails (examples/NAME.json, examples/NAME/)
+    examples: dict[str, Any] = field(default_factory=dict)
 
 
 class NoOptions(BaseModel):
@@ -137,7 +139,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, records: list) -> Evaluation:
-        """Metrics on `records` (+ tables and images for the report)."""
+        """Metrics on `records` (+ tables, images and examples for the report)."""
 
     def predict(self, model: nn.Module, inputs: list[dict]) -> list[dict]:
         """Outputs for user inputs (`mmtune predict`, the server); not every task has them."""

@@ -21,6 +21,7 @@ from mmtune.data.classes import check_classes, prompt_records, shift_splits
 from mmtune.data.images import load_image
 from mmtune.data.prompts import check_templates_option, head_prompts, prompt_record
 from mmtune.errors import ConfigError
+from mmtune.examples import classification_examples
 from mmtune.losses import clip_loss
 from mmtune.metrics import class_tables, classification_metrics
 from mmtune.models.classifier import (
@@ -249,13 +250,15 @@ class ClassifyTask(Task):
         """top1, top5, mean per-class recall; on the final split also every `data.shift` split."""
         clf = self.classifier(model)
         logits = classify_logits(clf, records, self.ctx, self.processor)
-        labels = torch.tensor([r.label for r in records])
-        metrics = classification_metrics(logits, labels)
+        labels = [r.label for r in records]
+        metrics = classification_metrics(logits, torch.tensor(labels))
         if records is self.ctx.splits.get(self.cfg.eval.split) and self.cfg.data.shift:
             if self._shift is None:
                 self._shift = shift_splits(self.cfg.data, self.ctx.splits.keys)
             metrics.update(shift_metrics(clf, self._shift, self.ctx, self.processor))
-        return Evaluation(metrics, tables=class_tables(self.classes, logits.argmax(1), labels, "classes", "Classes"))
+        tables = class_tables(self.classes, logits.argmax(1), torch.tensor(labels), "classes", "Classes")
+        examples = classification_examples(logits.softmax(-1), labels, records, self.classes, "classifier")
+        return Evaluation(metrics, tables=tables, examples=examples)
 
     def predict_inputs(self, records) -> list[dict]:
         return [{"image": load_image(r.image)} for r in records]

@@ -16,6 +16,7 @@ from mmtune.data.images import load_image
 from mmtune.data.prompts import check_templates_option, head_prompts, prompt_record
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.errors import ConfigError, UserError
+from mmtune.examples import classification_examples, retrieval_examples
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
 from mmtune.metrics import class_tables, classification_metrics, retrieval_metrics, zeroshot_weights
@@ -255,22 +256,30 @@ class ContrastiveTask(Task):
         img = embed_images(model, records, ctx, proc)
         metrics: dict[str, float] = {}
         tables: dict[str, dict] = {}
+        examples = {}
         # zero-shot over the records that carry a label (data.label_pattern may leave some without)
         rows = [i for i, r in enumerate(records) if r.label is not None]
         if o.zeroshot and ctx.classes and rows:
             classes, templates = self._prompts()
             w = zeroshot_classifier(model, classes, templates, ctx, proc)
-            labels = torch.tensor([records[i].label for i in rows])
-            scores = img[rows] @ w.T
-            zs = classification_metrics(scores, labels)
+            labels = [records[i].label for i in rows]
+            scores = img[rows] @ w.T  # (N, C) cosine similarities
+            zs = classification_metrics(scores, torch.tensor(labels))
             metrics.update({f"zeroshot.{k}": v for k, v in zs.items()})
-            tables.update(class_tables(classes, scores.argmax(1), labels, "zeroshot", "Zero-shot"))
+            tables.update(class_tables(classes, scores.argmax(1), torch.tensor(labels), "zeroshot", "Zero-shot"))
+            probs = (model.scale().detach().float().cpu() * scores).softmax(-1)  # as `predict` does
+            found = classification_examples(probs, labels, [records[i] for i in rows], classes, "zero-shot")
+            examples.update({f"zeroshot_{name}": ex for name, ex in found.items()})
         if o.retrieval and any(r.captions for r in records):
             texts, text_groups, image_groups = caption_groups(records)
             txt = embed_texts(model, texts, ctx, proc)
             rt = retrieval_metrics(img, txt, text_groups, image_groups=image_groups)
             metrics.update({f"retrieval.{k}": v for k, v in rt.items()})
-        return Evaluation(metrics, tables=tables)
+            picks = [text_groups.index(g) for g in dict.fromkeys(text_groups)][:4]  # 4 unrelated queries
+            relevant = torch.tensor([text_groups[i] for i in picks])[:, None] == torch.tensor(image_groups)[None, :]
+            queries = [texts[i] for i in picks]
+            examples["retrieval"] = retrieval_examples(txt[picks] @ img.T, queries, relevant, records)
+        return Evaluation(metrics, tables=tables, examples=examples)
 
     def predict_inputs(self, records) -> list[dict]:
         labels = [c for r in records for c in r.captions[:1]] or ["a photo."]
