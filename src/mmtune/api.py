@@ -16,7 +16,7 @@ import torch
 from mmtune.config import Config, save_config
 from mmtune.data import Splits, load_splits, screen
 from mmtune.data.wds import shard_signature
-from mmtune.errors import CheckpointError, UserError
+from mmtune.errors import CheckpointError, DataError, UserError
 from mmtune.tasks import Context, Evaluation, get_task
 
 log = logging.getLogger("mmtune")
@@ -112,8 +112,10 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 def train(cfg: Config, resume: str | None = None, on_eval=None) -> dict:
     """Train as configured, evaluate on the test split, write the run folder; return metrics."""
     from mmtune.engine import close_process_group
+    from mmtune.runs import removed_on_failure
 
-    metrics = _train(cfg, resume, on_eval)
+    with removed_on_failure(cfg.run_dir):  # a run that fails before any result leaves no folder
+        metrics = _train(cfg, resume, on_eval)
     close_process_group()  # after a run that ended normally, on every rank
     return metrics
 
@@ -133,6 +135,7 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     task_cls = get_task(cfg.task)
     splits = build_data(cfg)
     acc = make_accelerator(cfg, run_dir)
+    final_split = final_eval_split(cfg, splits, say=acc.is_main_process)
     task = task_cls(Context(cfg, splits, acc.device))
     model = task.build()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,10 +163,11 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     best = run_dir / "checkpoints" / "best"
     if cfg.train.eval_every and best.exists():
         task.load_weights(model, best / "model.safetensors")
-    final_split = cfg.eval.split if splits.get(cfg.eval.split) else "val"
-    evaluation = trainer.evaluate(splits.get(final_split))
-    write_artifacts(run_dir, evaluation)
-    metrics = dict(evaluation.metrics)
+    metrics = {}
+    if final_split is not None:
+        evaluation = trainer.evaluate(splits.get(final_split))
+        write_artifacts(run_dir, evaluation)
+        metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
     if streamed is not None:  # skips while streaming: a bad sample met in several epochs counts each time
         metrics["data.shards.skipped"] = int(sum(streamed.values()))
@@ -185,13 +189,52 @@ def _train(cfg: Config, resume: str | None, on_eval=None) -> dict:
     return metrics
 
 
+TINY_EVAL = 20  # an evaluated split smaller than this gives figures that mean little
+
+
+def final_eval_split(cfg: Config, splits: Splits, say: bool = True, wanted: str | None = None) -> str | None:
+    """The split the figures come from: `wanted` (default `eval.split`); test falls back to val (never
+    val to test: a search on val must not see test); None when there is no data for it. Said in one
+    warning line when it is not the split asked for, or is tiny."""
+    wanted = wanted or cfg.eval.split
+    split = wanted if splits.get(wanted) else ("val" if wanted == "test" and splits.val else None)
+    if not say:
+        return split
+    if split is None and splits.test:
+        log.warning("no validation data: eval.split=val has no figures (the test split never stands in for it)")
+    elif split is None:
+        log.warning(
+            "no validation or test data (data.val_fraction=%s, no data.val, no data.test): "
+            "no figures are computed and checkpoints/last/ is the final model",
+            cfg.data.val_fraction,
+        )
+    elif split != wanted:
+        picked = ", which also picked checkpoints/best/" if cfg.train.eval_every else ""
+        log.warning(
+            "no data.test: the final figures are on the validation split (%d samples)%s", len(splits.val), picked
+        )
+    n = len(splits.get(split)) if split else 0
+    if 0 < n < TINY_EVAL:
+        log.warning("the final figures are on %d %s samples: they mean little", n, split)
+    if split != "val" and cfg.train.eval_every and 0 < len(splits.val) < TINY_EVAL:
+        log.warning("checkpoints/best/ is picked on %d validation samples: a choice that means little", len(splits.val))
+    return split
+
+
 def _resume_target(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     from mmtune import checkpoint as ckpt
 
     if resume == "auto":  # the newest intact checkpoint (a damaged one is passed over), or fresh
-        return ckpt.latest(run_dir / "checkpoints")
+        found = ckpt.latest(run_dir / "checkpoints")
+        if found is None:
+            if (run_dir / "metrics.jsonl").exists():
+                raise CheckpointError(
+                    f"{run_dir} holds a run with no intact checkpoint to resume: pick another name= or remove it"
+                )
+            print(f"no checkpoint under {run_dir / 'checkpoints'}: starting from scratch", flush=True)
+        return found
     p = Path(resume)
     if (p / "checkpoints" / "last").exists():
         p = p / "checkpoints" / "last"
@@ -213,14 +256,19 @@ def evaluate(
     splits = build_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task, model = open_run(checkpoint, cfg, splits, device)
-    split = split or cfg.eval.split
-    records = splits.get(split) or splits.val
+    wanted = split or cfg.eval.split
+    if not (splits.val if wanted == "val" else splits.val or splits.test):
+        raise DataError(
+            f"{splits.name}: no {'validation' if wanted == 'val' else 'validation or test'} records to evaluate"
+        )
+    split = final_eval_split(cfg, splits, wanted=wanted)
     start = time.perf_counter()
     with torch.no_grad():
-        evaluation = task.evaluate(model, records)
+        evaluation = task.evaluate(model, splits.get(split))
     if artifacts is not None:
         write_artifacts(Path(artifacts), evaluation)
     metrics = dict(evaluation.metrics)
     metrics.update(_metric_summary(splits, task))
+    metrics["eval.split"] = split
     metrics["eval.seconds"] = round(time.perf_counter() - start, 3)
     return metrics

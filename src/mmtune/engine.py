@@ -223,6 +223,22 @@ def _train_data(cfg, task, records, rank: int, world: int):
     )
 
 
+def too_few_samples(n: int, batch_size: int, grad_accum: int, world: int = 1) -> str:
+    """The one-line refusal of a step larger than the training set, with the settings that fit."""
+    procs = f" × {world} processes" if world > 1 else ""
+    fixes = []
+    if n // (world * grad_accum):
+        fixes.append(f"data.batch_size={n // (world * grad_accum)}")
+    if grad_accum > 1 and n // (world * batch_size):
+        fixes.append(f"train.grad_accum={n // (world * batch_size)}")
+    if not fixes:
+        fixes.append(f"data.batch_size={max(1, n // world)} train.grad_accum=1")
+    return (
+        f"the training split has {n} samples, fewer than one step of data.batch_size={batch_size} × "
+        f"train.grad_accum={grad_accum}{procs}: set {' or '.join(fixes)} (the largest that fit)"
+    )
+
+
 class Trainer:
     """Holds the run's accelerator, model, optimizer and state; `fit()` is the loop."""
 
@@ -238,10 +254,7 @@ class Trainer:
         self.train_ds = _train_data(cfg, task, self.train_records, self.rank, self.world)
         per_epoch = len(self.train_ds) // (cfg.data.batch_size * self.world) // t.grad_accum
         if per_epoch == 0:
-            raise UserError(
-                f"{len(self.train_ds)} training samples make no full step of "
-                f"data.batch_size={cfg.data.batch_size} × train.grad_accum={t.grad_accum}"
-            )
+            raise UserError(too_few_samples(len(self.train_ds), cfg.data.batch_size, t.grad_accum, self.world))
         self.steps_per_epoch = per_epoch
         self.total_steps = t.max_steps or math.ceil(t.epochs * per_epoch)
         groups = param_groups(model, t.weight_decay, task.lr_scales(model))
@@ -345,6 +358,7 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 15,
             disable=not (t.progress and self.acc.is_main_process),
         )
+        plain = _PlainProgress(self.total_steps, st.step, not t.progress and self.acc.is_main_process)
         self.model.train()
         micro, window = 0, _Window()
         bad = torch.zeros((), device=self.acc.device)
@@ -374,12 +388,15 @@ class Trainer:
                     record = window.close(st, steps_in_window, self.sched.get_last_lr()[0])
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.0f}")
+                    plain.loss = record["loss"]
                 if t.eval_every and st.step % t.eval_every == 0 and st.step < self.total_steps:
-                    self.evaluate_and_save()
+                    metrics = self.evaluate_and_save()
+                    plain.evaluated(st.step, self.metric, metrics)
                     window.start = time.perf_counter()  # evaluation time is not training time
                 elif t.save_every and st.step % t.save_every == 0:
                     self.save("last")
                     window.start = time.perf_counter()
+                plain.tick(st.step)
                 if st.step >= self.total_steps or st.step == t.stop_after_steps or st.stopped_early:
                     break
             else:
@@ -390,7 +407,8 @@ class Trainer:
         elif st.step < self.total_steps:
             self.save("last")  # a session ended early: resumable, not finished
         elif t.eval_every:
-            self.evaluate_and_save()
+            metrics = self.evaluate_and_save()
+            plain.evaluated(st.step, self.metric, metrics)
         else:
             self.save("last")
         if t.report_to:
@@ -556,6 +574,44 @@ def _check_shards(folder: Path, then: list | None, now: list | None) -> None:
         f"{first}); refusing to resume, since samples would be skipped or repeated — point data.shards "
         "at the shards the run started with, or start a new run"
     )
+
+
+PLAIN_LOG_SECONDS = 30.0  # without the bar (train.progress=false): one progress line this often
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+class _PlainProgress:
+    """The bar's figures as plain lines when there is no bar: every PLAIN_LOG_SECONDS of wall time
+    and at each evaluation — step/total, the last logged loss, steps/s and ETA."""
+
+    def __init__(self, total: int, initial: int, on: bool):
+        self.total, self.initial, self.on = total, initial, on
+        self.start = self.last = time.perf_counter()
+        self.loss: float | None = None
+
+    def line(self, step: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        rate = (step - self.initial) / max(now - self.start, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        loss = "" if self.loss is None else f"  loss {self.loss:.4f}"
+        print(f"step {step}/{self.total}{loss}  {rate:.2f} steps/s  ETA {_duration(eta)}{extra}", flush=True)
+        self.last = now
+
+    def tick(self, step: int) -> None:
+        if self.on and time.perf_counter() - self.last >= PLAIN_LOG_SECONDS:
+            self.line(step)
+
+    def evaluated(self, step: int, metric: str, metrics: dict) -> None:
+        if self.on:
+            value = metrics.get(metric)
+            self.line(step, "  eval" + (f" {metric} {value:.4f}" if isinstance(value, float) else ""))
 
 
 class _Window:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,3 +120,26 @@ def upgrade(path: str | Path) -> str:
         task = infer_legacy_task(spec)
     record_task(spec_dir, task)
     return task
+
+
+def holds_results(folder: str | Path) -> bool:
+    """Whether a run folder holds something worth keeping: a complete checkpoint, a training log
+    or final figures (at any depth: `mmtune classify` keeps one run folder per method)."""
+    folder = Path(folder)
+    return any(next(folder.rglob(name), None) for name in ("COMPLETE", "metrics.jsonl", "metrics.json"))
+
+
+@contextmanager
+def removed_on_failure(run_dir: str | Path):
+    """Run the body; when it fails, remove `run_dir` if the body created it and it holds no results
+    (`holds_results`), so a failed command leaves no empty run folder behind. Rank 0 only."""
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    try:
+        yield run_dir
+    except BaseException:
+        rank0 = os.environ.get("RANK", "0") == "0"
+        if rank0 and not existed and run_dir.is_dir() and not holds_results(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.info("removed %s: the command failed before writing results", run_dir)
+        raise

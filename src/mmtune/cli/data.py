@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
         help="shard folder or brace pattern (`shards/{00000..00009}.tar`), pairs file, COCO JSON, folder, or `digits`",
     )
     c.add_argument("--config", "-c", help="config whose `data` section reads the dataset")
+    c.add_argument("--list", metavar="FILE", help="write every bad sample (JSON lines: sample, reason, detail)")
     c.set_defaults(func=cmd_check)
     from mmtune.cli.benchmark import add_benchmark  # CLIP_benchmark's layout
 
@@ -57,11 +58,29 @@ def _records(cfg, split: str):
     return [r for p in parts for r in splits.get(p)], splits
 
 
-def _print_bad(total: int, bad) -> int:
+SHOWN_BAD = 20  # bad samples named on the terminal; `--list FILE` writes them all
+
+
+def _print_bad(total: int, bad, found: list[dict] | None = None, list_file: str | None = None) -> int:
+    """Counts by reason, then the bad samples themselves (the first SHOWN_BAD; all in `list_file`)."""
     n_bad = sum(bad.values())
     print(f"{total} samples, {total - n_bad} good, {n_bad} bad")
     for reason, count in sorted(bad.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {count}")
+    found = found or []
+    if found:
+        print("bad samples:")
+    for item in found[:SHOWN_BAD]:
+        detail = f" ({item['detail']})" if item["detail"] else ""
+        print(f"  {item['sample']}  {item['reason']}{detail}")
+    if len(found) > SHOWN_BAD:
+        more = f"… and {len(found) - SHOWN_BAD} more"
+        print(f"  {more}" + ("" if list_file else " (--list FILE writes them all)"))
+    if list_file:
+        import json
+
+        Path(list_file).write_text("".join(json.dumps(item) + "\n" for item in found))
+        print(f"{len(found)} bad samples listed in {list_file}")
     return 1 if n_bad else 0
 
 
@@ -88,14 +107,17 @@ def cmd_check(args, extra) -> int:
         from mmtune.data.shards import check_shards
 
         cfg = load_config(args.config, parse_overrides(extra))
-        return _print_bad(*check_shards(args.dataset, cfg.data.max_image_pixels))
+        found: list[dict] = []
+        total, bad = check_shards(args.dataset, cfg.data.max_image_pixels, found)
+        return _print_bad(total, bad, found, args.list)
     from mmtune.data import screen
 
     cfg = _data_cfg(args, extra)
     records, splits = _records(cfg, "all")
-    _, bad = screen(records, "skip", cfg.data.max_image_pixels, 1.0, "checking images")
-    bad.update(splits.skipped)
-    return _print_bad(len(records) + sum(splits.skipped.values()), bad)
+    found = []
+    _, bad = screen(records, "skip", cfg.data.max_image_pixels, 1.0, "checking images", found)
+    bad.update(splits.skipped)  # left out by the reader (COCO images without captions): counted only
+    return _print_bad(len(records) + sum(splits.skipped.values()), bad, found, args.list)
 
 
 def cmd_estimate(args, extra) -> int:

@@ -174,20 +174,24 @@ def screen(
     max_pixels: int = 40_000_000,
     max_bad_fraction: float = 1.0,
     desc: str = "checking images",
+    found: list[dict] | None = None,
 ) -> tuple[list[Record], Counter]:
-    """Decode every file image once; drop bad ones (counted by reason) or stop naming the file."""
+    """Decode every file image once; drop bad ones (counted by reason) or stop naming the file.
+
+    `found`, when given, receives {"sample", "reason", "detail"} for every bad sample, in order.
+    """
     good, bad = [], Counter()
     paths = [r for r in records if isinstance(r.image, str)]
     bar = tqdm(records, desc=desc, disable=len(paths) < 200, leave=False)
     for rec in bar:
-        reason = None
+        reason, detail = None, ""
         if isinstance(rec.image, str):
             try:
                 load_image(rec.image, max_pixels)
             except BadImage as e:
                 if on_bad_sample == "error":
                     raise DataError(f"bad image {e.path}: {e.reason} {e.detail}".rstrip()) from None
-                reason = e.reason
+                reason, detail = e.reason, e.detail
                 if not bad:
                     log.warning("skipping bad image %s (%s); further skips are counted", e.path, e.reason)
         if reason is None:
@@ -199,6 +203,10 @@ def screen(
             rec.captions = caps
         if reason:
             bad[reason] += 1
+            if found is not None:
+                found.append(
+                    {"sample": rec.image if isinstance(rec.image, str) else rec.id, "reason": reason, "detail": detail}
+                )
         else:
             good.append(rec)
     if records and sum(bad.values()) / len(records) > max_bad_fraction:

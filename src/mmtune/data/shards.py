@@ -195,7 +195,7 @@ def decode(sample: dict, transform: ImageTransform, rng, max_pixels: int, index:
     }
 
 
-def _read_counted(path: Path, bad: Counter) -> Iterator[dict]:
+def _read_counted(path: Path, bad: Counter, found: list[dict] | None = None) -> Iterator[dict]:
     """read_shard, with a truncated or corrupt tar counted (and logged) instead of raised."""
     try:
         yield from read_shard(path)
@@ -203,26 +203,38 @@ def _read_counted(path: Path, bad: Counter) -> Iterator[dict]:
         if not bad["unreadable_shard"]:
             log.warning("%s; its remaining samples are skipped", e)
         bad["unreadable_shard"] += 1
+        if found is not None:
+            found.append({"sample": str(path), "reason": "unreadable_shard", "detail": str(e)})
 
 
-def check_shards(source: str | Path, max_pixels: int = 40_000_000) -> tuple[int, Counter]:
-    """Decode every sample of a shard source (folder or pattern): (samples, bad counts by reason)."""
+def check_shards(
+    source: str | Path, max_pixels: int = 40_000_000, found: list[dict] | None = None
+) -> tuple[int, Counter]:
+    """Decode every sample of a shard source (folder or pattern): (samples, bad counts by reason).
+
+    `found`, when given, receives {"sample": "SHARD:KEY", "reason", "detail"} for every bad sample.
+    """
     shards, _ = resolve(source)
     bad: Counter = Counter()
+    found = [] if found is None else found
     total = 0
     for shard in shards:
-        for sample in _read_counted(shard.path, bad):
+        for sample in _read_counted(shard.path, bad, found):
             total += 1
+            name = f"{shard.path}:{sample['key']}"
             try:
                 item = decode(sample, ImageTransform(8), np.random.default_rng(0), max_pixels, 0)
             except BadImage as e:
                 bad[e.reason] += 1
+                found.append({"sample": name, "reason": e.reason, "detail": e.detail})
             else:
                 if item["captions"] and not item["caption"].strip():
                     bad["empty_caption"] += 1
+                    found.append({"sample": name, "reason": "empty_caption", "detail": ""})
     expected = sum(s.samples for s in shards)
     if total < expected:
         bad["missing_from_shards"] += expected - total
+        found.append({"sample": str(source), "reason": "missing_from_shards", "detail": f"{expected - total} samples"})
     return total, bad
 
 

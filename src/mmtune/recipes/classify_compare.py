@@ -34,6 +34,7 @@ from mmtune.models.classifier import (
     zeroshot_head,
 )
 from mmtune.recipes import classify_report as rep
+from mmtune.runs import removed_on_failure
 from mmtune.tasks import Context
 from mmtune.tasks.classify import METHODS, TRAINED, classify_options
 
@@ -71,8 +72,13 @@ def run(cfg, overwrite: bool = False) -> dict:
     methods = [m for m in METHODS if m in asked]
     if "wise-ft" in methods and "finetune" not in methods:
         raise ConfigError("options.compare: wise-ft interpolates towards finetune: add finetune")
-    run_dir = _fresh(cfg.run_dir, overwrite)
-    env = _setup(cfg, opts, run_dir)
+    with removed_on_failure(cfg.run_dir):  # a failure before any result leaves no folder
+        run_dir = _fresh(cfg.run_dir, overwrite)
+        return _run_methods(_setup(cfg, opts, run_dir), methods)
+
+
+def _run_methods(env: Env, methods: list[str]) -> dict:
+    run_dir = env.run_dir
     for method in methods:
         res = RUNNERS[method](env) if method not in TRAINED else _trained(env, method)
         res.metrics, res.logits = evaluate_all(res.clf, env)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -22,13 +24,19 @@ from mmtune.losses import caption_group_ids
 from mmtune.metrics import class_tables, classification_metrics, retrieval_metrics, zeroshot_weights
 from mmtune.tasks.base import Evaluation, Task
 
+log = logging.getLogger("mmtune.contrastive")
+
 
 class ContrastiveOptions(BaseModel):
     """`options:` of the contrastive task."""
 
     model_config = ConfigDict(extra="forbid")
     loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss.")
-    class_aware: bool = Field(False, description="Pairs with the same label/caption are positives, not negatives.")
+    class_aware: bool | Literal["auto"] = Field(
+        "auto",
+        description="Pairs with the same label (else the same caption) are positives, not negatives. "
+        "`auto`: on when captions repeat across the training split's images, off otherwise.",
+    )
     gather_features: bool = Field(
         True,
         description="With several processes, compute the loss over the global batch (features "
@@ -158,6 +166,8 @@ class ContrastiveTask(Task):
         self.syncs_own_gradients = bool(self.opts.gradcache_chunk)
         self.record: dict = {}  # the zero-shot classes and templates the run recorded
         self._head: torch.Tensor | None = None  # (C, D) of class_prompts(), made once for predict
+        self._class_aware: bool | str | None = None  # decided at the first training batch
+        self._said_shared = False
 
     # ------------------------------------------------------------ the model's life
 
@@ -229,9 +239,28 @@ class ContrastiveTask(Task):
         loss = loss_fn(img, txt, out["logit_scale"], out["logit_bias"])
         return {"loss": loss, "samples": n, "logit_scale": out["logit_scale"].detach()}
 
+    def class_aware(self) -> bool:
+        """`options.class_aware`, with `auto` decided once from the training split (said in one line)."""
+        if self._class_aware is None:
+            self._class_aware = self.opts.class_aware
+            if self._class_aware == "auto":
+                records = self.ctx.splits.train if self.ctx.splits else []
+                shared, distinct = repeated_captions(records)
+                self._class_aware = shared > 0
+                if shared:
+                    by = "label" if records and all(r.label is not None for r in records) else "caption"
+                    log.info(
+                        "options.class_aware on (auto): %d of %d distinct training captions belong to several "
+                        "images, so pairs with the same %s are positives, not negatives (false turns it off)",
+                        shared,
+                        distinct,
+                        by,
+                    )
+        return bool(self._class_aware)
+
     def _group_ids(self, batch) -> torch.Tensor | None:
         """Class-aware positives: labels, else equal captions (hashed: equal on every rank)."""
-        if not self.opts.class_aware:
+        if not self.class_aware():
             return None
         labels = batch["labels"]
         if bool((labels >= 0).all()):
@@ -279,7 +308,23 @@ class ContrastiveTask(Task):
             relevant = torch.tensor([text_groups[i] for i in picks])[:, None] == torch.tensor(image_groups)[None, :]
             queries = [texts[i] for i in picks]
             examples["retrieval"] = retrieval_examples(txt[picks] @ img.T, queries, relevant, records)
+            shared, _ = repeated_captions(records, normalise=False)
+            if shared:
+                metrics["retrieval.shared_captions"] = shared
+                self._say_shared(shared, len(texts))
         return Evaluation(metrics, tables=tables, examples=examples)
+
+    def _say_shared(self, shared: int, distinct: int) -> None:
+        """Once per task: why R@1 on repeated captions is not a one-to-one pairing figure."""
+        if not self._said_shared:
+            log.info(
+                "%d of %d distinct evaluation captions belong to several images: retrieval.* counts any image "
+                "or caption with the identical text as a hit (a strict R@1, which counts only the exact pair, "
+                "cannot tell such images apart)",
+                shared,
+                distinct,
+            )
+        self._said_shared = True
 
     def predict_inputs(self, records) -> list[dict]:
         labels = [c for r in records for c in r.captions[:1]] or ["a photo."]
@@ -309,6 +354,15 @@ class ContrastiveTask(Task):
         if self._head is None:
             self._head = zeroshot_classifier(model, *prompts, self.ctx, self.processor)
         return list(prompts[0]), self._head
+
+
+def repeated_captions(records, normalise: bool = True) -> tuple[int, int]:
+    """(captions shared by several records, distinct captions); `normalise`: compared after
+    strip + lower-case, as class-aware groups compare them, else as the exact text."""
+    owners: Counter = Counter()
+    for rec in records:
+        owners.update({c.strip().lower() if normalise else c for c in rec.captions})
+    return sum(1 for n in owners.values() if n > 1), len(owners)
 
 
 def caption_groups(records) -> tuple[list[str], list[int], list[int]]:
