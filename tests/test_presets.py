@@ -125,3 +125,38 @@ def test_digits28_config_trains_on_an_image_folder(tmp_path):
     assert metrics["data.test"] == 20 and 0.0 <= metrics["top1"] <= 1.0
     _, proc = load_run(run)  # the classifier, rebuilt at the run's resolution
     assert proc.image_size == 28
+
+
+def test_photo_preset_trains_at_224_and_reloads(tmp_path):
+    """photo-minilm, the real-photo preset: a contrastive step at 224 px on photo-sized files (here
+    rendered scenes saved as 320×240 JPEGs), then `mmtune eval` rebuilds it from the run folder."""
+    from tests.conftest import write_image
+
+    rows = ["image,caption"]
+    for i in range(8):
+        colour = ((40 * i) % 256, 255 - 30 * i, (90 * i) % 256)
+        write_image(tmp_path / f"p{i}.jpg", size=(320, 240), color=colour)
+        rows.append(f"p{i}.jpg,a photo of colour number {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    common = [f"output_dir={tmp_path / 'runs'}", "name=photo", "train.progress=false"]
+    code = main(
+        [
+            "train",
+            "model.name=photo-minilm",
+            f"data.dataset={tmp_path / 'pairs.csv'}",
+            f"data.val={tmp_path / 'pairs.csv'}",
+            f"data.test={tmp_path / 'pairs.csv'}",
+            "data.batch_size=4",
+            "train.max_steps=2",
+            "train.warmup_steps=1",
+            *common,
+        ]
+    )
+    assert code == 0
+    run = tmp_path / "runs" / "photo"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "retrieval.i2t.R@1" in metrics
+    model, proc = load_model(ModelConfig(name=str(run)))
+    assert proc.image_size == 224
+    assert model.image_tokens(torch.zeros(1, 3, 224, 224)).shape[1] == 14 * 14 + 1
+    assert main(["eval", "--checkpoint", str(run)]) == 0
