@@ -1,7 +1,7 @@
 """vlm-sft on several image-text-to-text families, each a tiny random model written as a plain
 transformers folder (tests/vlm_families.py) and read back through `from_pretrained`: LLaVA (image
-patches), Idefics3 (image splitting into crops + the whole image) and PaliGemma (a prefix LM whose
-prefix is marked by token type ids)."""
+patches), Idefics3 (image splitting into crops + the whole image), PaliGemma (a prefix LM whose
+prefix is marked by token type ids) and Gemma 3 (pooled soft tokens marked by token type ids)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ from tests.test_vlm import learnt_runs
 
 FAMILIES = list(vlm_families.FAMILIES)
 REPLIES = ["a red circle", "it is on the left", "two squares"]
-# image tokens per image: LLaVA (32/8)² patches; Idefics3 (2×2 crops + the whole) × 4; PaliGemma (32/8)²
-IMAGE_TOKENS = {"llava": 16, "idefics3": 20, "paligemma": 16}
+# (token, count) per image: LLaVA (32/8)² patches; Idefics3 (2×2 crops + the whole) × 4; PaliGemma
+# (32/8)²; Gemma 3 (32/8)² patches pooled 2×2
+IMAGE_TOKENS = {
+    "llava": ("<image>", 16),
+    "idefics3": ("<image>", 20),
+    "paligemma": ("<image>", 16),
+    "gemma3": ("<image_soft_token>", 4),
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +67,16 @@ def test_labels_are_exactly_the_assistant_replies_turn_by_turn(folders, family):
     runs = learnt_runs(enc["input_ids"], enc["labels"])
     assert [tok.decode(r, skip_special_tokens=True).strip() for r in runs] == REPLIES
     assert all(r[-1] == tok.eos_token_id for r in runs)  # each reply learns to stop
-    image_id = tok.convert_tokens_to_ids(task.processor.image_token)
-    assert int((enc["input_ids"] == image_id).sum()) == 2 * IMAGE_TOKENS[family]
+    token, count = IMAGE_TOKENS[family]
+    image_id = tok.convert_tokens_to_ids(token)
+    assert int((enc["input_ids"] == image_id).sum()) == 2 * count
     if family == "paligemma":  # prefix (bidirectional) up to the first reply, causal after it
         first = enc["labels"].ne(-100).nonzero()[0, 0]
         assert enc["token_type_ids"][:first].eq(0).all() and enc["token_type_ids"][first:].eq(1).all()
+    full = make_task(folders[family], train_on_prompt=True)[0].encoder.encode(dialog())
+    assert torch.equal(full["labels"], full["input_ids"].masked_fill(full["input_ids"] == image_id, -100))
+    if family == "gemma3":  # token type 1: exactly the image's soft tokens
+        assert torch.equal(enc["token_type_ids"].bool(), enc["input_ids"] == image_id)
     if family == "idefics3":  # crops of both images in one sample: (1, 2 × 5 crops, 3, 16, 16)
         assert enc["pixel_values"].shape == (1, 10, 3, 16, 16)
 

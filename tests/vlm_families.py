@@ -23,13 +23,23 @@ IDEFICS_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
-def _tokenizer(special: list[str], eos: str | None = None):
-    """MiniLM's word pieces + the family's special tokens (eos: one of them, or [SEP])."""
+
+def _tokenizer(special: list[str], eos: str | None = None, **named):
+    """MiniLM's word pieces + the family's special tokens (eos: one of them, or [SEP]); `named`:
+    special tokens the processor reads as tokenizer attributes (Gemma 3's `boi_token`…)."""
     from transformers import BertTokenizerFast
 
     # per-token outputs are the processor's (token type ids mean image or prefix tokens there)
-    tok = BertTokenizerFast.from_pretrained(str(minilm_dir()), model_input_names=["input_ids", "attention_mask"])
+    tok = BertTokenizerFast.from_pretrained(
+        str(minilm_dir()), model_input_names=["input_ids", "attention_mask"], extra_special_tokens=named
+    )
     tok.add_special_tokens({"additional_special_tokens": special})
     tok.eos_token = eos or tok.sep_token
     tok.bos_token = tok.cls_token
@@ -116,6 +126,27 @@ def llava(folder: Path) -> Path:
     return _save(*tiny_llava(), folder)
 
 
+def gemma3(folder: Path) -> Path:
+    """Gemma 3: SigLIP 32 px / 8 px patches pooled 2×2 → 4 soft tokens between <start_of_image> and
+    <end_of_image>; token type ids mark them (attended bidirectionally)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = _tokenizer(["<start_of_turn>", "<end_of_turn>"], eos="<end_of_turn>", **named)
+    text = _llama(tok, head_dim=8, sliding_window=64, tie_word_embeddings=True)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config={**SMALL, "image_size": 32, "patch_size": 8},
+        mm_tokens_per_image=4,
+        boi_token_id=tok.boi_token_id,
+        eoi_token_id=tok.eoi_token_id,
+        image_token_id=tok.image_token_id,
+    )
+    images = Gemma3ImageProcessor(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=4)
+    return _save(Gemma3ForConditionalGeneration(config), processor, folder)
+
+
 def _save(model, processor, folder: Path) -> Path:
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -123,7 +154,7 @@ def _save(model, processor, folder: Path) -> Path:
     return folder
 
 
-FAMILIES = {"llava": llava, "idefics3": idefics3, "paligemma": paligemma}
+FAMILIES = {"llava": llava, "idefics3": idefics3, "paligemma": paligemma, "gemma3": gemma3}
 
 
 def build(family: str, folder: Path, seed: int = 0) -> Path:

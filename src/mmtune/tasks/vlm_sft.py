@@ -95,7 +95,9 @@ class Encoder:
         )
         self.tok = processor.tokenizer
         self.image_token = getattr(processor, "image_token", IMAGE)
-        self.image_id = self.tok.convert_tokens_to_ids(self.image_token)
+        # the ids an image expands to (Gemma 3: soft tokens, not its <start_of_image> placeholder)
+        marked = {i for i in getattr(processor, "image_token_ids", ()) if i is not None}
+        self.image_ids = marked or {self.tok.convert_tokens_to_ids(self.image_token)}
         self.prefix_lm = is_prefix_lm(processor)
         # a tokenizer's own type ids (BERT's segments) are no model input; the processor's are
         self.token_keys = [k for k in TOKEN_KEYS if k not in self.tok.model_input_names or self.prefix_lm]
@@ -152,7 +154,7 @@ class Encoder:
             piece = enc["input_ids"][0].tolist()
             ids += piece
             learn = reply or (self.train_on_prompt and not generation)
-            labels += [t if learn and t != self.image_id else -100 for t in piece]
+            labels += [t if learn and t not in self.image_ids else -100 for t in piece]
             replied = replied or reply
             for key in self.token_keys:
                 given = enc.get(key)
@@ -164,7 +166,7 @@ class Encoder:
                 if key not in ("input_ids", "attention_mask", *TOKEN_KEYS) and torch.is_tensor(value):
                     extra.setdefault(key, []).append(value)
         if len(ids) > self.max_length:
-            if self.image_id in ids[self.max_length :]:
+            if self.image_ids & set(ids[self.max_length :]):
                 raise DataError(f"sample {rec.id}: options.max_length={self.max_length} would cut its image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not generation and all(t == -100 for t in labels):
