@@ -35,7 +35,7 @@ def _dialog() -> ConversationRecord:
     return ConversationRecord(image=IMG, id="d1", messages=turns, images=[IMG])
 
 
-def _runs(ids, labels) -> list[list[int]]:
+def learnt_runs(ids, labels) -> list[list[int]]:
     """The contiguous runs of learnt (label != -100) tokens."""
     out, cur = [], []
     for t, lab in zip(ids.tolist(), labels.tolist(), strict=True):
@@ -109,7 +109,7 @@ def test_llava_labels_are_exactly_the_assistant_replies_turn_by_turn():
     task, _ = _task()
     enc = task.encoder.encode(_dialog())
     tok = task.processor.tokenizer
-    runs = _runs(enc["input_ids"], enc["labels"])
+    runs = learnt_runs(enc["input_ids"], enc["labels"])
     assert [tok.decode(r, skip_special_tokens=True).strip() for r in runs] == REPLIES
     assert all(r[-1] == tok.eos_token_id for r in runs)  # each reply learns to stop
     image_id = tok.convert_tokens_to_ids("<image>")

@@ -168,8 +168,41 @@ def hf_embeddings(folder: str | Path, pixel_values, input_ids, attention_mask):
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
+def is_generative(model) -> bool:
+    """A transformers model that generates text (an image-text-to-text model: LLaVA, Idefics3…)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and hasattr(model, "generate")
+
+
+def generative_probe(processor) -> dict[str, torch.Tensor]:
+    """Inputs of one image-and-question chat rendered by the processor's own chat template."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.fromarray(pixels)], add_special_tokens=False, return_tensors="pt")
+    return {k: v for k, v in enc.items() if torch.is_tensor(v) and k != "labels"}
+
+
+def export_generative(model, processor, out: Path) -> float:
+    """Save the model and its processor (chat template included) as one transformers folder;
+    the max abs difference of the reloaded model's logits on a probe chat."""
+    from transformers import AutoModelForImageTextToText
+
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    probe = generative_probe(processor)
+    plain = AutoModelForImageTextToText.from_pretrained(out).eval()
+    with torch.no_grad():
+        return float((model(**probe).logits - plain(**probe).logits).abs().max())
+
+
 def export_hf(model, processor, out: Path) -> float:
-    """Write the `hf` folder; the max abs difference of its embeddings to the model's."""
+    """Write the `hf` folder; the max abs difference of its embeddings (or logits) to the model's."""
+    if is_generative(model):
+        return export_generative(model, processor, out)
     if isinstance(model, HFDualEncoder):
         _save_hf(model, processor, out)
     elif isinstance(model, DualEncoder):
@@ -269,6 +302,17 @@ def export_onnx(model, processor, out: Path) -> float:
 
 # ---------------------------------------------------------------- the run → folder
 
+GENERATIVE_USAGE = """```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained(FOLDER)
+processor = AutoProcessor.from_pretrained(FOLDER)
+chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+inputs = processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt")
+answer = model.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+print(processor.tokenizer.decode(answer, skip_special_tokens=True))
+```"""
+
 
 def _card(run: Path, fmt: str, model, max_diff: float, merged: int) -> str:
     from mmtune.runs import resolve_checkpoint
@@ -305,13 +349,21 @@ def _card(run: Path, fmt: str, model, max_diff: float, merged: int) -> str:
         "'attention_mask': mask})[0]\n```\nPreprocessing: `preprocess.json`; tokenizer: `tokenizer/`."
     )
     use = onnx_use if fmt == "onnx" else usage[("hf", isinstance(model, HFDualEncoder))]
+    what = "Embeddings are L2-normalised; image–text similarity is their inner product."
+    measured = "embeddings on a probe batch"
     if fmt == "open-clip":
         from mmtune.models.openclip import CARD_USAGE as use
+    if is_generative(model):
+        use, what, measured = (
+            GENERATIVE_USAGE,
+            "The chat template used in training is saved with the processor.",
+            "logits",
+        )
     return f"""# mmtune export ({fmt})
 
 Exported from `{ckpt}` ({model.__class__.__name__}); {merged} adapter layers merged.
-Embeddings are L2-normalised; image–text similarity is their inner product.
-Largest difference to the PyTorch model's embeddings on a probe batch: **{max_diff:.2e}**.
+{what}
+Largest difference to the PyTorch model's {measured}: **{max_diff:.2e}**.
 
 ## Use
 

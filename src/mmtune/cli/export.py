@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
         "--format",
         choices=["hf", "onnx", "open-clip"],
         default="hf",
-        help="a format the run's task offers (contrastive: hf, onnx, open-clip)",
+        help="a format the run's task offers (contrastive: hf, onnx, open-clip; vlm-sft: hf)",
     )
     x.add_argument("--output", "-o", required=True, help="new folder to write")
     x.set_defaults(func=cmd_export)

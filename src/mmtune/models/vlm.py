@@ -25,7 +25,26 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# Prefix-LM layout (PaliGemma, which ships no chat template): the first turn's images, <bos>, the
+# prompt and a newline form the prefix; each reply ends with the end-of-sequence token.
+PREFIX_LM_TEMPLATE = (
+    "{% for m in messages %}{% set parts = [{'type': 'text', 'text': m['content']}] "
+    "if m['content'] is string else m['content'] %}"
+    "{% if m['role'] == 'assistant' %}{% for p in parts %}{{ p['text'] }}{% endfor %}{{ eos_token }}"
+    "{% else %}{% if loop.first %}{% for p in parts if p['type'] == 'image' %}<image>{% endfor %}{{ bos_token }}"
+    "{% for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
+    "{% else %}{% for p in parts %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% endif %}{% endfor %}"
+)
 PRESETS = ("tiny-llava",)
+# processors that wrap any text in their own prefix layout (<bos> after the images, a newline at
+# the end): conversations are tokenised around them, and token type ids mark the prefix (0)
+PREFIX_LM_PROCESSORS = ("PaliGemmaProcessor",)
+
+
+def is_prefix_lm(processor) -> bool:
+    """Whether the model attends bidirectionally over a prefix marked by token type ids 0 (PaliGemma)."""
+    return type(processor).__name__ in PREFIX_LM_PROCESSORS
 
 
 def _tokenizer_with_image(tok):
@@ -144,7 +163,12 @@ def load_vlm(name: str):
         return tiny_llava()
     if not Path(name).is_dir():
         raise ConfigError(f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder")
-    return AutoModelForImageTextToText.from_pretrained(name), AutoProcessor.from_pretrained(name)
+    processor = AutoProcessor.from_pretrained(name)
+    if not processor.chat_template:
+        if not is_prefix_lm(processor):
+            raise ConfigError(f"model.name: {name} has no chat template (chat_template.jinja) to render conversations")
+        processor.chat_template = PREFIX_LM_TEMPLATE
+    return AutoModelForImageTextToText.from_pretrained(name), processor
 
 
 def save_vlm(model: nn.Module, processor, folder: Path) -> None:

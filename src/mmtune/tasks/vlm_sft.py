@@ -62,25 +62,45 @@ def _pixels(image) -> Image.Image:
     return Image.fromarray(image).convert("RGB") if isinstance(image, np.ndarray) else load_image(image)
 
 
+# per-token inputs some families read: Qwen2-VL's M-RoPE types, Gemma 3's and PaliGemma's token types
+TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+# image tensors batched per sample (Idefics2/3, SmolVLM: (1, crops, …) with a pixel mask), not per image
+PER_SAMPLE_KEYS = ("pixel_values", "pixel_attention_mask")
+
+
+def pad_cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Concatenate along `dim`, zero-padding every other dimension to the largest."""
+    if len({t.shape[:dim] + t.shape[dim + 1 :] for t in tensors}) > 1:
+        size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            grow = [(0, 0) if d == dim else (0, size[d] - t.shape[d]) for d in range(t.dim())]
+            padded.append(torch.nn.functional.pad(t, [x for pair in reversed(grow) for x in pair]))
+        tensors = padded
+    return torch.cat(tensors, dim)
+
+
 class Encoder:
-    """Conversations → input ids, labels (-100 where not learnt) and the processor's image tensors."""
+    """Conversations → input ids, labels (-100 where not learnt), per-token type ids and the
+    processor's image tensors, each image expanded as its family does (LLaVA patches, Idefics3
+    crops, PaliGemma's prefix)."""
 
     def __init__(self, processor, max_length: int, train_on_prompt: bool):
+        from mmtune.models.vlm import is_prefix_lm
+
         self.processor, self.max_length, self.train_on_prompt = (
             processor,
             max_length,
             train_on_prompt,
         )
-        tok = processor.tokenizer
-        self.image_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE))
-        # per-token outputs of the tokenizer; everything else the processor returns is the images'
-        self.text_keys = {
-            *tok.model_input_names,
-            "input_ids",
-            "attention_mask",
-            "token_type_ids",
-            "mm_token_type_ids",
-        }
+        self.tok = processor.tokenizer
+        self.image_token = getattr(processor, "image_token", IMAGE)
+        # the ids an image expands to (Gemma 3: soft tokens, not its <start_of_image> placeholder)
+        marked = {i for i in getattr(processor, "image_token_ids", ()) if i is not None}
+        self.image_ids = marked or {self.tok.convert_tokens_to_ids(self.image_token)}
+        self.prefix_lm = is_prefix_lm(processor)
+        # a tokenizer's own type ids (BERT's segments) are no model input; the processor's are
+        self.token_keys = [k for k in TOKEN_KEYS if k not in self.tok.model_input_names or self.prefix_lm]
 
     def render(self, messages: list[dict], generation: bool = False) -> str:
         msgs = [{"role": m["role"], "content": _content(m["content"])} for m in messages]
@@ -109,42 +129,65 @@ class Encoder:
             raise DataError("the chat template renders a conversation's turns differently as it grows")
         return text[len(prefix) :]
 
+    def piece(self, text: str, images: list) -> dict:
+        """One segment's ids and tensors (a prefix-LM's text is tokenised here: its processor
+        would wrap every piece in its own <bos> … newline layout)."""
+        if self.prefix_lm:
+            n = self.processor.image_seq_length
+            ids = self.tok(text.replace(self.image_token, self.image_token * n), add_special_tokens=False)
+            out = {"input_ids": torch.tensor([ids["input_ids"]])}
+            if images:
+                out.update(self.processor.image_processor(images, return_tensors="pt"))
+            return out
+        return self.processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt")
+
     def encode(self, rec: ConversationRecord, generation: bool = False) -> dict:
-        """{"input_ids" (L,), "labels" (L,), image tensors…} of one conversation."""
+        """{"input_ids" (L,), "labels" (L,), token type ids (L,), image tensors…} of one conversation."""
         images = [_pixels(im) for im in rec.images]
         messages = rec.messages[:-1] if generation and rec.messages[-1]["role"] == "assistant" else rec.messages
-        ids, labels, extra, used = [], [], {}, 0
+        ids, labels, extra, used, replied, seen = [], [], {}, 0, False, set()
+        types = {k: [] for k in self.token_keys}
         for text, reply in self.segments(messages, generation):
-            n = text.count(getattr(self.processor, "image_token", IMAGE))
-            enc = self.processor(
-                text=[text], images=images[used : used + n] or None, add_special_tokens=False, return_tensors="pt"
-            )
+            n = text.count(self.image_token)
+            enc = self.piece(text, images[used : used + n])
             used += n
             piece = enc["input_ids"][0].tolist()
             ids += piece
             learn = reply or (self.train_on_prompt and not generation)
-            labels += [t if learn and t != self.image_id else -100 for t in piece]
+            labels += [t if learn and t not in self.image_ids else -100 for t in piece]
+            replied = replied or reply
+            for key in self.token_keys:
+                given = enc.get(key)
+                if self.prefix_lm and key == "token_type_ids":  # 0: the prefix before the first reply
+                    given = torch.full((1, len(piece)), int(replied))
+                seen.update([key] if given is not None else [])
+                types[key] += given[0].tolist() if given is not None else [0] * len(piece)
             for key, value in enc.items():
-                if key not in self.text_keys and torch.is_tensor(value):
+                if key not in ("input_ids", "attention_mask", *TOKEN_KEYS) and torch.is_tensor(value):
                     extra.setdefault(key, []).append(value)
         if len(ids) > self.max_length:
-            if self.image_id in ids[self.max_length :]:
+            if self.image_ids & set(ids[self.max_length :]):
                 raise DataError(f"sample {rec.id}: options.max_length={self.max_length} would cut its image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not generation and all(t == -100 for t in labels):
             raise DataError(f"sample {rec.id}: no assistant token is left to learn within options.max_length")
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-        out.update({k: torch.cat(v) for k, v in extra.items()})
+        per_sample = "pixel_attention_mask" in extra
+        for key, values in extra.items():
+            out[key] = pad_cat(values, 1 if per_sample and key in PER_SAMPLE_KEYS else 0)
+        out.update({k: torch.tensor(v[: len(ids)]) for k, v in types.items() if k in seen})
         return out
 
 
 def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
-    """Pad ids (pad_id), labels (-100) and the attention mask; concatenate image tensors."""
+    """Pad ids (pad_id), labels (-100), token type ids (0) and the attention mask; concatenate
+    image tensors (zero-padded where their sizes differ)."""
     longest = max(len(it["input_ids"]) for it in items)
-    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    per_token = [k for k in TOKEN_KEYS if k in items[0]]
+    batch = {"input_ids": [], "labels": [], "attention_mask": [], **{k: [] for k in per_token}}
     for it in items:
         gap = longest - len(it["input_ids"])
-        for key, fill in (("input_ids", pad_id), ("labels", -100)):
+        for key, fill in (("input_ids", pad_id), ("labels", -100), *((k, 0) for k in per_token)):
             pad = torch.full((gap,), fill, dtype=torch.long)
             batch[key].append(torch.cat([pad, it[key]] if left else [it[key], pad]))
         mask = torch.cat(
@@ -155,7 +198,7 @@ def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
         batch["attention_mask"].append(mask)
     out = {k: torch.stack(v) for k, v in batch.items()}
     for key in {k for it in items for k in it} - set(out):
-        out[key] = torch.cat([it[key] for it in items if key in it])
+        out[key] = pad_cat([it[key] for it in items if key in it])
     return out
 
 
@@ -182,6 +225,7 @@ class VLMSFTTask(Task):
     Options = VLMOptions
     metric, higher_is_better = "vqa.acc", True
     routes = ("predict",)
+    exports = ("hf",)  # merged LoRA, the processor and its chat template: plain transformers loads it
 
     # ------------------------------------------------------------ model
 
