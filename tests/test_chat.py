@@ -53,15 +53,19 @@ def train_chat_run(root: Path) -> Path:
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def chat_world(root: Path) -> dict:
+    """The trained run in `root`, its task and model as `open_run` gives them, and its two images."""
     from mmtune.runs import open_run
 
-    root = tmp_path_factory.mktemp("chat")
     run = train_chat_run(root)
     task, model = open_run(run)
     red, blue = load_image(root / "red.png"), load_image(root / "blue.png")
     return {"root": root, "run": run, "task": task, "model": model, "red": red, "blue": blue}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return chat_world(tmp_path_factory.mktemp("chat"))
 
 
 def user(text: str, images: int = 0) -> dict:
