@@ -245,3 +245,15 @@ def test_generation_past_the_timeout_is_504_and_frees_the_model(world):
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
         r = httpx.post(s.url + ROUTE, json={"messages": [ask(world, "red")], "max_tokens": 1}, timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_the_vlm_run_also_serves_its_predict_route(server, world):
+    """Before: `mmtune serve` of a vlm-sft run failed while loading (the backend asked its LLaVA
+    processor for a dual encoder's image transform), so /v1/predict/vlm-sft never answered."""
+    files = {"image": ("q.png", (world["root"] / "blue.png").read_bytes())}
+    r = httpx.post(server.url + "/v1/predict/vlm-sft", files=files, data={"inputs": json.dumps({"question": QUESTION})})
+    assert r.status_code == 200, r.text
+    want = world["task"].predict(world["model"], [{"image": world["blue"], "question": QUESTION}])
+    assert r.json()["outputs"] == want == [{"answer": "blue"}]
+    r = httpx.post(server.url + "/v1/embed", json={"texts": ["x"]})
+    assert r.status_code == 404 and r.json()["status"] == 404  # mmtune's own error form there
