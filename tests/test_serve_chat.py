@@ -257,3 +257,23 @@ def test_the_vlm_run_also_serves_its_predict_route(server, world):
     assert r.json()["outputs"] == want == [{"answer": "blue"}]
     r = httpx.post(server.url + "/v1/embed", json={"texts": ["x"]})
     assert r.status_code == 404 and r.json()["status"] == 404  # mmtune's own error form there
+
+
+class FailingChat(Backend):
+    """Its model call raises on the word "boom" (a fault on demand)."""
+
+    def chat(self, messages, images, settings):
+        if "boom" in messages[-1]["content"]:
+            raise RuntimeError("backend failure")
+        return super().chat(messages, images, settings)
+
+
+def test_a_failing_model_call_is_a_500_and_the_server_goes_on(world):
+    base = Backend.from_run(world["run"])
+    backend = FailingChat(base.model, base.processor, name="f", embeds=False, chat=base.chat_task)
+    with LiveServer(create_app(backend, ServeConfig(max_new_tokens=8))) as s:
+        r = httpx.post(s.url + ROUTE, json={"messages": [{"role": "user", "content": "boom"}]}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "backend failure" not in r.text  # the log has it, the client does not
+        r = httpx.post(s.url + ROUTE, json={"messages": [ask(world, "red")]}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "red"
