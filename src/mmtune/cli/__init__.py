@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "mmtune.cli.serve",
     "mmtune.cli.export",
     "mmtune.cli.predict",
+    "mmtune.cli.chat",
     "mmtune.cli.generate",
     "mmtune.cli.classify",
     "mmtune.cli.interpolate",

@@ -12,7 +12,9 @@ from mmtune.errors import UserError
 
 
 def add_parser(sub) -> None:
-    v = sub.add_parser("serve", help="HTTP server: embed, classify, search, a search page")
+    v = sub.add_parser(
+        "serve", help="HTTP server: embed, classify, search, predict, OpenAI-compatible chat, a search page"
+    )
     v.add_argument("checkpoint", nargs="?", help="run folder (default: the index's checkpoint)")
     v.add_argument("--index", help="index folder for /v1/search and the page")
     v.add_argument(

@@ -230,3 +230,38 @@ def generate_reply(model: nn.Module, processor, inputs: dict, max_new_tokens: in
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     return out[0, n:].tolist()
+
+
+@torch.no_grad()
+def chat_reply(
+    model: nn.Module,
+    processor,
+    inputs: dict,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    max_time: float | None = None,
+) -> tuple[list[int], str]:
+    """(continuation ids, "stop" | "length") of one encoded prompt: greedy at temperature 0, else
+    sampled from the whole softened distribution with `seed` (the global generator is left as it
+    was); `max_time` seconds stop it early ("length")."""
+    n = inputs["input_ids"].shape[1]
+    if temperature > 0:
+        how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    else:
+        how = {"do_sample": False}
+    device = inputs["input_ids"].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            max_time=max_time,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            **how,
+        )
+    ids = out[0, n:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {processor.tokenizer.eos_token_id}
+    return ids, "stop" if ids and ids[-1] in eos else "length"

@@ -1,7 +1,8 @@
-"""The FastAPI app: embed / classify / search / predict routes, health, the search page.
+"""The FastAPI app: embed / classify / search / predict / chat routes, health, the search page.
 
 Model work goes through micro-batchers onto one model thread; every request is bounded (body
-size, inputs, k, time) and every refusal is a JSON body `{"error": message, "status": code}`.
+size, inputs, k, time) and every refusal is a JSON body `{"error": message, "status": code}`
+(OpenAI's error object on the OpenAI-compatible routes, `serve/chat.py`).
 The server serves only the model and index it was started with: no request names a path, URL or
 model (unknown fields are refused), and images are served by index row, never by path.
 """
@@ -32,6 +33,7 @@ from mmtune.data.wds import shard_member
 from mmtune.embed import ImageSource
 from mmtune.serve.backend import Backend
 from mmtune.serve.batcher import MicroBatcher, Overloaded
+from mmtune.serve.chat import chat_routes
 from mmtune.serve.limits import (
     ApiError,
     BodySizeLimit,
@@ -40,6 +42,7 @@ from mmtune.serve.limits import (
     check_key,
     check_texts,
     decode_upload,
+    error_json,
 )
 
 log = logging.getLogger("mmtune.serve")
@@ -320,6 +323,7 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
         return FileResponse(path)
 
     _predict_route(app, st, auth)
+    chat_routes(app, st, auth)
 
 
 def _predict_route(app: FastAPI, st: _State, auth) -> None:
@@ -355,17 +359,17 @@ def _predict_route(app: FastAPI, st: _State, auth) -> None:
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse({"error": exc.message, "status": exc.status}, exc.status)
+        return JSONResponse(error_json(exc.status, exc.message, request.url.path, exc.code), exc.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail), "status": exc.status_code}, exc.status_code)
+        return JSONResponse(error_json(exc.status_code, str(exc.detail), request.url.path), exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         msg = f"{'.'.join(str(x) for x in first.get('loc', []))}: {first.get('msg', 'invalid')}"
-        return JSONResponse({"error": msg, "status": 422}, 422)
+        return JSONResponse(error_json(422, msg, request.url.path), 422)
 
 
 def create_app(source: Backend | Callable[[], Backend], cfg: ServeConfig | None = None, api_key=None):

@@ -1,4 +1,5 @@
-"""What a server serves: one model (+ processor), an optional index, the tasks' `predict`.
+"""What a server serves: one model (+ processor), an optional index, the tasks' `predict` and
+`chat`.
 
 The batch functions here run on the server's single model thread; they take and return plain
 numpy arrays so the event loop never touches torch.
@@ -18,7 +19,7 @@ log = logging.getLogger("mmtune.serve")
 
 
 class Backend:
-    """Model, processor, optional `VectorIndex` and task objects (for `predict` routes).
+    """Model, processor, optional `VectorIndex` and task objects (for `predict` and `chat` routes).
 
     `encoder` embeds in the model's place (an `OnnxDualEncoder`); `predict` routes use the model.
     """
@@ -33,16 +34,19 @@ class Backend:
         embeds: bool = True,
         encoder=None,
         prompts: tuple[list[str], list[str]] | None = None,
+        chat=None,
     ):
         """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
         verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search;
-        `prompts`: the run's (classes, templates), /v1/classify's classes when a request has none."""
+        `prompts`: the run's (classes, templates), /v1/classify's classes when a request has none;
+        `chat`: the task whose `chat` answers /v1/chat/completions."""
         self.model, self.processor, self.index = model.eval(), processor, index
         self.encoder = model if encoder is None else encoder.eval()
         self.tasks = tasks or {}
+        self.chat_task = chat
         self.name = name
         self.device = next(model.parameters()).device
-        self._transform = processor.transform()
+        self._transform = processor.transform() if embeds else None
         self.dim = int(self.embed_texts(["x"]).shape[1]) if embeds else None
         if index is not None and index.dim != self.dim:
             raise CheckpointError(
@@ -87,7 +91,8 @@ class Backend:
         embeds = "embed" in task.routes
         encoder = maybe_onnx(model, task.processor, backend, quantize) if embeds else None
         prompts = task.class_prompts()
-        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder, prompts)
+        chat = task if "chat" in task.routes else None
+        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder, prompts, chat)
 
     def scale(self) -> float:
         return float(self.encoder.scale().detach())
@@ -112,3 +117,8 @@ class Backend:
         """The task's own `predict` (VQA, captioning… add routes by registering tasks)."""
         with torch.no_grad():
             return self.tasks[task_name].predict(self.model, inputs)
+
+    def chat(self, messages: list[dict], images: list, settings: dict) -> dict:
+        """The chat task's next assistant turn (`Task.chat`)."""
+        with torch.no_grad():
+            return self.chat_task.chat(self.model, messages, images, settings)

@@ -36,6 +36,8 @@ class ServeConfig(BaseModel):
     max_labels: int = Field(64, gt=0, description="Candidate labels per /v1/classify request.")
     max_k: int = Field(100, gt=0, description="Largest k per /v1/search request.")
     max_text_chars: int = Field(2000, gt=0, description="Longest text accepted.")
+    max_images: int = Field(8, gt=0, description="Images per /v1/chat/completions request; beyond: 413.")
+    max_new_tokens: int = Field(512, gt=0, description="Largest max_tokens of /v1/chat/completions; beyond: 400.")
     tasks: list[str] | None = Field(
         None,
         description="Tasks whose `predict` is served at POST /v1/predict/<task>; null: the served "
@@ -45,16 +47,30 @@ class ServeConfig(BaseModel):
     access_log: bool = Field(True, description="Log one line per request (never headers).")
 
 
+# Routes answering errors as OpenAI's API does: {"error": {"message", "type", "param", "code"}}
+OPENAI_ROUTES = ("/v1/chat/", "/v1/models")
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
 class ApiError(Exception):
-    """An HTTP error with a message a client can act on; answered as {"error": …, "status": …}."""
+    """An HTTP error with a message a client can act on; answered as {"error": …, "status": …}
+    (OpenAI's error object on `OPENAI_ROUTES`, with `code`)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.code = status, message, code
 
 
-def error_body(status: int, message: str) -> bytes:
-    return json.dumps({"error": message, "status": status}).encode()
+def error_json(status: int, message: str, path: str = "", code: str | None = None) -> dict:
+    """The error body of a route: mmtune's `{"error", "status"}` or, on OpenAI routes, OpenAI's."""
+    if not path.startswith(OPENAI_ROUTES):
+        return {"error": message, "status": status}
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_body(status: int, message: str, path: str = "") -> bytes:
+    return json.dumps(error_json(status, message, path)).encode()
 
 
 class BodySizeLimit:
@@ -72,7 +88,9 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._refuse(send)
+            return await send_error(
+                send, 413, f"request body larger than the limit of {self.limit} bytes", scope["path"]
+            )
         seen = 0
 
         async def counted_receive():
@@ -85,9 +103,6 @@ class BodySizeLimit:
             return msg
 
         await self.app(scope, counted_receive, send)
-
-    async def _refuse(self, send):
-        await send_error(send, 413, f"request body larger than the limit of {self.limit} bytes")
 
 
 @dataclass
@@ -128,11 +143,11 @@ class InFlightLimit:
         elif len(self._waiters) >= self.max_waiting:
             st.refused += 1
             msg = f"server busy ({st.in_flight} requests in flight, {st.waiting} waiting); retry later"
-            return await send_error(send, 429, msg)
+            return await send_error(send, 429, msg, scope["path"])
         elif not await self._wait_for_slot():
             st.timed_out += 1
             msg = f"no request slot free within {self.wait_timeout_s} s; retry later"
-            return await send_error(send, 504, msg)
+            return await send_error(send, 504, msg, scope["path"])
         st.max_in_flight_seen = max(st.max_in_flight_seen, st.in_flight)
         try:
             await self.app(scope, receive, send)
@@ -167,9 +182,9 @@ class InFlightLimit:
         self.stats.in_flight -= 1
 
 
-async def send_error(send, status: int, message: str) -> None:
-    """Answer with the JSON error body straight from ASGI (the connection is then closed)."""
-    body = error_body(status, message)
+async def send_error(send, status: int, message: str, path: str = "") -> None:
+    """Answer with the route's JSON error body straight from ASGI (the connection is then closed)."""
+    body = error_body(status, message, path)
     await send(
         {
             "type": "http.response.start",

@@ -81,7 +81,7 @@ class Task(abc.ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
     metric: ClassVar[str] = "val.loss"  # default selection metric (on the validation split)
     higher_is_better: ClassVar[bool] = False
-    routes: ClassVar[tuple[str, ...]] = ()  # "embed" (encode_image/encode_text), "predict"
+    routes: ClassVar[tuple[str, ...]] = ()  # "embed" (encode_image/encode_text), "predict", "chat"
     exports: ClassVar[tuple[str, ...]] = ()  # formats of `mmtune export`: "hf", "onnx"
     syncs_own_gradients: bool = False  # True: the engine must not wrap the model in DDP
     pairwise_loss: bool = False  # the loss compares every pair of a batch: memory grows as B²
@@ -163,6 +163,14 @@ class Task(abc.ABC):
         """`n` PIL images per prompt (`mmtune generate`); `settings` overrides sampling options
         (`guidance`, `temperature`, `top_k`, `steps`; None keeps the run's)."""
         raise UserError(f"task {self.name} does not generate images (text2image and sd-lora do)")
+
+    def chat(self, model: nn.Module, messages: list[dict], images: list, settings: dict) -> dict:
+        """The assistant's next turn (`mmtune chat`, `POST /v1/chat/completions`; tasks routing
+        "chat"): `messages` [{"role": "system"|"user"|"assistant", "content": text with one `<image>`
+        mark per image}] ending with the user's, `images` PIL images in mark order, `settings`
+        {"max_new_tokens", "temperature" (0: greedy), "seed", "max_time"} (None keeps the run's) →
+        {"text", "prompt_tokens", "completion_tokens", "finish_reason": "stop" | "length"}."""
+        raise UserError(f"task {self.name} does not chat (vlm-sft runs do)")
 
     def default_reranker(self) -> str | None:
         """The dual-encoder run that re-ranks generated candidates unless told otherwise."""

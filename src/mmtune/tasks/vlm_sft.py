@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mmtune.caption_metrics import caption_metrics
 from mmtune.data.conversations import IMAGE, ConversationRecord, as_conversation
 from mmtune.data.images import BadImage, load_image
-from mmtune.errors import DataError
+from mmtune.errors import DataError, UserError
 from mmtune.models import vlm
 from mmtune.runs import SPEC_FILE
 from mmtune.tasks.base import Evaluation, Task
@@ -224,7 +224,7 @@ class VLMSFTTask(Task):
     name = "vlm-sft"
     Options = VLMOptions
     metric, higher_is_better = "vqa.acc", True
-    routes = ("predict",)
+    routes = ("predict", "chat")
     exports = ("hf",)  # merged LoRA, the processor and its chat template: plain transformers loads it
 
     # ------------------------------------------------------------ model
@@ -357,3 +357,34 @@ class VLMSFTTask(Task):
 
     def format_prediction(self, output: dict) -> str:
         return output["answer"]
+
+    def chat(self, model, messages: list[dict], images: list, settings: dict) -> dict:
+        """The assistant's next turn after `messages` (see `Task.chat`), through the run's chat
+        template; a prompt longer than `options.max_length` is refused, never cut."""
+        marks = sum(m["content"].count(IMAGE) for m in messages)
+        if marks != len(images):
+            raise UserError(f"the conversation has {marks} {IMAGE} marks for {len(images)} images")
+        if not messages or messages[-1]["role"] != "user":
+            raise UserError("the conversation must end with a user message")
+        rec = ConversationRecord(image=images[0] if images else "", id="chat", messages=messages, images=list(images))
+        enc = Encoder(self.processor, 1 << 62, False).encode(rec, generation=True)
+        n = len(enc["input_ids"])
+        if n > self.opts.max_length:
+            raise UserError(
+                f"the conversation is {n} tokens, more than the run's options.max_length={self.opts.max_length}"
+            )
+        batch = collate_encoded([enc], self.processor.tokenizer.pad_token_id)
+        batch = {k: v.to(self.ctx.device) for k, v in batch.items() if k != "labels"}
+        limit = settings.get("max_new_tokens") or self.opts.max_new_tokens
+        with self.ctx.autocast():
+            ids, finish = vlm.chat_reply(
+                model,
+                self.processor,
+                batch,
+                limit,
+                settings.get("temperature") or 0.0,
+                settings.get("seed") or 0,
+                settings.get("max_time"),
+            )
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return {"text": text, "prompt_tokens": n, "completion_tokens": len(ids), "finish_reason": finish}
