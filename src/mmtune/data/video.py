@@ -103,6 +103,8 @@ def probe_video(path: str, max_seconds: float = 600.0, max_pixels: int = 40_000_
         n = _count_frames(av, path)
     except BadVideo:
         raise
+    except av.error.EOFError:  # a container whose stream holds nothing
+        raise BadVideo(path, "zero_length", "no frame decodes") from None
     except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as e:
         raise BadVideo(path, "not_video", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if n == 0:

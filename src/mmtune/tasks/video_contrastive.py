@@ -106,6 +106,15 @@ class VideoContrastiveTask(Task):
             model.add_logit_bias()
         if model.temporal is None:  # a video run brings its own; any other model gets one here
             model.set_temporal(self._temporal(model))
+        return self._check_frames(model)
+
+    def _check_frames(self, model):
+        pool = model.temporal
+        if pool.kind == "transformer" and self.cfg.data.frames > pool.max_frames:
+            raise ConfigError(
+                f"data.frames={self.cfg.data.frames}: this model's temporal transformer has positions for "
+                f"{pool.max_frames} frames (set data.frames to at most {pool.max_frames})"
+            )
         return model
 
     def _temporal(self, model) -> TemporalPool:
@@ -134,7 +143,7 @@ class VideoContrastiveTask(Task):
         model, self.processor, spec = build_from_spec(folder)
         model.set_temporal(TemporalPool(**spec["temporal"]))
         self.record = dict(spec.get("zeroshot") or {})
-        return model
+        return self._check_frames(model)
 
     # ------------------------------------------------------------ data
 
