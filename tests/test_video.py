@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,23 @@ def test_resume_is_exact_with_video_data(clips):
     b = load_file(str(clips.parent / "parts" / "checkpoints/last/model.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("temporal.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("pooling", ["middle", "mean", "transformer"])
+def test_the_shipped_video_shapes_config_trains_with_each_pooling(pooling, tmp_path):
+    """configs/video-shapes.yaml as `make video-shapes` runs it (2 steps, on the mini clips)."""
+    from mmtune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "video-shapes.yaml"
+    args = ["train", "-c", str(config), f"output_dir={tmp_path}", f"options.pooling={pooling}"]
+    args += [
+        "data.dataset=shapes-video-mini",
+        "data.batch_size=16",
+        "train.max_steps=2",
+        "train.progress=false",
+        "data.eval_batch_size=24",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "video-shapes" / "metrics.json").read_text())
+    assert {"retrieval.v2t.R@1", "retrieval.t2v.R@1", "zeroshot.top1"} <= set(metrics)
+    assert metrics["data.test"] == 24

@@ -307,7 +307,7 @@ def read_msrvtt(path: str | Path, video_root: str | Path | None = None):
             raise DataError(f"{path}: entry {n} needs a 'video_id'")
         vid = str(row["video_id"])
         rec = recs.setdefault(vid, Record(image=_video_file(root, vid), id=vid))
-        caps = row.get("captions", [row["caption"]] if "caption" in row else [])
+        caps = row.get("captions", row.get("caption", []))  # a list of captions, or one
         rec.captions.extend(str(c) for c in ([caps] if isinstance(caps, str) else caps))
     kept = [r for r in recs.values() if r.captions]
     skipped = {"no_caption": len(recs) - len(kept)} if len(kept) < len(recs) else {}
