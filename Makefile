@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean sweep-digits digits28
+.PHONY: setup demo test test-fast lint format clean sweep-digits digits28 video-shapes
 
 setup: $(STAMP)
 
@@ -89,6 +89,17 @@ vqa-shapes: setup
 		train.max_steps=$(VQA_FT_STEPS) options.curriculum_epochs=0
 	$(BIN)/mmtune compare-runs --into runs/vqa-shapes --add baseline=runs/vqa-shapes-baseline \
 		--add pretrained=runs/vqa-shapes-pretrained --add scratch=runs/vqa-shapes-scratch
+
+# Video–text retrieval on the built-in `shapes-video` clips, one run per temporal pooling: the
+# middle frame alone, the mean of the frames, the temporal transformer. Writes
+# runs/video-shapes/metrics.json (retrieval.v2t.R@1, retrieval.t2v.R@1… of the transformer;
+# middle.retrieval.*, mean.retrieval.* of the others) and its report. See the README's "Video".
+video-shapes: setup
+	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes-middle options.pooling=middle
+	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes-mean options.pooling=mean
+	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes
+	$(BIN)/mmtune compare-runs --into runs/video-shapes --add middle=runs/video-shapes-middle \
+		--add mean=runs/video-shapes-mean
 
 # Captioning on `shapes`: writes runs/caption-shapes/metrics.json (caption.bleu4, caption.cider…).
 caption-shapes: setup

@@ -50,7 +50,14 @@ def build_data(cfg: Config) -> Splits:
         records = splits.get(name)
         if not records:
             continue
-        good, bad = screen(records, d.on_bad_sample, d.max_image_pixels, d.max_bad_fraction, name)
+        good, bad = screen(
+            records,
+            d.on_bad_sample,
+            d.max_image_pixels,
+            d.max_bad_fraction,
+            name,
+            max_video_seconds=d.max_video_seconds,
+        )
         setattr(splits, name, good)
         splits.skipped.update(bad)
     return splits

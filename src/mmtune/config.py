@@ -68,14 +68,17 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str = Field(
         "digits",
-        description="Built-in name (`digits`) or a path: CSV/TSV/JSONL pairs file, COCO captions "
-        "JSON, or a folder of images with same-stem .txt captions.",
+        description="Built-in name (`digits`, `shapes-video`…) or a path: CSV/TSV/JSONL pairs file, COCO "
+        "captions JSON, MSR-VTT-style JSON, or a folder of images with same-stem .txt captions. The "
+        "media of pairs files and class folders may be images or video files (.mp4 .webm .avi .mkv .mov).",
     )
-    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder", "imagefolder", "conversations"] = Field(
+    format: Literal["auto", "csv", "tsv", "jsonl", "coco", "folder", "imagefolder", "conversations", "msrvtt"] = Field(
         "auto",
         description="Reader to use; `auto` decides from the path. `imagefolder`: a sub-folder "
-        "of images per class (the folder name is the label). `conversations`: LLaVA conversation or "
-        "messages records (JSON list or JSONL; `auto` finds them too).",
+        "of images (or video clips) per class (the folder name is the label). `conversations`: LLaVA "
+        "conversation or messages records (JSON list or JSONL; `auto` finds them too). `msrvtt`: "
+        "JSON with `sentences` of {video_id, caption} (or a list of {video_id, caption(s)}), the "
+        "video `VIDEO_ID.mp4` (or another video extension) under `image_root` (`auto` finds it too).",
     )
     val: str | None = Field(None, description="Validation data path (same formats).")
     test: str | None = Field(None, description="Test data path (same formats).")
@@ -110,6 +113,23 @@ class DataConfig(_Section):
     )
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Refuse images declaring more pixels (decompression bombs)."
+    )
+    frames: int = Field(
+        8, gt=0, description="Frames sampled from each video clip (shorter clips are padded and masked)."
+    )
+    frame_pool: int = Field(
+        32,
+        gt=0,
+        description="Frames of a clip decoded (evenly spaced) and cached; training samples `frames` of them "
+        "with random temporal jitter, evaluation the middle of each of `frames` equal segments.",
+    )
+    max_video_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Skip (count as `too_long`) videos longer than this; frame size is bounded by max_image_pixels.",
+    )
+    video_cache_mb: int = Field(
+        1024, ge=0, description="Decoded video frames kept in memory per process, so later epochs do not decode again."
     )
     shift: list[str] = Field(
         default_factory=list,

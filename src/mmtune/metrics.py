@@ -148,6 +148,7 @@ def retrieval_metrics(
     *,
     block_size: int = 1024,
     image_groups: ArrayLike | None = None,
+    median_rank: bool = False,
 ) -> dict[str, float]:
     """Recall@K both ways from image (Ni, D), text (Nt, D) normalised, text_image_index (Nt,).
 
@@ -158,6 +159,8 @@ def retrieval_metrics(
     text are left out); t2i: a text is a hit at K if its image is among its top-K images. A
     negative tied with the best positive counts as ranked above it. Similarities are computed
     ``block_size`` queries at a time, so memory is (block_size, N) rather than (Ni, Nt).
+    ``median_rank`` adds ``i2t.median_rank`` / ``t2i.median_rank``: the median 1-based rank of the
+    best positive.
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
@@ -181,4 +184,9 @@ def retrieval_metrics(
     i2t = _negatives_above_best_positive(images, texts, image_ids, owners, block_size)
     t2i = _negatives_above_best_positive(texts, images, owners, image_ids, block_size)
     ranks = {"i2t": i2t[has_text], "t2i": t2i}
-    return {f"{direction}.R@{k}": float((r < k).double().mean()) for direction, r in ranks.items() for k in ks}
+    out = {f"{direction}.R@{k}": float((r < k).double().mean()) for direction, r in ranks.items() for k in ks}
+    if median_rank:
+        out.update(
+            {f"{direction}.median_rank": float(np.median(r.cpu().numpy()) + 1) for direction, r in ranks.items()}
+        )
+    return out

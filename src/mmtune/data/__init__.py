@@ -22,6 +22,7 @@ from mmtune.data.formats import (
 )
 from mmtune.data.images import BadImage, ImageTransform, load_image
 from mmtune.data.prompts import ClassNames, labels_from_captions, read_classnames, relabel
+from mmtune.data.video import is_video, probe_video, read_msrvtt, sniff_msrvtt
 from mmtune.errors import DataError
 
 log = logging.getLogger("mmtune.data")
@@ -83,6 +84,20 @@ def _builtin(name: str, seed: int) -> Splits | None:
 
         parts = shapes_gen.shapes_gen_splits(name, seed)
         return Splits(parts["train"], parts["val"], parts["test"], name=name)
+    if name in ("shapes-video", "shapes-video-mini"):
+        from mmtune.data.builtin import shapes_video
+
+        parts = shapes_video.shapes_video_splits(name, seed)
+        templates = list(shapes_video.TEMPLATES)
+        return Splits(
+            parts["train"],
+            parts["val"],
+            parts["test"],
+            classes=list(shapes_video.CLASSES),
+            train_templates=templates,
+            eval_templates=templates,
+            name=name,
+        )
     return None
 
 
@@ -94,6 +109,8 @@ def _read(path: str, data_cfg, classes=None, source=None) -> Table:
         return read_conversations(path, data_cfg.image_root)  # LLaVA conversations / messages
     if data_cfg.format in ("auto", "jsonl") and sniff_vqa(path):  # questions: VQA v2 / JSONL
         return read_vqa(path, data_cfg.image_root)
+    if data_cfg.format == "msrvtt" or (data_cfg.format == "auto" and sniff_msrvtt(path)):
+        return read_msrvtt(path, data_cfg.image_root)  # video_id + captions
     fmt = detect_format(path) if data_cfg.format == "auto" else data_cfg.format
     if fmt == "coco":
         return read_coco(path, data_cfg.image_root)
@@ -175,8 +192,10 @@ def screen(
     max_bad_fraction: float = 1.0,
     desc: str = "checking images",
     found: list[dict] | None = None,
+    max_video_seconds: float = 600.0,
 ) -> tuple[list[Record], Counter]:
-    """Decode every file image once; drop bad ones (counted by reason) or stop naming the file.
+    """Decode every file image once (probe every video: header, packets, first frame); drop bad
+    ones (counted by reason) or stop naming the file.
 
     `found`, when given, receives {"sample", "reason", "detail"} for every bad sample, in order.
     """
@@ -187,7 +206,10 @@ def screen(
         reason, detail = None, ""
         if isinstance(rec.image, str):
             try:
-                load_image(rec.image, max_pixels)
+                if is_video(rec.image):
+                    probe_video(rec.image, max_video_seconds, max_pixels)
+                else:
+                    load_image(rec.image, max_pixels)
             except BadImage as e:
                 if on_bad_sample == "error":
                     raise DataError(f"bad image {e.path}: {e.reason} {e.detail}".rstrip()) from None

@@ -11,6 +11,7 @@ import numpy as np
 
 from mmtune.data.images import IMAGE_EXTENSIONS
 from mmtune.data.prompts import sort_classes
+from mmtune.data.video import VIDEO_EXTENSIONS
 from mmtune.errors import DataError
 
 
@@ -33,13 +34,16 @@ class Table:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what caption and class folders hold
+
+
 def detect_format(path: str | Path) -> str:
     """Pick a reader from the path: a folder of images with .txt captions (`folder`) or of class
     sub-folders (`imagefolder`), .json (COCO), .jsonl, .tsv, else CSV (sniffed)."""
     p = Path(path)
     if p.is_dir():
         entries = [e for e in p.iterdir() if not e.name.startswith(".")]
-        own_images = any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+        own_images = any(e.is_file() and e.suffix.lower() in MEDIA_EXTENSIONS for e in entries)
         return "folder" if own_images or not any(e.is_dir() for e in entries) else "imagefolder"
     if not p.exists():
         raise DataError(f"data not found: {p}")
@@ -170,9 +174,9 @@ def read_coco(path: str | Path, image_root: str | Path | None = None) -> Table:
 def read_caption_folder(folder: str | Path) -> Table:
     """Read a folder (recursively) of images, each with a same-stem .txt caption beside it."""
     folder = Path(folder)
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS)
     if not images:
-        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or videos")
     records, no_caption = [], 0
     for p in images:
         txt = p.with_suffix(".txt")
@@ -185,7 +189,7 @@ def read_caption_folder(folder: str | Path) -> Table:
 
 
 def read_image_folder(folder: str | Path, classes: list[str] | None = None, source: str | None = None) -> Table:
-    """Read an ImageFolder: one sub-folder of images per class, its name the label.
+    """Read an ImageFolder: one sub-folder of images (or video clips) per class, its name the label.
 
     With `classes` (`data.classnames`, or the training classes for a validation/test folder;
     named by `source` in errors) every sub-folder must name one of them, and label = its position;
@@ -208,11 +212,11 @@ def read_image_folder(folder: str | Path, classes: list[str] | None = None, sour
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for sub in subdirs:
-        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS)
         if not images:
             raise DataError(
                 f"{sub}: class folder '{sub.name}' has no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or videos; remove it or add images"
             )
         records += [Record(image=str(p), label=index[sub.name], id=str(p.relative_to(folder))) for p in images]
     return Table(records, list(classes))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtune.models.temporal import TemporalPool, masked_mean
+
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -23,6 +25,15 @@ class _DualEncoderVerbs(nn.Module):
 
     def _init_cache(self) -> None:
         self._text_cache: dict[bytes, torch.Tensor] = {}
+        self.temporal: TemporalPool | None = None  # how encode_video pools frames (None: mean)
+
+    def set_temporal(self, pool: TemporalPool | None) -> None:
+        """Pool frames over time with `pool` in `encode_video` (its parameters become the model's)."""
+        if pool is None:
+            self._modules.pop("temporal", None)
+            object.__setattr__(self, "temporal", None)
+        else:
+            self.temporal = pool
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 as in CLIP."""
@@ -32,6 +43,20 @@ class _DualEncoderVerbs(nn.Module):
         """(B, 3, S, S) → (B, D)."""
         pooled, _ = self._image(pixel_values)
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_video(
+        self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Frames (B, T, 3, S, S) with frame_mask (B, T) (1: a frame, 0: padding) → (B, D): the
+        image tower on every frame the pooling needs, then `self.temporal` over time (the masked
+        mean of the normalised frame embeddings when none)."""
+        b, t = pixel_values.shape[:2]
+        mask = torch.ones(b, t, dtype=torch.bool, device=pixel_values.device) if frame_mask is None else frame_mask
+        mask = mask.bool() if self.temporal is None else self.temporal.keep(mask)
+        flat = self.encode_image(pixel_values[mask])  # (M, D) of the kept frames
+        frames = flat.new_zeros(b, t, flat.shape[-1]).index_put((mask,), flat)
+        out = masked_mean(frames, mask) if self.temporal is None else self.temporal(frames, mask)
+        return F.normalize(out, dim=-1) if normalize else out
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → patch tokens (B, N, H) of the last vision layer."""
@@ -127,8 +152,7 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Te
     if how == "cls":
         return hidden[:, 0]
     if how == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else torch.ones_like(hidden[..., :1])
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+        return masked_mean(hidden, mask)
     raise ValueError(f"unknown pooling {how!r}")
 
 

@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "text2image": "mmtune.tasks.text2image:Text2ImageTask",
     "sd-lora": "mmtune.tasks.sd_lora:SDLoRATask",
     "vlm-sft": "mmtune.tasks.vlm_sft:VLMSFTTask",
+    "video-contrastive": "mmtune.tasks.video_contrastive:VideoContrastiveTask",
 }
 
 
