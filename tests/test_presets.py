@@ -160,3 +160,31 @@ def test_photo_preset_trains_at_224_and_reloads(tmp_path):
     assert proc.image_size == 224
     assert model.image_tokens(torch.zeros(1, 3, 224, 224)).shape[1] == 14 * 14 + 1
     assert main(["eval", "--checkpoint", str(run)]) == 0
+
+
+def test_rotation_augmentation_is_seeded_bounded_and_filled_with_the_background():
+    """data.augment_rotate: the same generator seed gives the same rotated image; the angle stays
+    within ±degrees; the uncovered corners take the border's colour (black around a digit)."""
+    from mmtune.data.images import ImageTransform
+
+    img = Image.new("RGB", (28, 28), (0, 0, 0))
+    img.paste((255, 255, 255), (12, 4, 16, 24))  # a vertical stroke: a "1"
+    plain = ImageTransform(28, augment=True)
+    turned = ImageTransform(28, augment=True, rotate=30.0)
+    a = turned(img, np.random.default_rng(5))
+    assert np.array_equal(a, turned(img, np.random.default_rng(5)))  # seeded
+    assert not np.array_equal(a, plain(img, np.random.default_rng(5)))  # it does rotate
+    black = (0.0 - 0.5) / 0.5
+    assert np.allclose(a[:, 0, 0], black) and np.allclose(a[:, -1, -1], black)  # corners: background
+
+    # the stroke's angle from vertical, over many draws, stays within the bound (+ crop jitter)
+    def tilt(arr):
+        ys, xs = np.nonzero(arr[0] > 0)
+        return abs(np.degrees(np.arctan2(np.polyfit(ys, xs, 1)[0], 1)))
+
+    tilts = [tilt(turned(img, np.random.default_rng(s))) for s in range(40)]
+    assert max(tilts) < 30 + 6 and max(tilts) > 10
+    assert (
+        ImageTransform(28, augment=False, rotate=30.0)(img, np.random.default_rng(5)).tobytes()
+        == ImageTransform(28)(img).tobytes()
+    )  # evaluation never rotates

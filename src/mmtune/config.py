@@ -137,6 +137,13 @@ class DataConfig(_Section):
         "(`digits-shift`) or paths in the formats above, labelled with the training classes.",
     )
     augment: bool = Field(False, description="Random shifts and scale jitter on training images.")
+    augment_rotate: float = Field(
+        0.0,
+        ge=0.0,
+        le=180.0,
+        description="With `augment` (contrastive, classify): also rotate each training image by a "
+        "random angle within ±this many degrees (handwriting, scans; 0: off).",
+    )
     shards: str | None = Field(
         None,
         description="WebDataset tar shards to stream the training split from: a folder of .tar "

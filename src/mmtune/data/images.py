@@ -124,14 +124,16 @@ MIN_CROP_FRAC = 0.8  # augmentation crops keep at least this fraction of each si
 class ImageTransform:
     """Resize (shorter side) + centre crop to `size`, scale to [0, 1], normalise; → (3, S, S) float32.
 
-    With `train=True` and `augment`, a random scale jitter and shift is applied, drawn from the
-    numpy Generator passed in, so augmentation is reproducible whatever the number of workers.
+    With `augment` and a numpy Generator, a random scale jitter and shift is applied (and a random
+    rotation of up to ±`rotate` degrees), drawn from that Generator, so augmentation is
+    reproducible whatever the number of workers.
     """
 
     size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: bool = False
+    rotate: float = 0.0
 
     @property
     def decode_size(self) -> int:
@@ -142,6 +144,8 @@ class ImageTransform:
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         s = self.size
         if self.augment and rng is not None:
+            if self.rotate:
+                img = _random_rotation(img, self.rotate, rng)
             img = _random_resized_crop(img, s, rng)
         else:
             w, h = img.size
@@ -153,6 +157,15 @@ class ImageTransform:
         arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _random_rotation(img: Image.Image, degrees: float, rng: np.random.Generator) -> Image.Image:
+    """Rotate by an angle drawn uniformly in ±degrees; the uncovered corners take the median colour
+    of the image's border (the background of a digit, a scene or a product shot)."""
+    arr = np.asarray(img)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    return img.rotate(float(rng.uniform(-degrees, degrees)), resample=Image.BICUBIC, fillcolor=fill)
 
 
 def _random_resized_crop(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:

@@ -60,8 +60,8 @@ class Processor:
     max_length: int = 64
     padding: str = "longest"  # SigLIP was trained with max_length padding
 
-    def transform(self, augment: bool = False) -> ImageTransform:
-        return ImageTransform(self.image_size, self.image_mean, self.image_std, augment)
+    def transform(self, augment: bool = False, rotate: float = 0.0) -> ImageTransform:
+        return ImageTransform(self.image_size, self.image_mean, self.image_std, augment, rotate)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(

@@ -213,7 +213,7 @@ class ClassifyTask(Task):
     def dataset(self, records, train: bool):
         if self.opts.method == "flyp":
             records = prompt_records(records, self.classes, self.ctx.splits.train_templates)
-        tf = self.processor.transform(augment=train and self.cfg.data.augment)
+        tf = self.processor.transform(augment=train and self.cfg.data.augment, rotate=self.cfg.data.augment_rotate)
         return ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
 
     def collate(self, items):

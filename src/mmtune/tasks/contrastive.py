@@ -205,7 +205,7 @@ class ContrastiveTask(Task):
 
     def dataset(self, records, train: bool):
         augment = train and self.cfg.data.augment
-        tf = self.processor.transform(augment=augment)
+        tf = self.processor.transform(augment=augment, rotate=self.cfg.data.augment_rotate)
         ds = ImageTextDataset(records, tf, self.cfg.seed, self.cfg.data.max_image_pixels)
         if train and self.opts.twins:
             from mmtune.data.builtin.shapes_gen import twin_record
