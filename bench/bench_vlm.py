@@ -12,11 +12,12 @@
    over the rounds of mmtune's tokens/s over TRL's.
 2. memory: the peak live tensor bytes of one training step (the profiler's allocation events on
    CPU plus the parameters, gradients and optimizer state; the allocator's peak on CUDA — what
-   `mmtune estimate` measures), with LoRA on the language model vs full fine-tuning.
+   `mmtune estimate` measures), with LoRA on the language model vs full fine-tuning; and the
+   bytes of parameters + gradients + AdamW moments alone (the part LoRA shrinks).
 3. padding: the share of padding tokens per batch of mmtune's loader (batches padded to their
    longest sample), vs the same batches padded to `options.max_length`.
 
-Usage: MMTUNE_THREADS=1 python bench/bench_vlm.py [--batch 16] [--steps 24] [--rounds 3] [--out FILE]
+Usage: MMTUNE_THREADS=1 python bench/bench_vlm.py [--batch 16] [--steps 24] [--rounds 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -195,8 +196,12 @@ def memory(args, records) -> dict:
         opt = torch.optim.AdamW(trainable, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
         batch = make_batch(task, records, args.batch, device)
         step = measure_step(model, task, batch, opt, Context(cfg, device=device).autocast, device, repeats=1)
+        size = sum(p.numel() * p.element_size() for p in trainable)
+        moments = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
         out[name] = {
             "peak_bytes": step["peak_bytes"],
+            # what LoRA changes: parameters + a gradient per trainable parameter + AdamW's moments
+            "state_bytes": sum(p.numel() * p.element_size() for p in model.parameters()) + size + moments,
             "trainable_params": sum(p.numel() for p in trainable),
             "params": sum(p.numel() for p in model.parameters()),
         }
@@ -208,7 +213,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=4, help="first steps of each run not timed")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--dataset", default="shapes")
@@ -235,6 +240,7 @@ def main() -> None:
     model = task.build()  # vision tower frozen, projector and language model trained (the defaults)
     rows = trl_rows(records)
 
+    load_start = os.getloadavg()[0]
     ours, theirs, ratios = [], [], []
     for _ in range(args.rounds):  # alternated: a shared machine's load hits both alike
         fresh = get_task("vlm-sft")(Context(cfg))
@@ -268,6 +274,9 @@ def main() -> None:
         "throughput_ratios": ratios,
         "mmtune_tokens_per_s": statistics.median(r["tokens_per_s"] for r in ours),
         "trl_tokens_per_s": statistics.median(r["tokens_per_s"] for r in theirs),
+        "mmtune_tokens_per_s_rounds": [r["tokens_per_s"] for r in ours],
+        "trl_tokens_per_s_rounds": [r["tokens_per_s"] for r in theirs],
+        "load_average_start_end": [load_start, os.getloadavg()[0]],  # 1-minute; the machine may be shared
         "mmtune_tokens_per_round": [r["tokens"] for r in ours],
         "trl_tokens_per_round": [r["tokens"] for r in theirs],
         "padding_share": statistics.mean(pad_share),
@@ -280,6 +289,7 @@ def main() -> None:
         "lora_r": args.lora_r,
         "memory_ratio_lora_vs_full": mem["lora"]["peak_bytes"] / mem["full"]["peak_bytes"],
         "memory_ratio_lora_vs_full_with_vision": mem["lora"]["peak_bytes"] / mem["full_with_vision"]["peak_bytes"],
+        "state_memory_ratio_lora_vs_full": mem["lora"]["state_bytes"] / mem["full"]["state_bytes"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
