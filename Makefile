@@ -135,6 +135,13 @@ bench-serve: setup
 bench-soak: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_soak.py
 
+# Multimodal-LLM fine-tuning (vlm-sft, tiny-llava on shapes): mmtune's Trainer vs TRL's SFTTrainer
+# side by side (tokens/s), peak memory of LoRA vs full fine-tuning, padding per batch →
+# runs/bench/vlm.json. A few minutes on one thread; the figures are in docs/benchmarks.md.
+bench-vlm: setup
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -c requirements.lock -e ".[bench]"
+	MMTUNE_THREADS=$${MMTUNE_THREADS:-1} $(BIN)/python bench/bench_vlm.py --out runs/bench/vlm.json
+
 # 1M × 512 unit vectors: IVF (configs/index-ivf.yaml) vs exact search → runs/bench/index.json.
 bench-index: setup
 	$(BIN)/python bench/bench_index.py
