@@ -72,7 +72,8 @@ def test_classifier_train_eval_predict(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run)]) == 0
     out = capsys.readouterr().out
     assert "vqa.rel.count.acc" in out and "vqa.nonrel.shape.acc" in out
-    again = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines() if ln.strip()}
+    rows = [ln.split() for ln in out.splitlines() if ln.strip()]
+    again = {k: float(v) for k, v, *_ in rows if k.startswith("vqa.")}
     assert again["vqa.acc"] == pytest.approx(metrics["vqa.acc"], abs=1e-4)  # reload = same model
     img = write_image(tmp_path / "x.png", size=(75, 75))
     assert (
