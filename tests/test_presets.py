@@ -104,7 +104,7 @@ def test_digits28_config_trains_on_an_image_folder(tmp_path):
     test = _digits28_folder(tmp_path / "test", 2)
     assert detect_format(train) == "imagefolder"
     cfg = load_config(ROOT / "configs" / "digits28.yaml")
-    assert (cfg.model.image_size, cfg.model.vision_stem) == (28, "conv")
+    assert (cfg.model.image_size, cfg.model.patch_size, cfg.model.vision_stem) == (56, 8, "conv")
     code = main(
         [
             "train",
@@ -124,7 +124,7 @@ def test_digits28_config_trains_on_an_image_folder(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data.test"] == 20 and 0.0 <= metrics["top1"] <= 1.0
     _, proc = load_run(run)  # the classifier, rebuilt at the run's resolution
-    assert proc.image_size == 28
+    assert proc.image_size == 56
 
 
 def test_photo_preset_trains_at_224_and_reloads(tmp_path):
