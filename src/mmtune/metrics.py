@@ -80,6 +80,36 @@ def classification_metrics(logits: ArrayLike, labels: ArrayLike, ks: Sequence[in
     return out
 
 
+def average_precision_per_class(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
+    """Average precision (C,) of each class from scores (N, C) and multi-hot targets (N, C): the
+    mean, over the class's positives, of the precision among samples scoring at least as high
+    (ties count together, as scikit-learn's ``average_precision_score`` does); 0 for a class
+    without positives."""
+    s, t = _to_numpy(scores).astype(np.float64), _to_numpy(targets) > 0
+    if s.shape != t.shape or s.ndim != 2:
+        raise ValueError(f"scores and targets must both be (N, C), got {s.shape} and {t.shape}")
+    ap = np.zeros(s.shape[1])
+    for k in range(s.shape[1]):
+        pos = t[:, k]
+        if not pos.any():
+            continue
+        col = s[:, k]
+        at_least = col[None, :] >= col[pos][:, None]  # (positives, N): scored at least as high
+        precision = (at_least & pos[None, :]).sum(1) / at_least.sum(1)
+        ap[k] = precision.mean()
+    return ap
+
+
+def multilabel_metrics(scores: ArrayLike, labels: Sequence[Sequence[int]]) -> dict[str, float]:
+    """``mean_average_precision`` (CLIP_benchmark's multi-label figure: the mean over all classes)
+    from scores (N, C) and each sample's classes."""
+    s = _to_numpy(scores)
+    hot = np.zeros(s.shape, dtype=bool)
+    for i, classes in enumerate(labels):
+        hot[i, list(classes)] = True
+    return {"mean_average_precision": float(average_precision_per_class(s, hot).mean())}
+
+
 def confusion_matrix(preds: ArrayLike, labels: ArrayLike, n_classes: int) -> np.ndarray:
     """Counts (C, C) int64 of (true label, prediction) pairs from preds (N,) and labels (N,)."""
     y = _to_numpy(labels)

@@ -24,17 +24,26 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from mmtune.data import Splits, load_splits, screen
 from mmtune.errors import ConfigError, DataError, UserError
 
-CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
+CLASSIFICATION, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "zeroshot_retrieval", "linear_probe"
+TASKS = ("auto", CLASSIFICATION, RETRIEVAL, LINEAR_PROBE)
+# the table's metrics per task; those no model reports (acc1 of a multi-label benchmark) are left out
 TABLE_METRICS = {
-    CLASSIFICATION: ("acc1", "acc5", "mean_per_class_recall"),
+    CLASSIFICATION: ("acc1", "acc5", "mean_per_class_recall", "mean_average_precision"),
     RETRIEVAL: ("image_retrieval_recall@5", "text_retrieval_recall@5"),
+    LINEAR_PROBE: ("acc1", "acc5", "mean_per_class_recall"),
 }
+# the share of train held out to choose the probe's regularisation when a benchmark has no val split
+VAL_PROPORTION = 0.2
 # the task that owns zero-shot classification and retrieval evaluation of a dual encoder
 EVAL_TASK = "contrastive"
 _ZEROSHOT = {
     "zeroshot.top1": "acc1",
     "zeroshot.top5": "acc5",
     "zeroshot.mean_per_class_recall": "mean_per_class_recall",
+    "zeroshot.mean_average_precision": "mean_average_precision",
+    "linear_probe.top1": "acc1",
+    "linear_probe.top5": "acc5",
+    "linear_probe.mean_per_class_recall": "mean_per_class_recall",
 }
 _RECALL = re.compile(r"^retrieval\.(i2t|t2i)\.R@(\d+)$")
 
@@ -45,7 +54,7 @@ class BenchmarkSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
     name: str | None = None
-    task: Literal["auto", "zeroshot_classification", "zeroshot_retrieval"] = "auto"
+    task: Literal["auto", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"] = "auto"
     split: Literal["train", "val", "test"] = "test"
 
     @property
@@ -124,47 +133,109 @@ class Benchmark:
 
     spec: BenchmarkSpec
     task: str
-    splits: Splits  # the records to evaluate are `splits.test`
+    splits: Splits  # the records to evaluate are `splits.test`; a linear probe fits on train (+ val)
 
 
 def load_benchmark(spec: BenchmarkSpec, cfg) -> Benchmark:
     """Read and screen a benchmark's records; decide its task (`auto`: classification when it has
-    class names and every sample a label, else retrieval when it has captions)."""
+    class names and every sample a label or labels, else retrieval when it has captions). A linear
+    probe also reads the train split (and val when there is one)."""
     from mmtune.data.benchmark import is_benchmark, read_benchmark
 
+    probe = spec.task == LINEAR_PROBE
+    fit: dict[str, list] = {"train": [], "val": []}
     if is_benchmark(spec.path):
         table, templates = read_benchmark(spec.path, spec.split)
         splits = Splits([], [], [], classes=table.classes, skipped=Counter(table.skipped), name=spec.label)
         splits.eval_templates = templates or splits.eval_templates
         records = table.records
+        if probe:
+            fit["train"] = _probe_split(spec, lambda: read_benchmark(spec.path, "train")[0].records)
+            if (Path(spec.path) / "val").is_dir() and spec.split != "val":
+                fit["val"] = read_benchmark(spec.path, "val")[0].records
     else:
         tree = cfg.data.model_dump()
         builtin = not Path(spec.path).exists()
         tree.update(dataset=spec.path, test=None if builtin else spec.path, val=None)
         splits = load_splits(type(cfg.data).model_validate(tree), cfg.seed)
         records = splits.get(spec.split if builtin else "test")  # a file or folder is read whole
+        if probe:
+            fit["train"] = _probe_split(spec, lambda: splits.train if builtin else [])
+            fit["val"] = splits.val if builtin and spec.split != "val" else []
     d = cfg.data
     good, bad = screen(records, "skip", d.max_image_pixels, d.max_bad_fraction, spec.label)
     if not good:
         raise DataError(f"benchmark {spec.label} ({spec.path}): no usable samples in split {spec.split}")
-    splits.train, splits.val, splits.test = [], [], good
+    for name in fit:
+        fit[name], bad_fit = screen(fit[name], "skip", d.max_image_pixels, d.max_bad_fraction, spec.label)
+        splits.skipped.update({f"{name}.{k}": v for k, v in bad_fit.items()})
+    splits.train, splits.val, splits.test = fit["train"], fit["val"], good
     splits.skipped.update(bad)
-    labelled = bool(splits.classes) and all(r.label is not None for r in good)
+    labelled = bool(splits.classes) and all(r.label is not None or r.labels for r in good)
     captioned = any(r.captions for r in good)
     task = spec.task
     if task == "auto":
         task = CLASSIFICATION if labelled else RETRIEVAL
-    if task == CLASSIFICATION and not labelled:
-        raise DataError(f"benchmark {spec.label}: zero-shot classification needs class names and a label per sample")
+    if task in (CLASSIFICATION, LINEAR_PROBE) and not labelled:
+        raise DataError(f"benchmark {spec.label}: {task} needs class names and a label per sample")
+    if task == LINEAR_PROBE and any(r.labels for r in good + splits.train):
+        raise DataError(f"benchmark {spec.label}: the linear probe takes one label per sample, not several")
     if task == RETRIEVAL and not captioned:
         raise DataError(f"benchmark {spec.label}: retrieval needs captions (.txt members or a caption column)")
     return Benchmark(spec, task, splits)
+
+
+def _probe_split(spec: BenchmarkSpec, read) -> list:
+    """The records a linear probe is fitted on; a one-line error when the benchmark has none."""
+    if spec.split == "train":
+        raise DataError(f"benchmark {spec.label}: the linear probe fits on the train split; evaluate on another")
+    try:
+        records = read()
+    except DataError:
+        records = []
+    if not records:
+        raise DataError(
+            f"benchmark {spec.label} ({spec.path}): the linear probe needs a train split (train/nshards.txt "
+            "in a CLIP_benchmark folder, or a built-in dataset); this one has none"
+        )
+    return records
+
+
+def linear_probe(model, bench: Benchmark, ctx, processor) -> dict:
+    """CLIP_benchmark's linear probe with mmtune's logistic regression: image features of train
+    (and val: the benchmark's own, else a seeded VAL_PROPORTION of train) choose C on val; the
+    probe is refitted on train + val with that C and scored on the test split."""
+    from mmtune.metrics import classification_metrics
+    from mmtune.models.linear_probe import C_GRID, fit_logistic, sweep
+    from mmtune.tasks.contrastive import embed_images
+
+    sp = bench.splits
+    n_classes = len(sp.classes)
+    x = {s: embed_images(model, sp.get(s), ctx, processor) for s in ("train", "val", "test") if sp.get(s)}
+    y = {s: torch.tensor([r.label for r in sp.get(s)]) for s in x}
+    if "val" in x:
+        train_x, train_y, val_x, val_y = x["train"], y["train"], x["val"], y["val"]
+    else:
+        order = torch.randperm(len(y["train"]), generator=torch.Generator().manual_seed(ctx.cfg.seed))
+        n_val = max(1, round(VAL_PROPORTION * len(order)))
+        held, kept = order[:n_val], order[n_val:]
+        train_x, train_y, val_x, val_y = x["train"][kept], y["train"][kept], x["train"][held], y["train"][held]
+    chosen = sweep(train_x, train_y, val_x, val_y, n_classes, C_GRID)
+    all_x, all_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    w, b = fit_logistic(all_x, all_y, n_classes, chosen.c, (chosen.weight, chosen.bias))
+    logits = x["test"].float() @ w.T + b
+    metrics = {f"linear_probe.{k}": v for k, v in classification_metrics(logits, y["test"]).items()}
+    metrics.update({"linear_probe.C": chosen.c, "linear_probe.train_samples": len(all_y)})
+    return metrics
 
 
 def clip_benchmark_metrics(metrics: dict) -> dict:
     """CLIP_benchmark's names for mmtune's figures: top-k → `accK`, t2i → image retrieval,
     i2t → text retrieval (`image_retrieval_recall@K`: a caption finds its image in the top K)."""
     out = {cb: metrics[k] for k, cb in _ZEROSHOT.items() if k in metrics}
+    out.update(
+        {f"lp_{cb}": metrics[k] for k, cb in _ZEROSHOT.items() if k in metrics and k.startswith("linear_probe.")}
+    )
     for key, value in metrics.items():
         m = _RECALL.match(key)
         if m:
@@ -191,7 +262,10 @@ def evaluate_model(spec: ModelSpec, benchmarks: list[Benchmark], overrides: dict
         task.processor = processor
         try:
             with torch.no_grad():
-                own = dict(task.evaluate(model, bench.splits.test).metrics)
+                if bench.task == LINEAR_PROBE:
+                    own = linear_probe(model, bench, task.ctx, processor)
+                else:
+                    own = dict(task.evaluate(model, bench.splits.test).metrics)
         except AttributeError as e:
             raise UserError(f"{spec.model}: not a dual encoder with image and text towers ({e})") from None
         results.append(_result(spec, bench, own))

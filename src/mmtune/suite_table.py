@@ -10,7 +10,7 @@ import json
 from html import escape
 from pathlib import Path
 
-FILES = ("table.json", "table.csv", "table.md", "table.svg")
+FILES = ("table.json", "table.csv", "table.md", "table.svg", "report.html")
 
 
 def build_table(suite, results: list[dict]) -> dict:
@@ -24,7 +24,9 @@ def build_table(suite, results: list[dict]) -> dict:
     rows = []
     for bench in suite.benchmarks:
         task = found[(models[0], bench.label)]["task"]
-        for metric in suite.metrics or TABLE_METRICS[task]:
+        reported = [found[(m, bench.label)]["metrics"] for m in models]
+        default = [k for k in TABLE_METRICS[task] if any(k in r for r in reported)]
+        for metric in suite.metrics or default:
             values = {m: found[(m, bench.label)]["metrics"].get(metric) for m in models}
             diff = {
                 m: None if values[m] is None or values[base] is None else values[m] - values[base]
@@ -104,11 +106,32 @@ def to_svg(table: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def to_html(table: dict) -> str:
+    """report.html: one self-contained page, the table and the SVG plot inlined."""
+    rows = [
+        _cells(row, lambda v, signed=False: "–" if v is None else f"{v:+.4f}" if signed else f"{v:.4f}")
+        for row in table["rows"]
+    ]
+    head = "".join(f"<th>{escape(h)}</th>" for h in _header(table))
+    body = "\n".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>" for cells in rows)
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}td:nth-child(n+4){text-align:right}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Benchmark suite</title>'
+        f"<style>{style}</style></head><body>\n<h1>Benchmark suite</h1>\n"
+        f"<p>Baseline: {escape(table['baseline'])}; Δ columns are each model minus the baseline.</p>\n"
+        f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
+        f"<h2>Scores</h2>\n{to_svg(table)}</body></html>\n"
+    )
+
+
 def write_table(table: dict, out: str | Path) -> list[Path]:
-    """table.json, table.csv, table.md and table.svg in `out`."""
+    """table.json, table.csv, table.md, table.svg and report.html in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    texts = (json.dumps(table, indent=1) + "\n", to_csv(table), to_markdown(table), to_svg(table))
+    texts = (json.dumps(table, indent=1) + "\n", to_csv(table), to_markdown(table), to_svg(table), to_html(table))
     for name, text in zip(FILES, texts, strict=True):
         (out / name).write_text(text, encoding="utf-8")
     return [out / name for name in FILES]

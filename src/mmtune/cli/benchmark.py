@@ -55,9 +55,10 @@ def add_benchmark_args(e) -> None:
     )
     e.add_argument(
         "--task",
-        choices=["auto", "zeroshot_classification", "zeroshot_retrieval"],
+        choices=["auto", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"],
         default="auto",
-        help="with --benchmark (default auto: classification when labelled, else retrieval)",
+        help="with --benchmark (default auto: classification when labelled, else retrieval; "
+        "linear_probe fits on the benchmark's train split)",
     )
     e.add_argument("--suite", help="suite YAML: models × benchmarks → one table (-o: its folder)")
 
@@ -84,7 +85,7 @@ def cmd_eval_benchmark(args, extra) -> int:
         from mmtune.suite_table import to_markdown
 
         print(to_markdown(table), end="")
-        print(f"table: {out / 'table.md'} (also .csv, .json, .svg); results: {out / 'results'}")
+        print(f"table: {out / 'table.md'} (also .csv, .json, .svg, report.html); results: {out / 'results'}")
         return 0
     model = args.model or args.checkpoint
     if not model:

@@ -12,6 +12,11 @@ Image files are copied byte for byte (their extension kept, `jpeg` as `jpg`); in
 are stored as lossless WebP, CLIP_benchmark's default. Retrieval datasets (flickr30k, mscoco)
 have the same layout with `.txt` captions (one a line) instead of `.cls`, and no class names.
 Read back, each image stays in its shard (`N.tar#KEY.webp`, decoded when it is evaluated).
+
+Multi-label datasets (CLIP_benchmark's voc2007_multilabel) hold several classes per sample: as
+CLIP_benchmark writes them, a `.npy` member with a multi-hot vector (and `dataset_type.txt` saying
+`multilabel`); or a `.cls` listing the class indices (`3,7` or `3 7`). They are read into
+`Record.labels` and scored by mean average precision.
 """
 
 from __future__ import annotations
@@ -123,16 +128,42 @@ def read_benchmark(folder: str | Path, split: str = "test") -> tuple[Table, list
         for key, members in _samples(path, bad):
             image = next((f"{path}#{members[e]}" for e in IMAGE_EXTS if e in members), None)
             try:
-                captions, label = sample_text(members, key)
+                labels = _multilabel(members, key)
+                captions, label = sample_text(members, key) if labels is None else ([], None)
                 if image is None:
                     raise BadImage(key, "missing", "no image member")
-                if label is not None and classes is not None and not 0 <= label < len(classes):
-                    raise BadImage(key, "bad_cls", f"label {label} with {len(classes)} classes")
+                n = len(classes) if classes is not None else None
+                if n is not None and any(not 0 <= c < n for c in ([label] if label is not None else labels or [])):
+                    raise BadImage(key, "bad_cls", f"label {label if labels is None else labels} with {n} classes")
             except BadImage as e:
                 bad[e.reason] += 1
                 continue
-            records.append(Record(image=image, captions=captions, label=label, id=f"{path.name}/{key}"))
+            ident = f"{path.name}/{key}"
+            records.append(Record(image=image, captions=captions, label=label, id=ident, labels=labels))
     return Table(records, classes, dict(bad)), templates
+
+
+def _multilabel(members: dict, key: str) -> tuple[int, ...] | None:
+    """The classes of a multi-label sample (a multi-hot `.npy`, or a `.cls` of several indices),
+    taking its `.npy`/`.cls` out of `members`; None for a single-label sample."""
+    if "npy" in members:
+        try:
+            hot = np.load(io.BytesIO(members.pop("npy")), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise BadImage(key, "bad_cls", "unreadable .npy") from None
+        if hot.ndim != 1:
+            raise BadImage(key, "bad_cls", f".npy of shape {hot.shape}, not a multi-hot vector")
+        members.pop("cls", None)
+        return tuple(int(i) for i in np.flatnonzero(hot > 0))
+    parts = members.get("cls", b"").replace(b",", b" ").split()
+    if len(parts) < 2:
+        return None
+    try:
+        labels = tuple(sorted({int(p) for p in parts}))
+    except ValueError:
+        raise BadImage(key, "bad_cls", repr(members["cls"][:20])) from None
+    del members["cls"]
+    return labels
 
 
 def _samples(path: Path, bad: Counter):

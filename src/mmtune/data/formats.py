@@ -23,6 +23,7 @@ class Record:
     captions: list[str] = field(default_factory=list)
     label: int | None = None
     id: str = ""
+    labels: tuple[int, ...] | None = None  # several classes (a multi-label benchmark); `label` is then None
 
 
 @dataclass

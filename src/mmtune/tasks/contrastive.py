@@ -21,7 +21,13 @@ from mmtune.errors import ConfigError, UserError
 from mmtune.examples import classification_examples, retrieval_examples
 from mmtune.gradcache import gradcache_loss
 from mmtune.losses import caption_group_ids
-from mmtune.metrics import class_tables, classification_metrics, retrieval_metrics, zeroshot_weights
+from mmtune.metrics import (
+    class_tables,
+    classification_metrics,
+    multilabel_metrics,
+    retrieval_metrics,
+    zeroshot_weights,
+)
 from mmtune.tasks.base import Evaluation, Task
 
 log = logging.getLogger("mmtune.contrastive")
@@ -299,6 +305,11 @@ class ContrastiveTask(Task):
             probs = (model.scale().detach().float().cpu() * scores).softmax(-1)  # as `predict` does
             found = classification_examples(probs, labels, [records[i] for i in rows], classes, "zero-shot")
             examples.update({f"zeroshot_{name}": ex for name, ex in found.items()})
+        multi = [i for i, r in enumerate(records) if r.labels]  # multi-label samples: mean average precision
+        if o.zeroshot and ctx.classes and multi:
+            w = zeroshot_classifier(model, *self._prompts(), ctx, proc)
+            ml = multilabel_metrics(img[multi] @ w.T, [records[i].labels for i in multi])
+            metrics.update({f"zeroshot.{k}": v for k, v in ml.items()})
         if o.retrieval and any(r.captions for r in records):
             texts, text_groups, image_groups = caption_groups(records)
             txt = embed_texts(model, texts, ctx, proc)
