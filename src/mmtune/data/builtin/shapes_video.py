@@ -3,10 +3,11 @@
 Each clip is 8 frames of 48×48 on white: a circle, square or triangle in red, green, blue or
 yellow crossing part of the frame at 2–3 pixels a frame, captioned "a red circle moves to the
 left". The start is drawn so that every frame holds the whole shape and the middle frame's
-position says nothing of the direction: one frame (or an unordered set of frames, for left vs
-right and up vs down) cannot tell the captions apart, only motion can. Six (colour, shape,
-direction) combinations never appear in the training split, only in validation and test.
-Clips are written as real MPEG-4 files (PyAV) under `$MMTUNE_CACHE`, once per seed.
+position (both coordinates uniform over the same range) says nothing of the direction: one frame
+(or an unordered set of frames, for left vs right and up vs down) cannot tell the captions
+apart, only motion can. Six (colour, shape, direction) combinations never appear in the
+training split, only in validation and test. Clips are written as real MPEG-4 files (PyAV)
+under `$MMTUNE_CACHE`, once per seed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ STEP = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}  # (dx, dy) per direction
 CLASSES = list(DIRECTIONS)  # zero-shot video classification: the direction of motion
 TEMPLATES = ["something moves {}.", "a shape moves {}."]
 SIZES = {"shapes-video": (1536, 192, 384), "shapes-video-mini": (48, 24, 24)}
-VERSION = 1
+VERSION = 2
 
 
 def held_out(colour: int, shape: int, direction: int) -> bool:
@@ -63,9 +64,10 @@ def clip(rng: np.random.Generator, colour: int, shape: int, direction: int) -> n
     travel = speed * (FRAMES - 1)
     sx, sy = STEP[direction]
     lo, hi = RADIUS + 1, SIZE - RADIUS - 2
-    # along the motion: the middle position is uniform over the same range whatever the direction
+    # the middle position is uniform over one square whatever the direction, both coordinates
+    # over the same range: where the shape is in one frame says nothing of the axis it moves along
     mid = float(rng.uniform(lo + travel / 2, hi - travel / 2))
-    across = float(rng.uniform(lo, hi))
+    across = float(rng.uniform(lo + travel / 2, hi - travel / 2))
     frames = []
     for t in range(FRAMES):
         along = mid + (t - (FRAMES - 1) / 2) * speed * (sx + sy)
