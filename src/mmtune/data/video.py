@@ -237,8 +237,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
         }
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
-    """(T, H, W, 3) uint8 frames → an MPEG-4 video file (H and W even), written atomically."""
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, intra_only: bool = False) -> None:
+    """(T, H, W, 3) uint8 frames → an MPEG-4 video file (H and W even), written atomically.
+
+    `intra_only`: every frame a keyframe. Motion-compensated frames keep faint residue on the side
+    the content came from, so one decoded frame can tell which way things move."""
     av = _av()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
@@ -247,6 +250,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"qscale": "1"}  # best quality: colours of small shapes survive
+        if intra_only:
+            stream.codec_context.gop_size = 1
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                 c.mux(packet)

@@ -3,10 +3,12 @@
 Each clip is 8 frames of 48×48 on white: a circle, square or triangle in red, green, blue or
 yellow crossing part of the frame at 2–3 pixels a frame, captioned "a red circle moves to the
 left". The start is drawn so that every frame holds the whole shape and the middle frame's
-position says nothing of the direction: one frame (or an unordered set of frames, for left vs
-right and up vs down) cannot tell the captions apart, only motion can. Six (colour, shape,
-direction) combinations never appear in the training split, only in validation and test.
-Clips are written as real MPEG-4 files (PyAV) under `$MMTUNE_CACHE`, once per seed.
+position (both coordinates uniform over the same range) says nothing of the direction: one frame
+(or an unordered set of frames, for left vs right and up vs down) cannot tell the captions
+apart, only motion can. Six (colour, shape, direction) combinations never appear in the
+training split, only in validation and test. Clips are written as real MPEG-4 files (PyAV),
+every frame a keyframe (a motion-compensated frame keeps residue behind the moving shape, which
+would give the direction away), under `$MMTUNE_CACHE`, once per seed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ STEP = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}  # (dx, dy) per direction
 CLASSES = list(DIRECTIONS)  # zero-shot video classification: the direction of motion
 TEMPLATES = ["something moves {}.", "a shape moves {}."]
 SIZES = {"shapes-video": (1536, 192, 384), "shapes-video-mini": (48, 24, 24)}
-VERSION = 1
+VERSION = 3
 
 
 def held_out(colour: int, shape: int, direction: int) -> bool:
@@ -63,9 +65,10 @@ def clip(rng: np.random.Generator, colour: int, shape: int, direction: int) -> n
     travel = speed * (FRAMES - 1)
     sx, sy = STEP[direction]
     lo, hi = RADIUS + 1, SIZE - RADIUS - 2
-    # along the motion: the middle position is uniform over the same range whatever the direction
+    # the middle position is uniform over one square whatever the direction, both coordinates
+    # over the same range: where the shape is in one frame says nothing of the axis it moves along
     mid = float(rng.uniform(lo + travel / 2, hi - travel / 2))
-    across = float(rng.uniform(lo, hi))
+    across = float(rng.uniform(lo + travel / 2, hi - travel / 2))
     frames = []
     for t in range(FRAMES):
         along = mid + (t - (FRAMES - 1) / 2) * speed * (sx + sy)
@@ -92,7 +95,7 @@ def _write_split(folder: Path, n: int, seed: int, train: bool) -> None:
     folder.mkdir(parents=True)
     lines = []
     for i, (c, s, d) in enumerate(_combos(rng, n, train)):
-        write_video(folder / f"{i:05d}.mp4", clip(rng, c, s, d))
+        write_video(folder / f"{i:05d}.mp4", clip(rng, c, s, d), intra_only=True)
         lines.append(f"{i:05d}\t{c}\t{s}\t{d}")
     (folder / "index.tsv").write_text("\n".join(lines) + "\n")
 
