@@ -43,6 +43,7 @@ from mmtune.serve.limits import (
     check_texts,
     decode_upload,
     error_json,
+    video_error,
 )
 
 log = logging.getLogger("mmtune.serve")
@@ -70,6 +71,7 @@ class _State:
         self.executor: ThreadPoolExecutor | None = None
         self.text: MicroBatcher | None = None
         self.image: MicroBatcher | None = None
+        self.video: MicroBatcher | None = None
         self.flight: InFlightLimit | None = None
         self.shards = ImageSource()  # reads result images kept inside tar shards
 
@@ -90,6 +92,7 @@ def _batchers(st: _State) -> None:
     for name, fn in (
         ("text", lambda xs: st.backend.embed_texts(xs)),
         ("image", lambda xs: st.backend.embed_pixels(xs)),
+        ("video", lambda xs: st.backend.embed_clips(xs)),
     ):
         b = MicroBatcher(fn, st.executor, c.max_batch_size, c.max_wait_ms, c.max_queue, st.failed, st.succeeded)
         b.start()
@@ -119,6 +122,7 @@ def _lifespan(st: _State, source: Backend | Callable[[], Backend]):
             loader.cancel()
         await st.text.stop()
         await st.image.stop()
+        await st.video.stop()
         st.executor.shutdown(wait=False, cancel_futures=True)
         st.shards.close()
 
@@ -182,6 +186,27 @@ async def _pixels(st: _State, form) -> np.ndarray:
     return await run_in_threadpool(prepare)
 
 
+async def _clip(st: _State, form) -> tuple[np.ndarray, np.ndarray]:
+    """The `video` upload probed and decoded (bounded: size, duration, frame pixels) → its frames and mask."""
+    backend = st.ready()
+    if backend.video_task is None:
+        raise ApiError(404, "this run's task does not embed videos; train it with task video-contrastive")
+    upload = form.get("video")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "send the video as a multipart file field named 'video'")
+    data = await upload.read()
+    if not data:
+        raise ApiError(422, "the uploaded video is empty")
+
+    def prepare():
+        try:
+            return backend.prepare_video(data, st.cfg.max_video_seconds, st.cfg.max_image_pixels)
+        except BadImage as e:
+            raise video_error(e) from None
+
+    return await run_in_threadpool(prepare)
+
+
 def _kind(request: Request) -> str:
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
@@ -234,7 +259,11 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
             "error": st.error,
             "model": st.backend.name if st.backend else None,
             "index_rows": len(st.backend.index) if st.backend and st.backend.index else 0,
-            "batching": {"text": st.text.stats.as_dict(), "image": st.image.stats.as_dict()},
+            "batching": {
+                "text": st.text.stats.as_dict(),
+                "image": st.image.stats.as_dict(),
+                "video": st.video.stats.as_dict(),
+            },
             "requests": st.flight.stats.as_dict() if st.flight else {},
             "limits": cfg.model_dump(include={"max_batch_size", "max_queue", "max_in_flight", "max_waiting"}),
         }
@@ -255,8 +284,11 @@ def _routes(app: FastAPI, st: _State, api_key: str | None) -> None:
             texts = check_texts(req.texts, cfg.max_texts, cfg.max_text_chars)
             vecs = await _call(st, st.text, texts)
         else:
-            form = await _form(request, {"image"})
-            vecs = await _call(st, st.image, [await _pixels(st, form)])
+            form = await _form(request, {"image", "video"})
+            if "video" in form:
+                vecs = await _call(st, st.video, [await _clip(st, form)])
+            else:
+                vecs = await _call(st, st.image, [await _pixels(st, form)])
         # JSONResponse: json.dumps directly, not FastAPI's slow per-float jsonable_encoder
         return JSONResponse({"embeddings": [v.tolist() for v in vecs], "dim": int(len(vecs[0]))})
 

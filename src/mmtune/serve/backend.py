@@ -8,11 +8,13 @@ numpy arrays so the event loop never touches torch.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmtune.data.video import BadVideo, probe_video
 from mmtune.errors import CheckpointError
 
 log = logging.getLogger("mmtune.serve")
@@ -35,15 +37,18 @@ class Backend:
         encoder=None,
         prompts: tuple[list[str], list[str]] | None = None,
         chat=None,
+        video=None,
     ):
         """`tasks`: name → task whose `predict` is served; `embeds`: the model has the embedding
         verbs (`encode_image` / `encode_text`, a dual encoder) behind /v1/embed, classify, search;
         `prompts`: the run's (classes, templates), /v1/classify's classes when a request has none;
-        `chat`: the task whose `chat` answers /v1/chat/completions."""
+        `chat`: the task whose `chat` answers /v1/chat/completions; `video`: the task whose
+        `clip_item` samples an uploaded video's frames for `encode_video` (/v1/embed with a video)."""
         self.model, self.processor, self.index = model.eval(), processor, index
         self.encoder = model if encoder is None else encoder.eval()
         self.tasks = tasks or {}
         self.chat_task = chat
+        self.video_task = video
         self.name = name
         self.device = next(model.parameters()).device
         self._transform = processor.transform() if embeds else None
@@ -92,7 +97,8 @@ class Backend:
         encoder = maybe_onnx(model, task.processor, backend, quantize) if embeds else None
         prompts = task.class_prompts()
         chat = task if "chat" in task.routes else None
-        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder, prompts, chat)
+        video = task if "video" in task.routes else None
+        return cls(model, task.processor, index, tasks, str(checkpoint), embeds, encoder, prompts, chat, video)
 
     def scale(self) -> float:
         return float(self.encoder.scale().detach())
@@ -106,6 +112,25 @@ class Backend:
         """Batch function: list of (3, S, S) → (B, D) normalised float32."""
         px = torch.from_numpy(np.stack(pixels)).to(self.device)
         return self.encoder.encode_image(px).float().cpu().numpy()
+
+    def prepare_video(self, data: bytes, max_seconds: float, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Upload bytes → (frames (T, 3, S, S), frame_mask (T,)) sampled as the run evaluates a clip;
+        BadVideo when it is empty, not a video, runs over `max_seconds` or has frames over `max_pixels`."""
+        with tempfile.TemporaryDirectory(prefix="mmtune-video-") as folder:
+            path = Path(folder) / "upload"
+            path.write_bytes(data)
+            probe_video(str(path), max_seconds, max_pixels)
+            item = self.video_task.clip_item(path, max_seconds)
+        if item is None:
+            raise BadVideo("upload", "zero_length", "no frame decodes")
+        return item["pixel_values"], item["frame_mask"]
+
+    @torch.no_grad()
+    def embed_clips(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Batch function: list of (frames, frame_mask) → (B, D) normalised float32 (`encode_video`)."""
+        px = torch.from_numpy(np.stack([c[0] for c in clips])).to(self.device)
+        mask = torch.from_numpy(np.stack([c[1] for c in clips])).to(self.device)
+        return self.model.encode_video(px, mask).float().cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:

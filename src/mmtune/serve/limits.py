@@ -32,6 +32,9 @@ class ServeConfig(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Uploads declaring more pixels are refused (bombs): 413."
     )
+    max_video_seconds: float = Field(
+        60.0, gt=0, description="Longest video upload to /v1/embed (and at most the run's data.max_video_seconds): 413."
+    )
     max_texts: int = Field(64, gt=0, description="Texts per /v1/embed request.")
     max_labels: int = Field(64, gt=0, description="Candidate labels per /v1/classify request.")
     max_k: int = Field(100, gt=0, description="Largest k per /v1/search request.")
@@ -220,6 +223,16 @@ def decode_upload(data: bytes, max_pixels: int):
         if e.reason == "not_image":
             raise ApiError(415, "the upload is not an image Pillow can read") from None
         raise ApiError(422, f"the image is damaged ({e.reason}): {e.detail}") from None
+
+
+VIDEO_STATUS = {"too_large": 413, "too_long": 413, "not_video": 415}
+
+
+def video_error(e: BadImage) -> ApiError:
+    """A refused video upload → 413 (frame size, duration), 415 (not a video), 422 (empty, no frame)."""
+    status = VIDEO_STATUS.get(e.reason, 422)
+    what = "the upload is not a video PyAV can read" if status == 415 else f"video refused ({e.reason}): {e.detail}"
+    return ApiError(status, what)
 
 
 def check_texts(texts: list[str], limit: int, max_chars: int, what: str = "texts") -> list[str]:

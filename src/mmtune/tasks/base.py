@@ -81,7 +81,7 @@ class Task(abc.ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
     metric: ClassVar[str] = "val.loss"  # default selection metric (on the validation split)
     higher_is_better: ClassVar[bool] = False
-    routes: ClassVar[tuple[str, ...]] = ()  # "embed" (encode_image/encode_text), "predict", "chat"
+    routes: ClassVar[tuple[str, ...]] = ()  # "embed" (encode_image/encode_text), "video", "predict", "chat"
     exports: ClassVar[tuple[str, ...]] = ()  # formats of `mmtune export`: "hf", "onnx"
     syncs_own_gradients: bool = False  # True: the engine must not wrap the model in DDP
     pairwise_loss: bool = False  # the loss compares every pair of a batch: memory grows as B²
