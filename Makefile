@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean sweep-digits digits28 video-shapes
+.PHONY: setup demo test test-fast lint format clean sweep-digits digits28 video-shapes video-caption-shapes
 
 setup: $(STAMP)
 
@@ -100,6 +100,11 @@ video-shapes: setup
 	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes
 	$(BIN)/mmtune compare-runs --into runs/video-shapes --add middle=runs/video-shapes-middle \
 		--add mean=runs/video-shapes-mean
+
+# Video captioning on `shapes-video`: the caption decoder over the frames' tokens with frame
+# positions. Writes runs/video-caption-shapes/metrics.json (caption.bleu4, caption.cider…).
+video-caption-shapes: setup
+	$(BIN)/mmtune train -c configs/video-caption-shapes.yaml name=video-caption-shapes
 
 # Captioning on `shapes`: writes runs/caption-shapes/metrics.json (caption.bleu4, caption.cider…).
 caption-shapes: setup

@@ -237,6 +237,16 @@ class VideoTextDataset(torch.utils.data.Dataset):
         }
 
 
+def clip_dataset(cfg, processor, records, train: bool, cache: FrameCache, max_seconds: float | None = None):
+    """A task's VideoTextDataset from the run's config: `data.frames` of a pool of
+    `data.frame_pool`, augmented in training (`data.augment`), refused beyond `max_seconds` (at
+    most `data.max_video_seconds`)."""
+    d = cfg.data
+    limit = d.max_video_seconds if max_seconds is None else min(max_seconds, d.max_video_seconds)
+    tf = processor.transform(augment=train and d.augment)
+    return VideoTextDataset(records, tf, d.frames, cfg.seed, train, d.frame_pool, limit, cache)
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, intra_only: bool = False) -> None:
     """(T, H, W, 3) uint8 frames → an MPEG-4 video file (H and W even), written atomically.
 

@@ -30,6 +30,7 @@ _REGISTRY: dict[str, str] = {
     "sd-lora": "mmtune.tasks.sd_lora:SDLoRATask",
     "vlm-sft": "mmtune.tasks.vlm_sft:VLMSFTTask",
     "video-contrastive": "mmtune.tasks.video_contrastive:VideoContrastiveTask",
+    "video-caption": "mmtune.tasks.video_caption:VideoCaptionTask",
 }
 
 

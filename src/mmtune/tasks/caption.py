@@ -65,11 +65,6 @@ def image_records(records) -> list[Record]:
     return list(seen.values())
 
 
-def _caption_logits(m: FusionModel, pixel_values, decoder_in):
-    """Next-token logits (B, T, V) of the caption decoder over the image's patch tokens."""
-    return m.head["caption"](decoder_in, m.image_tokens(pixel_values))
-
-
 class CaptionTask(Task):
     """Describe an image in words."""
 
@@ -86,19 +81,23 @@ class CaptionTask(Task):
         train = image_records(self.ctx.splits.train if self.ctx.splits else [])
         if not train:
             raise ConfigError("task caption needs training records with captions")
-        texts = [c for r in train for c in r.captions]
-        head = {
+        head = self.head_spec([c for r in train for c in r.captions])
+        if isinstance(model, FusionModel):
+            model.add_head("caption", head)
+            return model
+        spec = {"dim": o.dim, "layers": 0, "heads": o.heads, "fusion": "none", "heads_spec": {"caption": head}}
+        return FusionModel(model, spec)
+
+    def head_spec(self, texts: list[str]) -> dict:
+        """The caption decoder's spec, its vocabulary from the training captions `texts`."""
+        o = self.opts
+        return {
             "kind": "decoder",
             "vocab_ids": build_vocab(self.processor.tokenizer, texts),
             "layers": o.decoder_layers,
             "max_len": o.max_len,
             "memory": "image",
         }
-        if isinstance(model, FusionModel):
-            model.add_head("caption", head)
-            return model
-        spec = {"dim": o.dim, "layers": 0, "heads": o.heads, "fusion": "none", "heads_spec": {"caption": head}}
-        return FusionModel(model, spec)
 
     def save(self, model, folder: Path) -> None:
         save_fusion_spec(model, self.processor, folder)
@@ -117,6 +116,10 @@ class CaptionTask(Task):
         items = [it for it in items if it is not None]
         if not items:
             return {}
+        return {"pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])), **self.targets(items)}
+
+    def targets(self, items) -> dict:
+        """Items' sampled `caption` → caption_ids (B, L) (training targets); their `captions` → references."""
         enc = self.processor.tokenizer(
             [it["caption"] for it in items],
             padding="longest",
@@ -124,31 +127,36 @@ class CaptionTask(Task):
             max_length=self.opts.max_len,
             return_tensors="pt",
         )
-        return {
-            "pixel_values": torch.from_numpy(np.stack([it["pixel_values"] for it in items])),
-            "caption_ids": enc["input_ids"],
-            "references": [it["captions"] for it in items],
-        }
+        return {"caption_ids": enc["input_ids"], "references": [it["captions"] for it in items]}
+
+    def memory(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to: the image's patch tokens (B, N, H), no mask."""
+        return model.image_tokens(batch["pixel_values"].to(self.ctx.device)), None
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         ids = model.head["caption"].to_compact(batch["caption_ids"])  # [PAD] is compact 0
-        logits = _caption_logits(model, batch["pixel_values"], ids[:, :-1])
+        mem, mask = self.memory(model, batch)
+        logits = model.head["caption"](ids[:, :-1], mem, mask)
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), ignore_index=0)
         return {"loss": loss, "samples": len(ids)}
 
-    @torch.no_grad()
     def generate(self, model, pixel_values) -> list[str]:
         """Captions for (B, 3, S, S) pixels, decoded as options.decode says."""
+        return self.describe(model, {"pixel_values": pixel_values})
+
+    @torch.no_grad()
+    def describe(self, model, batch) -> list[str]:
+        """Captions for a batch (its `memory`), decoded as options.decode says."""
         if "caption" not in model.head:
-            raise ConfigError("the model has no caption head: train it with task caption")
+            raise ConfigError(f"the model has no caption head: train it with task {self.name}")
         tok, dec = self.processor.tokenizer, model.head["caption"]
         with self.ctx.autocast():
-            mem = model.image_tokens(pixel_values.to(self.ctx.device))
+            mem, mask = self.memory(model, batch)
             special = {"bos": tok.cls_token_id, "eos": tok.sep_token_id}
             if self.opts.decode == "beam":
-                out = beam_search(dec, mem, self.opts.beams, **special)
+                out = beam_search(dec, mem, self.opts.beams, memory_mask=mask, **special)
             else:
-                out = greedy_decode(dec, mem, **special)
+                out = greedy_decode(dec, mem, mask, **special)
         return [tok.decode(ids).strip() for ids in out]
 
     def evaluate(self, model, records) -> Evaluation:
@@ -158,7 +166,7 @@ class CaptionTask(Task):
         loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=0, collate_fn=self.collate)
         hyps, refs = [], []
         for batch in loader:
-            hyps += self.generate(model, batch["pixel_values"])
+            hyps += self.describe(model, batch)
             refs += batch["references"]
         m = caption_metrics(hyps, refs, with_meteor=self.opts.meteor)
         return Evaluation({f"caption.{k}": v for k, v in m.items()})

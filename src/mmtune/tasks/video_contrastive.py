@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from mmtune.data.formats import Record
 from mmtune.data.prompts import check_templates_option, head_prompts, prompt_record
-from mmtune.data.video import FrameCache, VideoTextDataset
+from mmtune.data.video import FrameCache, clip_dataset
 from mmtune.distributed import clip_loss_rows, is_distributed, siglip_loss_rows
 from mmtune.errors import ConfigError, UserError
 from mmtune.losses import caption_group_ids
@@ -150,20 +150,13 @@ class VideoContrastiveTask(Task):
     # ------------------------------------------------------------ data
 
     def dataset(self, records, train: bool):
-        return self._clips(records, train, self.cfg.data.max_video_seconds, self.cache)
-
-    def _clips(self, records, train: bool, max_seconds: float, cache: FrameCache) -> VideoTextDataset:
-        d = self.cfg.data
-        tf = self.processor.transform(augment=train and d.augment)
-        return VideoTextDataset(records, tf, d.frames, self.cfg.seed, train, d.frame_pool, max_seconds, cache)
+        return clip_dataset(self.cfg, self.processor, records, train, self.cache)
 
     def clip_item(self, path: str | Path, max_seconds: float | None = None) -> dict | None:
         """One video file → its item as evaluation samples it (pixel_values, frame_mask), decoded
         afresh (no cache) and refused beyond `max_seconds` (at most data.max_video_seconds); None
         when it does not decode."""
-        limit = self.cfg.data.max_video_seconds
-        limit = limit if max_seconds is None else min(limit, max_seconds)
-        return self._clips([Record(image=str(path))], False, limit, FrameCache(0))[0]
+        return clip_dataset(self.cfg, self.processor, [Record(image=str(path))], False, FrameCache(0), max_seconds)[0]
 
     def collate(self, items):
         return collate_clips(items, self.processor)

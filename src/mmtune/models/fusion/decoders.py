@@ -10,11 +10,24 @@ from mmtune.models.attention import Block
 
 class TextDecoder(nn.Module):
     """Causal decoder over a compact vocabulary (the tokenizer ids its targets use), cross-attending
-    to a memory (B_m, N, D_m). Ids are compact: `to_compact` / `vocab_ids` map both ways."""
+    to a memory (B_m, N, D_m). Ids are compact: `to_compact` / `vocab_ids` map both ways.
+    `frames` > 0: the memory may be the tokens of up to that many video frames (`frame_memory`),
+    each frame's tokens marked with a learnt frame position."""
 
-    def __init__(self, vocab_ids: list[int], memory_dim: int, dim: int, layers: int, heads: int, max_len: int = 64):
+    def __init__(
+        self,
+        vocab_ids: list[int],
+        memory_dim: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        max_len: int = 64,
+        frames: int = 0,
+    ):
         super().__init__()
-        self.vocab_ids, self.max_len = list(vocab_ids), max_len
+        self.vocab_ids, self.max_len, self.frames = list(vocab_ids), max_len, frames
+        if frames:
+            self.frame_pos = nn.Parameter(torch.randn(frames, memory_dim) * 0.02)
         self.embed = nn.Embedding(len(vocab_ids), dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.memory_in = nn.Sequential(nn.Linear(memory_dim, dim), nn.LayerNorm(dim))
@@ -26,6 +39,15 @@ class TextDecoder(nn.Module):
     def to_compact(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.clamp(max=len(self.lookup) - 1)
         return self.lookup.to(ids.device)[ids]
+
+    def frame_memory(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame tokens (B, T, N, D_m) + frame_mask (B, T) → memory (B, T·N, D_m), each frame's
+        tokens plus its frame position, and the memory mask (B, T·N): padding frames unseen."""
+        b, t, n, _ = tokens.shape
+        if t > self.frames:
+            raise ValueError(f"{t} frames per clip, more than the {self.frames} this decoder has positions for")
+        mem = tokens + self.frame_pos[:t, None].to(tokens.dtype)
+        return mem.flatten(1, 2), frame_mask.bool()[:, :, None].expand(b, t, n).flatten(1)
 
     def forward(self, ids, memory, memory_mask=None, index=None) -> torch.Tensor:
         """ids (B, T) compact → logits (B, T, V); memory rows picked by index (B,)."""
@@ -96,20 +118,22 @@ def beam_search(
     eos: int = 102,
     max_len: int | None = None,
     length_penalty: float = 1.0,
+    memory_mask=None,
 ) -> list[list[int]]:
-    """Beam search per memory row (B, N, D) → tokenizer ids; finished hypotheses are ranked by
-    log-probability / length**length_penalty."""
+    """Beam search per memory row (B, N, D) (memory_mask (B, N): the tokens it may attend to) →
+    tokenizer ids; finished hypotheses are ranked by log-probability / length**length_penalty."""
     max_len = min(max_len or decoder.max_len, decoder.max_len)
     bos_c, eos_c = decoder.to_compact(torch.tensor([bos, eos])).tolist()
     out = []
     for b in range(memory.shape[0]):
         mem = memory[b : b + 1]
+        mask = None if memory_mask is None else memory_mask[b : b + 1]
         alive = [([bos_c], 0.0)]
         finished: list[tuple[list[int], float]] = []
         for _ in range(max_len - 1):
             ids = torch.tensor([s for s, _ in alive], device=memory.device)
             index = torch.zeros(len(alive), dtype=torch.long, device=memory.device)
-            logp = decoder(ids, mem, None, index)[:, -1].float().log_softmax(-1)  # (A, V)
+            logp = decoder(ids, mem, mask, index)[:, -1].float().log_softmax(-1)  # (A, V)
             total = torch.tensor([sc for _, sc in alive], device=memory.device)[:, None] + logp
             top = total.flatten().topk(min(beams, total.numel()))
             alive_next = []

@@ -81,7 +81,8 @@ class FusionModel(nn.Module):
 
     spec: {dim, layers, heads, fusion: "cross-attention" | "concat", heads_spec: {name: {...}}}
     where a head spec is {"kind": "classifier", "answers": [...]} (answer classifier),
-    {"kind": "decoder", "vocab_ids": [...], "layers": n, "max_len": n, "memory": "fusion"|"image"},
+    {"kind": "decoder", "vocab_ids": [...], "layers": n, "max_len": n, "memory": "fusion"|"image"} (with
+    "frames": n, video frames' tokens as memory),
     {"kind": "itm"} or {"kind": "mlm", "vocab_ids": [...]}.
     """
 
@@ -104,7 +105,7 @@ class FusionModel(nn.Module):
             return _mlp(d_in, 2 * max(d, emb_dim), len(hs["answers"]))
         if kind == "decoder":
             mem_dim = img_dim if hs["memory"] == "image" else d
-            return TextDecoder(hs["vocab_ids"], mem_dim, d, hs["layers"], hd, hs["max_len"])
+            return TextDecoder(hs["vocab_ids"], mem_dim, d, hs["layers"], hd, hs["max_len"], hs.get("frames", 0))
         if kind == "itm":
             return nn.Linear(d, 2)
         if kind == "mlm":
