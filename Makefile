@@ -93,13 +93,17 @@ vqa-shapes: setup
 # Video–text retrieval on the built-in `shapes-video` clips, one run per temporal pooling: the
 # middle frame alone, the mean of the frames, the temporal transformer. Writes
 # runs/video-shapes/metrics.json (retrieval.v2t.R@1, retrieval.t2v.R@1… of the transformer;
-# middle.retrieval.*, mean.retrieval.* of the others) and its report. See the README's "Video".
+# middle.retrieval.*, mean.retrieval.* of the others; video_caption.caption.* of the video
+# captioning run, runs/video-caption-shapes) and its report. See the README's "Video".
 video-shapes: setup
 	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes-middle options.pooling=middle
 	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes-mean options.pooling=mean
 	$(BIN)/mmtune train -c configs/video-shapes.yaml name=video-shapes
 	$(BIN)/mmtune compare-runs --into runs/video-shapes --add middle=runs/video-shapes-middle \
 		--add mean=runs/video-shapes-mean
+	$(BIN)/mmtune train -c configs/video-caption-shapes.yaml name=video-caption-shapes
+	$(BIN)/mmtune compare-runs --into runs/video-shapes --keys caption. \
+		--add video_caption=runs/video-caption-shapes
 
 # Video captioning on `shapes-video`: the caption decoder over the frames' tokens with frame
 # positions. Writes runs/video-caption-shapes/metrics.json (caption.bleu4, caption.cider…).
