@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean sweep-digits digits28 video-shapes video-caption-shapes
+.PHONY: setup demo test test-fast lint format clean sweep-digits digits28 video-shapes video-caption-shapes vlm-shapes
 
 setup: $(STAMP)
 
@@ -143,6 +143,18 @@ bench-serve: setup
 # valid_5xx = 0, every invalid request answered with its 4xx, server RSS growth ≤ 10%.
 bench-soak: setup
 	MMTUNE_THREADS=1 $(BIN)/python bench/bench_soak.py
+
+# Multimodal LLM on the built-in scenes, end to end: a CLIP image tower trained contrastively on the
+# scenes (configs/vlm-shapes-vision.yaml), a small Llama trained from scratch on their language
+# (mmtune.models.scene_lm), then the LLaVA composed from both fine-tuned on the scenes' questions
+# and captions (configs/vlm-shapes.yaml). Writes runs/vlm-shapes/metrics.json (test figures, each
+# stage's training seconds and their total).
+vlm-shapes: setup
+	rm -rf runs/vlm-shapes-vision runs/vlm-shapes-parts runs/vlm-shapes
+	$(BIN)/mmtune train -c configs/vlm-shapes-vision.yaml
+	$(BIN)/python -m mmtune.models.scene_lm runs/vlm-shapes-parts/lm --steps 100
+	$(BIN)/mmtune train -c configs/vlm-shapes.yaml
+	$(BIN)/python bench/vlm_shapes.py
 
 # Multimodal-LLM fine-tuning (vlm-sft, tiny-llava on shapes): mmtune's Trainer vs TRL's SFTTrainer
 # side by side (tokens/s), peak memory of LoRA vs full fine-tuning, padding per batch →

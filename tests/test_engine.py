@@ -277,6 +277,29 @@ def test_epoch_batches_cover_once_and_split_by_rank():
     assert epoch_batches(10, 2, 0, 1) != full
 
 
+def test_length_grouped_batches_hold_similar_lengths_in_a_seeded_order():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(4000)]
+    plain = epoch_batches(4000, 8, 0, 0)
+    grouped = epoch_batches(4000, 8, 0, 0, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(4000))  # every sample once
+
+    def padding(batches):  # the share of padding when each batch pads to its longest sample
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / sum(
+            max(lengths[i] for i in b) * len(b) for b in batches
+        )
+
+    assert padding(grouped) < 0.1 < 0.4 < padding(plain)
+    assert grouped == epoch_batches(4000, 8, 0, 0, lengths=lengths) != epoch_batches(4000, 8, 0, 1, lengths=lengths)
+    firsts = [max(lengths[i] for i in b) for b in grouped[:20]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not longest-first
+    r0 = epoch_batches(4000, 8, 0, 0, rank=0, world=2, lengths=lengths)
+    r1 = epoch_batches(4000, 8, 0, 0, rank=1, world=2, lengths=lengths)
+    assert len(r0) == len(r1) == 250 and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+
+
 def test_report_to_tensorboard_writes_the_logged_scalars(tiny_cfg):
     """train.report_to: [tensorboard] goes through accelerate's tracker into RUN/tracking/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -247,24 +247,53 @@ def test_mmtune_train_reads_a_llava_conversations_file(tmp_path, caplog):
     assert (tmp_path / "chat" / "checkpoints" / "best" / "COMPLETE").is_file()
 
 
-def test_shipped_vlm_shapes_config_trains(tmp_path, monkeypatch):
-    """configs/vlm-shapes.yaml as shipped, on the smallest scenes for two steps."""
+def test_group_by_length_trains_and_a_task_without_lengths_refuses(tmp_path, capsys, tiny_cfg):
+    """`data.group_by_length=true` trains vlm-sft (conversations of 1 and of 10 turns batched with
+    their like); a task whose samples have no lengths says so in one line, before any step."""
+    from mmtune import api
     from mmtune.cli import main
     from mmtune.data.builtin import shapes
+    from mmtune.errors import ConfigError
+    from tests.conftest import one_line_error
 
-    monkeypatch.setenv("MMTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(shapes.SIZES, "shapes-mini", (12, 4, 4))
-    args = [
-        "train",
-        "-c",
-        str(ROOT / "configs" / "vlm-shapes.yaml"),
-        f"output_dir={tmp_path}",
-        "name=v",
-        "data.dataset=shapes-mini",
-        "train.max_steps=2",
-        "train.eval_every=0",
-        "train.progress=false",
-    ]
-    assert main(args) == 0
-    m = json.loads((tmp_path / "v" / "metrics.json").read_text())
-    assert m["train.steps"] == 2 and "vqa.acc" in m
+    cache = tmp_path / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMTUNE_CACHE", str(cache))
+        mp.setitem(shapes.SIZES, "shapes-mini", (8, 2, 2))
+        args = ["train", "-c", str(ROOT / "configs" / "tiny" / "vlm-sft.yaml"), f"output_dir={tmp_path}", "name=g"]
+        args += ["data.dataset=shapes-mini", "data.group_by_length=true", "data.batch_size=2", "train.max_steps=3"]
+        args += ["options.turns_per_image=10", "options.describe=true", "train.eval_every=0", "train.progress=false"]
+        assert main(args) == 0
+    assert json.loads((tmp_path / "g" / "metrics.json").read_text())["train.steps"] == 3
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="data.group_by_length: the contrastive task's training samples have no"):
+        api.train(tiny_cfg(**{"data.group_by_length": True, "name": "c"}))
+    assert (
+        main(
+            [
+                "train",
+                "-c",
+                str(ROOT / "configs" / "tiny" / "contrastive.yaml"),
+                f"output_dir={tmp_path}",
+                "name=c2",
+                "data.group_by_length=true",
+            ]
+        )
+        != 0
+    )
+    one_line_error(capsys, "data.group_by_length")
+    assert not (tmp_path / "c2").exists()
+
+
+def test_qlora_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    """options.load_in_4bit on a machine without CUDA: one line, before any data or weights."""
+    from mmtune.cli import main
+    from tests.conftest import one_line_error
+
+    cfg = str(ROOT / "configs" / "tiny" / "vlm-sft.yaml")
+    args = ["train", "-c", cfg, f"output_dir={tmp_path}", "name=q", "options.load_in_4bit=true", "options.lora_r=4"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(args) != 0
+    one_line_error(capsys, "options.load_in_4bit", "CUDA")
+    assert not (tmp_path / "q").exists()

@@ -102,11 +102,13 @@ def test_one_step_lowers_the_loss_and_frozen_parts_stay_bit_identical(folders, f
 
 
 def greedy(task, model, rec, n: int = 6) -> list[int]:
-    from mmtune.models.vlm import generate_reply
     from mmtune.tasks.vlm_sft import collate_encoded
 
-    batch = inputs(collate_encoded([task.encoder.encode(rec, generation=True)], task.processor.tokenizer.pad_token_id))
-    return generate_reply(model.eval(), task.processor, batch, n)
+    pad = task.processor.tokenizer.pad_token_id
+    batch = inputs(collate_encoded([task.encoder.encode(rec, generation=True)], pad))
+    with torch.no_grad():  # every token, the end of sequence and what follows it included
+        out = model.eval().generate(**batch, max_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=pad)
+    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 def nudge(model, seed: int = 3) -> None:
@@ -161,3 +163,21 @@ def test_merged_lora_generates_as_the_unmerged_model(folders, family):
     assert (want - without).abs().max() > 1e-3  # the adapters do change the model
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert greedy(task, merged, rec) == greedy(task, model, rec)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_length_grouping_knows_each_conversations_length(folders, family):
+    """`data.group_by_length` orders by `lengths()`: the encoded lengths, without encoding each."""
+    from mmtune.tasks.vlm_sft import ConversationDataset
+
+    task, _ = make_task(folders[family])
+    short = [{"role": "user", "content": "<image>\nwhat"}, {"role": "assistant", "content": "a dot"}]
+    convs = [dialog(0), dialog(5, ["yes", "no", "a long answer with many more words in it"])]
+    convs.append(ConversationRecord(image=image(9), id="s", messages=short, images=[image(9)]))
+    ds = ConversationDataset(convs, task.encoder)
+    exact = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert len(set(exact)) == 3
+    if family == "idefics3":  # image tokens depend on each image's crops: a proxy, in the same order
+        assert sorted(range(3), key=ds.lengths().__getitem__) == sorted(range(3), key=exact.__getitem__)
+    else:
+        assert ds.lengths() == exact

@@ -105,6 +105,11 @@ class DataConfig(_Section):
     batch_size: int = Field(128, gt=0, description="Training batch size per process.")
     eval_batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    group_by_length: bool = Field(
+        False,
+        description="Training batches of samples of similar length (less padding), still in a seeded "
+        "random order; for tasks whose samples have lengths (vlm-sft).",
+    )
     on_bad_sample: Literal["skip", "error"] = Field(
         "skip", description="A missing/corrupt/oversized image: skip and count, or stop."
     )

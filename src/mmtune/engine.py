@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from mmtune import checkpoint as ckpt
 from mmtune.data.shards import SKIPPED
 from mmtune.data.wds import shard_signature
-from mmtune.errors import CheckpointError, UserError
+from mmtune.errors import CheckpointError, ConfigError, UserError
 from mmtune.precision import effective_precision
 from mmtune.tasks import TrainStep, selection_metric
 
@@ -93,16 +93,25 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank=0, world=1) -> list[list]:
-    """This rank's index batches for an epoch: a seeded permutation, full global batches only."""
+# length grouping sorts windows of this many global batches by length (transformers' megabatches)
+GROUP_WINDOW = 50
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank=0, world=1, lengths=None) -> list[list]:
+    """This rank's index batches for an epoch: a seeded permutation, full global batches only.
+    With `lengths` (one per sample) each window of GROUP_WINDOW global batches is sorted by length
+    before it is cut, and the batches are then shuffled: similar lengths share a batch."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     per_step = batch_size * world
-    out = []
-    for start in range(0, n - per_step + 1, per_step):
-        chunk = perm[start : start + per_step]
-        out.append(chunk[rank * batch_size : (rank + 1) * batch_size])
-    return out
+    steps = [perm[s : s + per_step] for s in range(0, n - per_step + 1, per_step)]
+    if lengths is not None:
+        window = per_step * GROUP_WINDOW
+        flat = [i for step in steps for i in step]
+        flat = [i for w in range(0, len(flat), window) for i in sorted(flat[w : w + window], key=lengths.__getitem__)]
+        steps = [flat[s : s + per_step] for s in range(0, len(flat), per_step)]
+        steps = [steps[k] for k in torch.randperm(len(steps), generator=g).tolist()]
+    return [step[rank * batch_size : (rank + 1) * batch_size] for step in steps]
 
 
 def finite_json(d: dict) -> dict:
@@ -252,6 +261,8 @@ class Trainer:
         self.world, self.rank = acc.num_processes, acc.process_index
         _rank_aware_logging(self.rank, self.world)
         self.train_ds = _train_data(cfg, task, self.train_records, self.rank, self.world)
+        if cfg.data.group_by_length and not hasattr(self.train_ds, "lengths"):
+            raise ConfigError(f"data.group_by_length: the {task.name} task's training samples have no lengths")
         per_epoch = len(self.train_ds) // (cfg.data.batch_size * self.world) // t.grad_accum
         if per_epoch == 0:
             raise UserError(too_few_samples(len(self.train_ds), cfg.data.batch_size, t.grad_accum, self.world))
@@ -327,7 +338,8 @@ class Trainer:
     def _loader(self, epoch: int, start: int) -> DataLoader:
         self.train_ds.set_epoch(epoch) if hasattr(self.train_ds, "set_epoch") else None
         bs = self.cfg.data.batch_size
-        batches = epoch_batches(len(self.train_ds), bs, self.cfg.seed, epoch, self.rank, self.world)
+        lengths = self.train_ds.lengths() if self.cfg.data.group_by_length else None
+        batches = epoch_batches(len(self.train_ds), bs, self.cfg.seed, epoch, self.rank, self.world, lengths)
         batches = batches[: self.steps_per_epoch * self.cfg.train.grad_accum]
         if hasattr(self.train_ds, "position"):  # streamed shards: batches come collated
             n = self.steps_per_epoch * self.cfg.train.grad_accum

@@ -86,18 +86,23 @@ def plain_copy(model):
 # ---------------------------------------------------------------- hf
 
 
-def _save_hf(model: HFDualEncoder, processor, out: Path) -> None:
+def clip_image_processor(processor):
+    """transformers' CLIPImageProcessor doing what an mmtune Processor does to an image."""
     from transformers import CLIPImageProcessor
 
-    model.hf.save_pretrained(out)
-    processor.tokenizer.save_pretrained(out)
     s = processor.image_size
-    CLIPImageProcessor(
+    return CLIPImageProcessor(
         size={"shortest_edge": s},
         crop_size={"height": s, "width": s},
         image_mean=list(processor.image_mean),
         image_std=list(processor.image_std),
-    ).save_pretrained(out)
+    )
+
+
+def _save_hf(model: HFDualEncoder, processor, out: Path) -> None:
+    model.hf.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    clip_image_processor(processor).save_pretrained(out)
 
 
 def save_whole(tower: nn.Module, folder: Path) -> list[str]:

@@ -130,6 +130,30 @@ def read_conversations(path: str | Path, image_root: str | Path | None = None) -
     return Table(records)
 
 
+def caption_conversation(rec: Record) -> ConversationRecord:
+    """ "Describe the image." → the record's first caption (a question record's too)."""
+    turns = [
+        {"role": "user", "content": f"{IMAGE}\n{CAPTION_PROMPT}"},
+        {"role": "assistant", "content": rec.captions[0] if rec.captions else ""},
+    ]
+    scene = getattr(rec, "image_id", "") if getattr(rec, "question", "") else ""
+    ident = f"{scene}:caption" if scene else rec.id
+    return ConversationRecord(image=rec.image, id=ident, messages=turns, images=[rec.image])
+
+
+def merge_questions(recs: list[Record]) -> ConversationRecord:
+    """Question records about one image → one multi-turn conversation (the image before the first
+    question), each turn the question and its most common answer."""
+    turns = []
+    for rec in recs:
+        turns += as_conversation(rec).messages
+    first = recs[0]
+    for t in turns[2:]:
+        t["content"] = t["content"].replace(f"{IMAGE}\n", "", 1) if t["role"] == "user" else t["content"]
+    ident = first.id if len(recs) == 1 else f"{first.id}+{len(recs) - 1}"
+    return ConversationRecord(image=first.image, id=ident, messages=turns, images=[first.image])
+
+
 def as_conversation(rec: Record) -> ConversationRecord:
     """Any record mmtune reads as a conversation: a question → its most common answer, a caption
     record → "Describe the image." → its first caption."""
@@ -139,7 +163,7 @@ def as_conversation(rec: Record) -> ConversationRecord:
         answer = Counter(rec.answers).most_common(1)[0][0] if rec.answers else ""
         user, reply = f"{IMAGE}\n{rec.question}", answer
     elif rec.captions:
-        user, reply = f"{IMAGE}\n{CAPTION_PROMPT}", rec.captions[0]
+        return caption_conversation(rec)
     else:
         raise DataError(f"record {rec.id}: neither a conversation, a question nor a caption")
     turns = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

@@ -219,7 +219,7 @@ def _tiny_clip(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
         patch_size=shape.patch_size,
     )
     hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    return HFDualEncoder(hf), Processor(tok, shape.image_size, max_length=32), {"lock_text": False}
+    return HFDualEncoder(hf), Processor(tok, shape.image_size, max_length=64), {"lock_text": False}
 
 
 def build_preset(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:

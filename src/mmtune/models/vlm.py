@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}ASSISTANT: {% elif m['role'] == 'user' %}USER: {% else %}SYSTEM: {% endif %}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 # Prefix-LM layout (PaliGemma, which ships no chat template): the first turn's images, <bos>, the
@@ -137,22 +137,49 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
 
     if projector != "mlp2x_gelu":
         raise ConfigError(f"options.projector: only mlp2x_gelu is built, not {projector!r}")
-    vconf = AutoConfig.from_pretrained(vision)
-    vconf = getattr(vconf, "vision_config", vconf)  # a whole CLIP/SigLIP: its image side
-    if not vconf.model_type.startswith(("clip", "siglip")):
-        raise ConfigError(f"options.vision: {vision} is a {vconf.model_type}, not a CLIP/SigLIP checkpoint")
+    run_tower = run_image_tower(vision)
+    if run_tower is not None:
+        vconf, source, image_processor = run_tower
+    else:
+        vconf = AutoConfig.from_pretrained(vision)
+        vconf = getattr(vconf, "vision_config", vconf)  # a whole CLIP/SigLIP: its image side
+        if not vconf.model_type.startswith(("clip", "siglip")):
+            raise ConfigError(f"options.vision: {vision} is a {vconf.model_type}, not a CLIP/SigLIP checkpoint")
+        source, image_processor = AutoModel.from_pretrained(vision), AutoImageProcessor.from_pretrained(vision)
     tok = _tokenizer_with_image(AutoTokenizer.from_pretrained(language))
     lm = AutoModelForCausalLM.from_pretrained(language)
     model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok))
-    source = AutoModel.from_pretrained(vision)
     source = getattr(source, "vision_model", source)  # a whole CLIP/SigLIP: its image side
     model.model.vision_tower.load_state_dict(source.state_dict())
     model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     if len(tok) != model.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
         model.resize_token_embeddings(len(tok))
-    processor = _llava_processor(tok, AutoImageProcessor.from_pretrained(vision), vconf.patch_size, vconf.model_type)
+    processor = _llava_processor(tok, image_processor, vconf.patch_size, vconf.model_type)
     return model, processor
+
+
+def run_image_tower(path: str):
+    """(vision config, vision tower, image processor) of an mmtune run's CLIP-family image tower
+    (e.g. a `tiny-clip` contrastive run); None when `path` is not an mmtune run or checkpoint."""
+    from mmtune.errors import CheckpointError
+    from mmtune.export import clip_image_processor
+    from mmtune.models.dual import HFDualEncoder
+    from mmtune.runs import load_run, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError:
+        return None
+    model, processor = load_run(path)
+    hf = getattr(model, "hf", None) if isinstance(model, HFDualEncoder) else None
+    vconf = getattr(getattr(hf, "config", None), "vision_config", None)
+    if vconf is None or not vconf.model_type.startswith(("clip", "siglip")):
+        raise ConfigError(
+            f"options.vision: {path} is an mmtune run whose image tower is not a CLIP/SigLIP one "
+            f"({type(model).__name__}); a LLaVA takes e.g. a tiny-clip run's tower"
+        )
+    return vconf, hf.vision_model, clip_image_processor(processor)
 
 
 def load_vlm(name: str):
@@ -219,8 +246,8 @@ def set_trainable(model: nn.Module, frozen: dict[str, bool]) -> None:
 
 
 @torch.no_grad()
-def generate_reply(model: nn.Module, processor, inputs: dict, max_new_tokens: int) -> list[int]:
-    """Greedy continuation ids of one encoded prompt (without the prompt or special tokens)."""
+def generate_batch(model: nn.Module, processor, inputs: dict, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation ids of each left-padded prompt of a batch (up to its end of sequence)."""
     n = inputs["input_ids"].shape[1]
     out = model.generate(
         **inputs,
@@ -229,7 +256,13 @@ def generate_reply(model: nn.Module, processor, inputs: dict, max_new_tokens: in
         num_beams=1,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    return out[0, n:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {processor.tokenizer.eos_token_id}
+    rows = []
+    for row in out[:, n:].tolist():
+        end = next((k for k, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ scores VQA accuracy on question records, BLEU/CIDEr on caption records.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmtune.caption_metrics import caption_metrics
-from mmtune.data.conversations import IMAGE, ConversationRecord, as_conversation
+from mmtune.data.conversations import (
+    IMAGE,
+    ConversationRecord,
+    as_conversation,
+    caption_conversation,
+    merge_questions,
+)
 from mmtune.data.images import BadImage, load_image
 from mmtune.errors import DataError, UserError
 from mmtune.models import vlm
@@ -41,10 +48,24 @@ class VLMOptions(BaseModel):
     freeze_language: bool = Field(False, description="Keep the language model fixed.")
     lora_r: int = Field(0, ge=0, description="LoRA rank on the language model's linear layers (0: off).")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator.")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: a 4-bit base through bitsandbytes (needs CUDA; refused without it)."
+    )
     lr_vision: float = Field(1.0, ge=0, description="Learning-rate multiplier of the vision tower.")
     lr_projector: float = Field(1.0, ge=0, description="Learning-rate multiplier of the projector.")
     lr_language: float = Field(1.0, ge=0, description="Learning-rate multiplier of the language model.")
     max_new_tokens: int = Field(32, gt=0, description="Greedy decoding length at evaluation.")
+    turns_per_image: int = Field(
+        1,
+        gt=0,
+        description="Training: up to this many question records about one image (same image_id) "
+        "form one multi-turn conversation, in a seeded random order (its image is encoded once).",
+    )
+    describe: bool = Field(
+        False,
+        description="Question records that carry captions also give one 'Describe the image.' "
+        "conversation per image: learnt in training, scored as caption.* in evaluation.",
+    )
 
 
 def _content(text: str) -> list[dict]:
@@ -78,6 +99,18 @@ def pad_cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
             padded.append(torch.nn.functional.pad(t, [x for pair in reversed(grow) for x in pair]))
         tensors = padded
     return torch.cat(tensors, dim)
+
+
+def refuse_4bit(device: torch.device) -> None:
+    """options.load_in_4bit: one line saying why it cannot run here."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise UserError(
+            "options.load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes, and this machine has no CUDA "
+            "device: set it to false (options.lora_r keeps LoRA on the full-precision model)"
+        )
+    raise UserError(
+        "options.load_in_4bit (QLoRA) is not built yet in mmtune; use options.lora_r with train.precision=bf16"
+    )
 
 
 class Encoder:
@@ -207,9 +240,28 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, encoder: Encoder):
         self.records, self.encoder = [as_conversation(r) for r in records], encoder
+        self._lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def lengths(self) -> list[int]:
+        """Each conversation's length for `data.group_by_length`: its rendered text's tokens plus,
+        per image, the tokens one image adds in the first conversation with one (read once)."""
+        if self._lengths is None:
+            enc = self.encoder
+            texts = [enc.render(r.messages) for r in self.records]
+            counts = [len(ids) for ids in enc.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+            first = next((k for k, r in enumerate(self.records) if r.images), None)
+            per_image = 0.0
+            if first is not None:
+                try:
+                    exact = len(enc.encode(self.records[first])["input_ids"])
+                    per_image = (exact - counts[first]) / len(self.records[first].images)
+                except (BadImage, DataError):
+                    pass  # an unreadable or too-long first sample: text lengths alone still group
+            self._lengths = [round(n + len(r.images) * per_image) for n, r in zip(counts, self.records, strict=True)]
+        return self._lengths
 
     def __getitem__(self, i: int) -> dict | None:
         try:
@@ -231,6 +283,8 @@ class VLMSFTTask(Task):
 
     def build(self):
         o = self.opts
+        if o.load_in_4bit:
+            refuse_4bit(self.ctx.device)
         if o.vision or o.language:
             if not (o.vision and o.language):
                 raise DataError("compose a LLaVA with both options.vision and options.language")
@@ -272,8 +326,33 @@ class VLMSFTTask(Task):
     def encoder(self) -> Encoder:
         return Encoder(self.processor, self.opts.max_length, self.opts.train_on_prompt)
 
+    def conversations(self, records, train: bool) -> list[ConversationRecord]:
+        """The records as conversations: with `turns_per_image` > 1 (training) a scene's questions
+        are grouped into multi-turn conversations; with `describe` each scene also gets one
+        caption conversation. Records without a question or image_id stay as they are."""
+        o = self.opts
+        group = o.turns_per_image if train else 1
+        if group == 1 and not o.describe:
+            return [as_conversation(r) for r in records]
+        scenes: dict[str, list] = {}
+        out = []
+        for r in records:
+            key = getattr(r, "image_id", "") if getattr(r, "question", "") else ""
+            if key:
+                scenes.setdefault(key, []).append(r)
+            else:
+                out.append(as_conversation(r))
+        rng = random.Random(self.cfg.seed)
+        for recs in scenes.values():
+            if o.describe and recs[0].captions:
+                out.append(caption_conversation(recs[0]))
+            if group > 1:
+                recs = rng.sample(recs, len(recs))
+            out += [merge_questions(recs[i : i + group]) for i in range(0, len(recs), group)]
+        return out
+
     def dataset(self, records, train: bool):
-        return ConversationDataset(records, self.encoder)
+        return ConversationDataset(self.conversations(records, train), self.encoder)
 
     def collate(self, items):
         items = [it for it in items if it is not None]
@@ -296,21 +375,37 @@ class VLMSFTTask(Task):
 
     def reply(self, model, rec: ConversationRecord) -> str:
         """The model's greedy answer to a conversation's last user turn."""
-        enc = self.encoder.encode(rec, generation=True)
-        batch = collate_encoded([enc], self.processor.tokenizer.pad_token_id)
-        batch.pop("labels")
-        batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-        with self.ctx.autocast():
-            ids = vlm.generate_reply(model, self.processor, batch, self.opts.max_new_tokens)
-        return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.replies(model, [rec])[0]
+
+    def replies(self, model, convs: list[ConversationRecord], what: str = "answers") -> list[str]:
+        """Greedy answers to each conversation's last user turn, `data.eval_batch_size` prompts at
+        a time (left-padded: every reply starts right after its prompt)."""
+        from tqdm.auto import tqdm
+
+        size, pad = self.cfg.data.eval_batch_size, self.processor.tokenizer.pad_token_id
+        out = []
+        chunks = range(0, len(convs), size)
+        for i in tqdm(chunks, desc=what, leave=False, disable=len(chunks) < 2 or not self.cfg.train.progress):
+            batch = collate_encoded(
+                [self.encoder.encode(c, generation=True) for c in convs[i : i + size]], pad, left=True
+            )
+            batch.pop("labels")
+            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+            with self.ctx.autocast():
+                ids = vlm.generate_batch(model, self.processor, batch, self.opts.max_new_tokens)
+            out += [self.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        return out
 
     @torch.no_grad()
     def evaluate(self, model, records) -> Evaluation:
         questions = [r for r in records if getattr(r, "question", "")]
         captioned = [r for r in records if not getattr(r, "question", "") and r.captions]
+        if self.opts.describe:  # one caption per scene of the question records
+            scenes = {getattr(r, "image_id", "") or r.id: r for r in questions if r.captions}
+            captioned += list(scenes.values())
         metrics = {}
         if questions:
-            preds = [self.reply(model, as_conversation(r)) for r in questions]
+            preds = self.replies(model, [as_conversation(r) for r in questions])
             m = vqa_metrics(
                 preds,
                 [r.answers for r in questions],
@@ -324,7 +419,7 @@ class VLMSFTTask(Task):
             ]
             metrics["vqa.exact_match"] = float(np.mean(exact))
         if captioned:
-            hyps = [self.reply(model, as_conversation(r)) for r in captioned]
+            hyps = self.replies(model, [caption_conversation(r) for r in captioned], "captions")
             m = caption_metrics(hyps, [r.captions for r in captioned])
             metrics.update({f"caption.{k}": v for k, v in m.items()})
         return Evaluation(metrics)

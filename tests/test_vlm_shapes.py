@@ -1,0 +1,196 @@
+"""The `vlm-shapes` demo's parts: the scenes' word tokenizer and language model, a LLaVA composed
+from an mmtune run's image tower, multi-turn scenes, caption turns and batched evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtune.config import Config
+from mmtune.data.builtin import shapes
+from mmtune.errors import ConfigError
+from mmtune.tasks import Context, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_shapes(tmp_path, monkeypatch):
+    """`shapes` and `shapes-mini` cut to 12 / 4 / 4 scenes, cached under tmp_path."""
+    monkeypatch.setenv("MMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(shapes.SIZES, "shapes", (12, 4, 4))
+    monkeypatch.setitem(shapes.SIZES, "shapes-mini", (12, 4, 4))
+
+
+def test_scene_tokenizer_covers_the_scenes_and_decodes_them_back(small_shapes):
+    from mmtune.models.scene_lm import scene_conversations, word_tokenizer
+
+    tok = word_tokenizer()
+    for turns in scene_conversations("train")[:4]:
+        for t in turns:
+            ids = tok(t["content"], add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids
+            assert tok.decode(ids) == t["content"]  # captions' commas and full stops included
+    assert tok("a purple circle", add_special_tokens=False)["input_ids"][1] == tok.unk_token_id
+    chat = tok.apply_chat_template(scene_conversations("train")[0][:2], tokenize=False)
+    assert chat.startswith("USER: Describe the image.\nASSISTANT: a red ") and chat.endswith("</s>\n")
+
+
+def test_scene_lm_learns_and_loads_in_plain_transformers(tmp_path, small_shapes):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmtune.models.scene_lm import main
+
+    main([str(tmp_path / "lm"), "--steps", "4", "--batch-size", "4", "--hidden", "32", "--layers", "1"])
+    summary = json.loads((tmp_path / "lm" / "train.json").read_text())
+    assert summary["steps"] == 4 and summary["loss"] < summary["first_loss"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    assert "<image>" in tok.get_vocab() and "ASSISTANT" in tok.chat_template
+    assert lm.config.vocab_size == len(tok) and summary["params"] == sum(p.numel() for p in lm.parameters())
+
+
+def _train(cfg_file: Path, out: Path, name: str, *more: str) -> Path:
+    from mmtune.cli import main
+
+    args = ["train", "-c", str(cfg_file), f"output_dir={out}", f"name={name}", "train.progress=false", *more]
+    assert main(args) == 0
+    return out / name
+
+
+def _parts(tmp_path) -> tuple[Path, Path]:
+    """The shipped vision config (2 steps) and a 2-step scene LM: what configs/vlm-shapes.yaml composes."""
+    from mmtune.models.scene_lm import train_scene_lm
+
+    vision = _train(
+        ROOT / "configs" / "vlm-shapes-vision.yaml",
+        tmp_path,
+        "vision",
+        "train.max_steps=2",
+        "data.batch_size=8",
+        "train.eval_every=0",
+    )
+    train_scene_lm(tmp_path / "lm", steps=2, batch_size=4, hidden=32, layers=1, heads=2, log=lambda _: None)
+    return vision, tmp_path / "lm"
+
+
+def test_llava_composed_from_an_mmtune_runs_image_tower(tmp_path, small_shapes):
+    from mmtune.runs import load_run
+
+    vision, lm = _parts(tmp_path)
+    cfg = Config(task="vlm-sft", options={"vision": str(vision), "language": str(lm), "max_length": 320})
+    task = get_task("vlm-sft")(Context(cfg))
+    model = task.build()
+    tower, processor = load_run(vision)
+    want = tower.hf.vision_model.state_dict()
+    got = model.model.vision_tower.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert task.processor.image_processor.crop_size == {"height": 72, "width": 72}
+    assert list(task.processor.image_processor.image_mean) == list(processor.image_mean)
+    # a scene becomes 36 image tokens (6×6 patches of 12 px), and the tokenizer is the scene LM's
+    rec = shapes.shapes_splits("shapes")["train"][0]
+    from mmtune.data.conversations import as_conversation
+
+    enc = task.encoder.encode(as_conversation(rec))
+    assert (enc["input_ids"] == task.processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 36
+    tok = task.processor.tokenizer
+    learnt = enc["input_ids"][enc["labels"] != -100].tolist()
+    assert tok.decode(learnt[:-1]) == rec.answers[0] and learnt[-1] == tok.eos_token_id
+
+
+def test_a_run_without_a_clip_image_tower_is_a_one_line_error(tmp_path, small_shapes):
+    run = _train(
+        ROOT / "configs" / "tiny" / "contrastive.yaml",
+        tmp_path,
+        "lit",
+        "model.name=lit-minilm",
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "data.dataset=shapes-mini",
+    )
+    _, lm = _parts(tmp_path)
+    cfg = Config(task="vlm-sft", options={"vision": str(run), "language": str(lm)})
+    with pytest.raises(ConfigError, match="not a CLIP/SigLIP one") as err:
+        get_task("vlm-sft")(Context(cfg)).build()
+    assert "\n" not in str(err.value)
+
+
+def _tiny(**options):
+    cfg = Config(
+        task="vlm-sft",
+        model={"name": "tiny-llava"},
+        data={"eval_batch_size": 4},
+        options={"max_length": 512, **options},
+    )
+    task = get_task("vlm-sft")(Context(cfg))
+    torch.manual_seed(0)
+    return task, task.build()
+
+
+def test_turns_per_image_and_describe_make_scene_conversations(small_shapes):
+    from tests.test_vlm import learnt_runs
+
+    records = shapes.shapes_splits("shapes")["train"][:40]  # two scenes, 20 questions each
+    task, _ = _tiny(turns_per_image=8, describe=True)
+    convs = task.conversations(records, train=True)
+    # per scene: one caption conversation and ceil(20 / 8) = 3 question conversations
+    assert len(convs) == 8
+    assert sorted(len(c.messages) // 2 for c in convs) == [1, 1, 4, 4, 8, 8, 8, 8]
+    tok = task.processor.tokenizer
+    for scene in ("train-0", "train-1"):
+        mine = [c for c in convs if c.id.startswith(scene + "-") or c.id == f"{scene}:caption"]
+        asked = [r for r in records if r.image_id == scene]
+        answers = sorted(m["content"] for c in mine if not c.id.endswith("caption") for m in c.messages[1::2])
+        assert answers == sorted(r.answers[0] for r in asked)  # every question once
+        caption = next(c for c in mine if c.id.endswith(":caption"))
+        assert caption.messages[1]["content"] == asked[0].captions[0]
+    for conv in convs:
+        text = "".join(m["content"] for m in conv.messages)
+        assert text.count("<image>") == 1 and len(conv.images) == 1
+        enc = task.encoder.encode(conv)
+        replies = [tok.decode(r, skip_special_tokens=True) for r in learnt_runs(enc["input_ids"], enc["labels"])]
+        assert [r.replace(" ", "") for r in replies] == [m["content"].replace(" ", "") for m in conv.messages[1::2]]
+    # evaluation keeps one question a conversation (and captions per scene)
+    assert len(task.conversations(records, train=False)) == 40 + 2
+    same = task.conversations(records, train=True)
+    assert [c.id for c in same] == [c.id for c in convs]  # seeded
+
+
+def test_batched_evaluation_answers_as_one_at_a_time(small_shapes):
+    records = shapes.shapes_splits("shapes")["test"][:10]
+    task, model = _tiny(max_new_tokens=5, describe=True)
+    with torch.no_grad():
+        for p in model.parameters():  # a random model that says different things to different prompts
+            p.add_(torch.randn_like(p) * 0.5)
+    model.eval()
+    from mmtune.data.conversations import as_conversation
+
+    convs = [as_conversation(r) for r in records]
+    lengths = {len(task.encoder.encode(c, generation=True)["input_ids"]) for c in convs}
+    assert len(lengths) > 1  # prompts of several lengths: left padding is exercised
+    batched = task.replies(model, convs)
+    single = [task.reply(model, c) for c in convs]
+    assert batched == single and len(set(single)) > 1
+    m = task.evaluate(model, records).metrics
+    assert m["vqa.n"] == 10 and "caption.bleu4" in m  # one caption per scene of the questions
+
+
+def test_shipped_vlm_shapes_config_trains(tmp_path, small_shapes):
+    """configs/vlm-shapes.yaml as shipped on its parts (built above from their shipped recipes),
+    on the smallest scenes for two steps: questions and captions are both scored."""
+    vision, lm = _parts(tmp_path)
+    run = _train(
+        ROOT / "configs" / "vlm-shapes.yaml",
+        tmp_path,
+        "v",
+        f"options.vision={vision}",
+        f"options.language={lm}",
+        "data.dataset=shapes-mini",
+        "train.max_steps=2",
+    )
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["train.steps"] == 2 and "vqa.rel.acc" in m and "caption.bleu4" in m
+    assert m["model.trainable_params"] == m["model.total_params"]  # vision unfrozen: every part learns
