@@ -20,16 +20,17 @@ def run(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-WAIT = "import os, {m}; print(os.environ.get('OMP_WAIT_POLICY'))"
+WAIT = "import os, {m}; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
 
 
-def test_import_mmtune_and_the_cli_set_passive_wait():
-    assert run(WAIT.format(m="mmtune")).stdout.split() == ["PASSIVE"]
-    assert run(WAIT.format(m="mmtune.cli")).stdout.split() == ["PASSIVE"]
+def test_import_mmtune_and_the_cli_set_a_short_spin_then_passive_wait():
+    assert run(WAIT.format(m="mmtune")).stdout.split() == ["PASSIVE", "6000"]
+    assert run(WAIT.format(m="mmtune.cli")).stdout.split() == ["PASSIVE", "6000"]
 
 
 def test_a_users_own_wait_policy_is_kept():
-    assert run(WAIT.format(m="mmtune"), OMP_WAIT_POLICY="ACTIVE").stdout.split() == ["ACTIVE"]
+    assert run(WAIT.format(m="mmtune"), OMP_WAIT_POLICY="ACTIVE").stdout.split() == ["ACTIVE", "None"]
+    assert run(WAIT.format(m="mmtune"), GOMP_SPINCOUNT="0").stdout.split() == ["None", "0"]
 
 
 def test_mmtune_threads_sets_torch_threads_before_and_after_torch_loads():
