@@ -117,8 +117,27 @@ def test_probe_of_a_comparison_run_matches_sklearn_on_its_cached_features(compar
 def test_shipped_config_trains_its_method_through_train(tmp_path):
     assert main(["train", "--config", str(CONFIG), *_tiny(tmp_path)]) == 0
     m = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
-    assert {"top1", "top5", "mean_per_class_recall", "shift.top1"} <= m.keys()
+    assert {"top1", "top5", "mean_per_class_recall", "shift.top1", "loss"} <= m.keys()
     assert m["train.steps"] == 3
+
+
+def test_classifier_loss_is_the_mean_cross_entropy_of_its_logits(tmp_path):
+    """`loss` in a classify evaluation: the cross-entropy of the logits `mmtune eval` sees."""
+    import torch.nn.functional as F
+
+    from mmtune.data import load_splits
+    from mmtune.models.classifier import classify_logits
+    from mmtune.runs import open_run, run_config
+
+    assert main(["train", "--config", str(CONFIG), *_tiny(tmp_path), "train.eval_every=0"]) == 0
+    cfg = run_config(tmp_path / "cmp" / "model")
+    splits = load_splits(cfg.data, cfg.seed)
+    task, model = open_run(tmp_path / "cmp", splits=splits)
+    recs = splits.get("test")
+    got = task.evaluate(model, recs).metrics["loss"]
+    logits = classify_logits(task.classifier(model), recs, task.ctx, task.processor)
+    want = F.cross_entropy(logits, torch.tensor([r.label for r in recs])).item()
+    assert got == pytest.approx(want, rel=1e-5) and 0 < got < 10
 
 
 def test_lp_ft_alone_fits_its_own_probe_first(tmp_path):
