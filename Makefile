@@ -128,6 +128,11 @@ text2image-shapes: setup
 text2image-guidance: setup
 	$(BIN)/python bench/bench_guidance.py runs/text2image-shapes --guidance 1 1.5 2 3 -n 32
 
+# The demo in bf16 vs fp32, alternated (time, test accuracy, MFU against each dtype's measured
+# matmul peak) → runs/bench/precision.json. About 10 minutes; the figures are in docs/benchmarks.md.
+bench-precision: setup
+	$(BIN)/python bench/bench_precision.py --rounds 2
+
 # Training on a busy CPU (demo config; alone, beside a busy process, two side by side, vs the old
 # defaults) → runs/bench/contention.json. A few minutes; the figures are in docs/benchmarks.md.
 bench-contention: setup

@@ -194,3 +194,68 @@ def test_shipped_vlm_shapes_config_trains(tmp_path, small_shapes):
     m = json.loads((run / "metrics.json").read_text())
     assert m["train.steps"] == 2 and "vqa.rel.acc" in m and "caption.bleu4" in m
     assert m["model.trainable_params"] == m["model.total_params"]  # vision unfrozen: every part learns
+
+
+def test_describe_only_keeps_the_caption_conversations(small_shapes):
+    records = shapes.shapes_splits("shapes")["train"][:40]  # two scenes
+    task, model = _tiny(describe="only", max_new_tokens=3)
+    convs = task.conversations(records, train=True)
+    assert [c.id for c in convs] == ["train-0:caption", "train-1:caption"]
+    assert task.conversations(records, train=False) == convs
+    m = task.evaluate(model.eval(), records).metrics
+    assert "caption.bleu4" in m and not any(k.startswith("vqa.") for k in m)
+
+
+def test_shipped_two_stage_recipe_trains_the_projector_then_lora(tmp_path, small_shapes):
+    """configs/vlm-shapes-stage1.yaml then -stage2.yaml as shipped (two steps each): stage 1 moves
+    the projector alone; stage 2 starts from stage 1's weights and adds LoRA to the language model."""
+    from mmtune.models.vlm import parts
+    from mmtune.runs import load_run
+
+    vision, lm = _parts(tmp_path)
+    composed = get_task("vlm-sft")(
+        Context(Config(task="vlm-sft", options={"vision": str(vision), "language": str(lm)}))
+    )
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in composed.build().state_dict().items()}
+    one = _train(
+        ROOT / "configs" / "vlm-shapes-stage1.yaml",
+        tmp_path,
+        "s1",
+        f"options.vision={vision}",
+        f"options.language={lm}",
+        "data.dataset=shapes-mini",
+        "data.batch_size=4",  # 12 training scenes: 12 captions
+        "train.max_steps=2",
+    )
+    m1 = json.loads((one / "metrics.json").read_text())
+    assert "caption.bleu4" in m1 and not any(k.startswith("vqa.") for k in m1)
+    stage1, _ = load_run(one)
+    after = stage1.state_dict()
+    kind = parts(stage1)
+    moved = {kind.get(k, k) for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {"projector"}  # vision and language bit-identical
+    two = _train(
+        ROOT / "configs" / "vlm-shapes-stage2.yaml",
+        tmp_path,
+        "s2",
+        f"model.name={one}",
+        "data.dataset=shapes-mini",
+        "train.max_steps=1",
+        "options.freeze_projector=true",  # then every weight but LoRA's is stage 1's
+    )
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert "vqa.rel.acc" in m2 and m2["model.trainable_params"] < m2["model.total_params"]
+    stage2, _ = load_run(two)
+    assert any("lora_" in n for n, _ in stage2.named_parameters())  # LoRA on the language model
+    got = {k.replace(".base_layer", ""): v for k, v in stage2.state_dict().items() if "lora_" not in k}
+    assert got.keys() == after.keys() and all(torch.equal(got[k], after[k]) for k in after)
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # … not the composed start
+
+
+def test_a_run_of_another_task_as_model_name_is_a_one_line_error(tmp_path, small_shapes):
+    vision, _ = _parts(tmp_path)
+    cfg = Config(task="vlm-sft", model={"name": str(vision)})
+    with pytest.raises(ConfigError, match="contrastive run, not a vlm-sft one") as err:
+        get_task("vlm-sft")(Context(cfg)).build()
+    assert "\n" not in str(err.value)

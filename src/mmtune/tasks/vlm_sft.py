@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,10 +62,11 @@ class VLMOptions(BaseModel):
         description="Training: up to this many question records about one image (same image_id) "
         "form one multi-turn conversation, in a seeded random order (its image is encoded once).",
     )
-    describe: bool = Field(
+    describe: bool | Literal["only"] = Field(
         False,
         description="Question records that carry captions also give one 'Describe the image.' "
-        "conversation per image: learnt in training, scored as caption.* in evaluation.",
+        "conversation per image: learnt in training, scored as caption.* in evaluation; 'only': "
+        "those conversations alone, no questions (stage 1 of the two-stage recipe).",
     )
 
 
@@ -346,6 +348,8 @@ class VLMSFTTask(Task):
         for recs in scenes.values():
             if o.describe and recs[0].captions:
                 out.append(caption_conversation(recs[0]))
+            if o.describe == "only":
+                continue
             if group > 1:
                 recs = rng.sample(recs, len(recs))
             out += [merge_questions(recs[i : i + group]) for i in range(0, len(recs), group)]
@@ -403,6 +407,8 @@ class VLMSFTTask(Task):
         if self.opts.describe:  # one caption per scene of the question records
             scenes = {getattr(r, "image_id", "") or r.id: r for r in questions if r.captions}
             captioned += list(scenes.values())
+        if self.opts.describe == "only":
+            questions = []
         metrics = {}
         if questions:
             preds = self.replies(model, [as_conversation(r) for r in questions])
