@@ -151,13 +151,15 @@ bench-soak: setup
 
 # Multimodal LLM on the built-in scenes, end to end: a CLIP image tower trained contrastively on the
 # scenes (configs/vlm-shapes-vision.yaml), a small Llama trained from scratch on their language
-# (mmtune.models.scene_lm), then the LLaVA composed from both fine-tuned on the scenes' questions
-# and captions (configs/vlm-shapes.yaml). Writes runs/vlm-shapes/metrics.json (test figures, each
+# (mmtune.models.scene_lm), the LLaVA composed from both with its projector aligned on captions
+# (configs/vlm-shapes-stage1.yaml), then all of it fine-tuned on the scenes' questions and
+# captions (configs/vlm-shapes.yaml). Writes runs/vlm-shapes/metrics.json (test figures, each
 # stage's training seconds and their total).
 vlm-shapes: setup
-	rm -rf runs/vlm-shapes-vision runs/vlm-shapes-parts runs/vlm-shapes
+	rm -rf runs/vlm-shapes-vision runs/vlm-shapes-parts runs/vlm-shapes-stage1 runs/vlm-shapes
 	$(BIN)/mmtune train -c configs/vlm-shapes-vision.yaml
 	$(BIN)/python -m mmtune.models.scene_lm runs/vlm-shapes-parts/lm --steps 100
+	$(BIN)/mmtune train -c configs/vlm-shapes-stage1.yaml
 	$(BIN)/mmtune train -c configs/vlm-shapes.yaml
 	$(BIN)/python bench/vlm_shapes.py
 

@@ -178,22 +178,50 @@ def test_batched_evaluation_answers_as_one_at_a_time(small_shapes):
     assert m["vqa.n"] == 10 and "caption.bleu4" in m  # one caption per scene of the questions
 
 
+def _stage1(tmp_path, vision: Path, lm: Path) -> Path:
+    """configs/vlm-shapes-stage1.yaml as shipped on its parts, two steps on the smallest scenes."""
+    return _train(
+        ROOT / "configs" / "vlm-shapes-stage1.yaml",
+        tmp_path,
+        "s1",
+        f"options.vision={vision}",
+        f"options.language={lm}",
+        "data.dataset=shapes-mini",
+        "data.batch_size=4",  # 12 training scenes: 12 captions
+        "train.max_steps=2",
+    )
+
+
 def test_shipped_vlm_shapes_config_trains(tmp_path, small_shapes):
-    """configs/vlm-shapes.yaml as shipped on its parts (built above from their shipped recipes),
-    on the smallest scenes for two steps: questions and captions are both scored."""
+    """configs/vlm-shapes.yaml as shipped, from its stage-1 run (built above from the shipped
+    recipes), on the smallest scenes for two steps: questions and captions are both scored."""
     vision, lm = _parts(tmp_path)
+    one = _stage1(tmp_path, vision, lm)
     run = _train(
         ROOT / "configs" / "vlm-shapes.yaml",
         tmp_path,
         "v",
-        f"options.vision={vision}",
-        f"options.language={lm}",
+        f"model.name={one}",
         "data.dataset=shapes-mini",
         "train.max_steps=2",
     )
     m = json.loads((run / "metrics.json").read_text())
     assert m["train.steps"] == 2 and "vqa.rel.acc" in m and "caption.bleu4" in m
     assert m["model.trainable_params"] == m["model.total_params"]  # vision unfrozen: every part learns
+    # make vlm-shapes' last step: the stages' seconds into the LLaVA's metrics.json
+    for name, src in (("vlm-shapes-vision", vision), ("vlm-shapes-stage1", one), ("vlm-shapes", run)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.json").write_text((src / "metrics.json").read_text())
+    (tmp_path / "runs" / "vlm-shapes-parts" / "lm").mkdir(parents=True)
+    (tmp_path / "runs" / "vlm-shapes-parts" / "lm" / "train.json").write_text((lm / "train.json").read_text())
+    import subprocess
+    import sys
+
+    script = ROOT / "bench" / "vlm_shapes.py"
+    subprocess.run([sys.executable, str(script), "--runs", str(tmp_path / "runs")], check=True, capture_output=True)
+    total = json.loads((tmp_path / "runs" / "vlm-shapes" / "metrics.json").read_text())
+    parts = [total[f"parts.{k}.train_seconds"] for k in ("vision", "language", "stage1")]
+    assert total["train.total_seconds"] == round(sum(parts) + m["train.seconds"], 1)
 
 
 def test_describe_only_keeps_the_caption_conversations(small_shapes):
@@ -218,16 +246,7 @@ def test_shipped_two_stage_recipe_trains_the_projector_then_lora(tmp_path, small
     )
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in composed.build().state_dict().items()}
-    one = _train(
-        ROOT / "configs" / "vlm-shapes-stage1.yaml",
-        tmp_path,
-        "s1",
-        f"options.vision={vision}",
-        f"options.language={lm}",
-        "data.dataset=shapes-mini",
-        "data.batch_size=4",  # 12 training scenes: 12 captions
-        "train.max_steps=2",
-    )
+    one = _stage1(tmp_path, vision, lm)
     m1 = json.loads((one / "metrics.json").read_text())
     assert "caption.bleu4" in m1 and not any(k.startswith("vqa.") for k in m1)
     stage1, _ = load_run(one)
