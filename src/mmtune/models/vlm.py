@@ -188,9 +188,6 @@ def load_vlm(name: str):
 
     if name == "tiny-llava":
         return tiny_llava()
-    run = run_vlm(name)
-    if run is not None:
-        return run
     if not Path(name).is_dir():
         raise ConfigError(f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder")
     processor = AutoProcessor.from_pretrained(name)
@@ -199,25 +196,6 @@ def load_vlm(name: str):
             raise ConfigError(f"model.name: {name} has no chat template (chat_template.jinja) to render conversations")
         processor.chat_template = PREFIX_LM_TEMPLATE
     return AutoModelForImageTextToText.from_pretrained(name), processor
-
-
-def run_vlm(path: str):
-    """(model, processor) of an mmtune vlm-sft run, its LoRA adapters merged: stage 2 of a two-stage
-    recipe starts from stage 1's run (`model.name: runs/STAGE1`); None when `path` is not a run."""
-    from mmtune.errors import CheckpointError
-    from mmtune.export import merge_adapters
-    from mmtune.runs import load_run, resolve_checkpoint, run_config
-
-    try:
-        spec_dir, _ = resolve_checkpoint(path)
-    except CheckpointError:
-        return None
-    task = run_config(spec_dir).task
-    if task != "vlm-sft":
-        raise ConfigError(f"model.name: {path} is an mmtune {task} run, not a vlm-sft one")
-    model, processor = load_run(path)
-    merge_adapters(model)
-    return model, processor
 
 
 def save_vlm(model: nn.Module, processor, folder: Path) -> None:

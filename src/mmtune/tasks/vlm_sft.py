@@ -1,6 +1,6 @@
 """Supervised fine-tuning of multimodal LLMs (LLaVA and other image-text-to-text models).
 
-The model: a local transformers folder or the `tiny-llava` preset (`model.name`), or a LLaVA
+The model: a local transformers folder, an earlier vlm-sft run or the `tiny-llava` preset (`model.name`), or a LLaVA
 composed from `options.vision` + `options.language`. The data: conversations (LLaVA or messages
 files, `mmtune.data.conversations`) and VQA/caption records converted on the fly. The loss is on
 the assistant's tokens only unless `options.train_on_prompt`; evaluation decodes greedily and
@@ -292,8 +292,27 @@ class VLMSFTTask(Task):
                 raise DataError("compose a LLaVA with both options.vision and options.language")
             model, self.processor = vlm.compose_llava(o.vision, o.language, o.projector)
         else:
-            model, self.processor = vlm.load_vlm(self.cfg.model.name)
+            model, self.processor = self._from_run(self.cfg.model.name) or vlm.load_vlm(self.cfg.model.name)
         return self._adapt(model)
+
+    def _from_run(self, path: str):
+        """(model, processor) of an earlier vlm-sft run, its LoRA adapters merged: stage 2 of a
+        two-stage recipe starts from stage 1's run (`model.name: runs/STAGE1`); None when `path`
+        is not an mmtune run."""
+        from mmtune.errors import CheckpointError, ConfigError
+        from mmtune.export import merge_adapters
+        from mmtune.runs import open_run, resolve_checkpoint, run_config
+
+        try:
+            spec_dir, _ = resolve_checkpoint(path)
+        except CheckpointError:
+            return None
+        task = run_config(spec_dir).task
+        if task != self.name:
+            raise ConfigError(f"model.name: {path} is an mmtune {task} run, not a {self.name} one")
+        earlier, model = open_run(path)
+        merge_adapters(model)
+        return model, earlier.processor
 
     def _adapt(self, model):
         """LoRA on the language model (when asked), then freezing by part."""
