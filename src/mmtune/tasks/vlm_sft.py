@@ -2,10 +2,10 @@
 
 The model: a local transformers folder, an earlier vlm-sft run or the `tiny-llava` preset
 (`model.name`), or a LLaVA composed from `options.vision` + `options.language`. The data:
-conversations (LLaVA or messages
-files, `mmtune.data.conversations`) and VQA/caption records converted on the fly. The loss is on
-the assistant's tokens only unless `options.train_on_prompt`; evaluation decodes greedily and
-scores VQA accuracy on question records, BLEU/CIDEr on caption records.
+conversations (LLaVA or messages files, `mmtune.data.conversations`) and VQA/caption records
+converted on the fly. The loss is on the assistant's tokens only unless `options.train_on_prompt`;
+evaluation decodes greedily and scores VQA accuracy on question records, BLEU/CIDEr on caption
+records.
 """
 
 from __future__ import annotations
