@@ -76,11 +76,43 @@ def test_the_defaults_are_the_documented_ones():
         ({"image_size": 24, "patch_size": 6, "vision_stem": "conv"}, "must be a power of two"),
         ({"vision_width": 100, "vision_heads": 3}, "does not split into model.vision_heads=3"),
         ({"name": "tiny-clip", "vision_stem": "conv"}, "patch stem only"),
+        ({"vision_stem": "conv", "vision_pos_init": "sincos2d"}, "sincos2d: needs a patch stem"),
+        ({"vision_width": 66, "vision_heads": 3, "vision_pos_init": "sincos2d"}, "divisible by 4"),
+        ({"name": "runs/whatever", "vision_pos_init": "sincos2d"}, "model.vision_pos_init: shape the image tower"),
     ],
 )
 def test_impossible_shapes_are_one_line_errors(fields, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
         load_model(ModelConfig(**fields))
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "lit-minilm"])
+def test_sincos2d_positions_say_where_each_patch_is(name):
+    """`model.vision_pos_init=sincos2d`: the class token's position is zero and each patch's is the
+    2-D sine/cosine code of its (row, column), from which rows and columns read back exactly by a
+    linear map (least squares); the default draws them as noise of std 0.02, quiet beside the
+    patches' content."""
+    from mmtune.models.load import sincos_2d
+
+    def table(model):
+        emb = model.hf.vision_model.embeddings if name == "tiny-clip" else model.tower("vision").embeddings
+        w = emb.position_embedding.weight if name == "tiny-clip" else emb.position_embeddings[0]
+        return w.detach()
+
+    fields = {"image_size": 24, "patch_size": 4, "vision_width": 32}  # a 6 × 6 grid
+    torch.manual_seed(0)
+    codes = table(load_model(ModelConfig(name=name, vision_pos_init="sincos2d", **fields))[0])
+    assert torch.equal(codes[0], torch.zeros(32)) and torch.equal(codes[1:], sincos_2d(6, 32))
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    where = torch.stack([rows.flatten(), cols.flatten()], 1)
+
+    def fit_error(x):  # largest error of the best linear map (+ bias) from position code to (row, col)
+        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        return (x @ torch.linalg.lstsq(x, where.double(), driver="gelsd").solution - where).abs().max().item()
+
+    assert fit_error(codes[1:]) < 1e-6
+    plain = table(load_model(ModelConfig(name=name, **fields))[0])
+    assert plain[1:].std() < 0.05 and not torch.allclose(plain[1:], sincos_2d(6, 32))
 
 
 def _digits28_folder(root: Path, per_class: int) -> Path:

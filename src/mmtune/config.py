@@ -47,6 +47,13 @@ class ModelConfig(_Section):
         description="Built-in presets: `patch` (ViT patch embedding) or `conv` (log2(patch_size) "
         "stride-2 3×3 convolutions; better from scratch on little data). null: patch, patch, conv.",
     )
+    vision_pos_init: Literal["normal", "sincos2d"] | None = Field(
+        None,
+        description="Built-in presets with a patch stem: the image tower's position embeddings start "
+        "as `normal` noise (transformers' init, quiet beside the patches' content) or as a unit 2-D "
+        "sine/cosine grid (`sincos2d`, MAE's; still learnt), so patch tokens carry where they are. "
+        "null: normal.",
+    )
     lock_text: bool | None = Field(
         None,
         description="Freeze the text tower (LiT); its features are cached. None: preset default.",

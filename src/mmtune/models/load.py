@@ -92,8 +92,8 @@ def _preprocess_spec(p: Processor) -> dict:
 @dataclass(frozen=True)
 class VisionShape:
     """A built-in preset's image tower: what `model.image_size`, `model.patch_size`,
-    `model.vision_width`, `model.vision_layers`, `model.vision_heads` and `model.vision_stem`
-    change (each null keeps the preset's value)."""
+    `model.vision_width`, `model.vision_layers`, `model.vision_heads`, `model.vision_stem` and
+    `model.vision_pos_init` change (each null keeps the preset's value)."""
 
     image_size: int  # input resolution (pixels, square)
     patch_size: int  # one token per patch_size × patch_size pixels
@@ -101,6 +101,7 @@ class VisionShape:
     layers: int  # transformer blocks
     heads: int  # attention heads
     stem: str  # `patch`: a ViT patch embedding; `conv`: stride-2 3×3 convolutions (log2(patch) of them)
+    pos_init: str = "normal"  # patch stems' position embeddings: `normal` noise or a `sincos2d` grid
 
 
 # (model.name → its image tower); every preset's text side is fixed (see its builder)
@@ -117,6 +118,7 @@ SHAPE_FIELDS = {  # ModelConfig field → VisionShape field
     "vision_layers": "layers",
     "vision_heads": "heads",
     "vision_stem": "stem",
+    "vision_pos_init": "pos_init",
 }
 
 
@@ -146,9 +148,38 @@ def vision_shape(model_cfg) -> VisionShape:
             f"model.patch_size={shape.patch_size}: a conv stem halves the image per layer, so the "
             "patch size must be a power of two (2, 4, 8, 16, 32)"
         )
+    if shape.pos_init == "sincos2d" and (shape.stem == "conv" or shape.width % 4):
+        raise ConfigError(
+            "model.vision_pos_init=sincos2d: needs a patch stem (a conv stem has its own position term) "
+            f"and a vision_width divisible by 4 (got {shape.stem} stem, width {shape.width})"
+        )
     if shape.stem == "conv" and model_cfg.name == "tiny-clip":
         raise ConfigError("model.vision_stem=conv: tiny-clip is a transformers CLIPModel (patch stem only)")
     return shape
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid², dim) 2-D sine/cosine position codes in raster order (MAE's): the first half of the
+    channels codes the row, the second the column, each as sin/cos at dim/4 frequencies."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    codes = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angle = coord[:, None].float() * omega[None]
+        codes += [angle.sin(), angle.cos()]
+    return torch.cat(codes, dim=1)
+
+
+def init_positions(table: torch.Tensor, shape: VisionShape) -> None:
+    """`shape.pos_init == "sincos2d"`: the patch rows of a position table (row 0: the class
+    token, set to zero) become the 2-D sine/cosine grid, in place; `normal` leaves it as drawn."""
+    if shape.pos_init != "sincos2d":
+        return
+    grid = shape.image_size // shape.patch_size
+    with torch.no_grad():
+        table[0].zero_()
+        table[1:].copy_(sincos_2d(grid, table.shape[-1]))
 
 
 def _vision_tower(shape: VisionShape) -> torch.nn.Module:
@@ -177,7 +208,9 @@ def _vision_tower(shape: VisionShape) -> torch.nn.Module:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return ViTModel(config, add_pooling_layer=False)
+    tower = ViTModel(config, add_pooling_layer=False)
+    init_positions(tower.embeddings.position_embeddings[0], shape)
+    return tower
 
 
 def _minilm_dual(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
@@ -219,6 +252,7 @@ def _tiny_clip(model_cfg) -> tuple[torch.nn.Module, Processor, dict]:
         patch_size=shape.patch_size,
     )
     hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    init_positions(hf.vision_model.embeddings.position_embedding.weight, shape)
     return HFDualEncoder(hf), Processor(tok, shape.image_size, max_length=64), {"lock_text": False}
 
 
