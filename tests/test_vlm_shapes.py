@@ -159,6 +159,38 @@ def test_turns_per_image_and_describe_make_scene_conversations(small_shapes):
     assert [c.id for c in same] == [c.id for c in convs]  # seeded
 
 
+def test_curriculum_asks_only_its_question_types_first(small_shapes):
+    """options.curriculum_types/epochs: in the early epochs every question turn of a scene's
+    conversations is of the curriculum's types (each scene keeps as many conversations, so an
+    epoch keeps its length), captions stay; from curriculum_epochs on, all types come back.
+    Types that match no question are a one-line error."""
+    from mmtune.errors import DataError
+
+    records = shapes.shapes_splits("shapes")["train"]
+    task, _ = _tiny(turns_per_image=5, describe=True, curriculum_types=["nonrel"], curriculum_epochs=2)
+    kind = {r.question: r.question_type for r in records} | {"Describe the image.": "caption"}
+
+    def asked(ds) -> tuple[set, int]:
+        types = {kind[m["content"].replace("<image>\n", "")] for c in ds.records for m in c.messages[:-1:2]}
+        captions = sum(c.messages[0]["content"].endswith("Describe the image.") for c in ds.records)
+        return {t.split(".")[0] for t in types} - {"caption"}, captions
+
+    ds = task.dataset(records, train=True)
+    full = len(task.conversations(records, train=True))
+    assert len(ds) == full == 12 * (20 // 5 + 1)  # 4 question conversations + 1 caption a scene
+    for epoch, want in ((0, {"nonrel"}), (1, {"nonrel"}), (2, {"nonrel", "rel"}), (0, {"nonrel"})):
+        ds.set_epoch(epoch)
+        types, captions = asked(ds)
+        assert types == want and captions == 12 and len(ds) == full
+    assert len(ds.lengths()) == full
+    evaluation = task.dataset(records, train=False)  # the curriculum is a training matter
+    assert not evaluation.early_epochs
+    task, _ = _tiny(curriculum_types=["spatial"], curriculum_epochs=1)
+    with pytest.raises(DataError, match=r"curriculum_types \['spatial'\] match no training question") as err:
+        task.dataset(records, train=True)
+    assert "\n" not in str(err.value)
+
+
 def test_batched_evaluation_answers_as_one_at_a_time(small_shapes):
     records = shapes.shapes_splits("shapes")["test"][:10]
     task, model = _tiny(max_new_tokens=5, describe=True)

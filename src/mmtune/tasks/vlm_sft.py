@@ -63,6 +63,13 @@ class VLMOptions(BaseModel):
         description="Training: up to this many question records about one image (same image_id) "
         "form one multi-turn conversation, in a seeded random order (its image is encoded once).",
     )
+    curriculum_types: list[str] = Field(
+        default_factory=list,
+        description="Training: in the first curriculum_epochs epochs, a scene's question conversations "
+        "hold only questions whose question_type starts with one of these (e.g. [nonrel]); a scene "
+        "with none keeps all of its questions.",
+    )
+    curriculum_epochs: int = Field(0, ge=0, description="Epochs of the curriculum_types-only phase (0: none).")
     describe: bool | Literal["only"] = Field(
         False,
         description="Question records that carry captions also give one 'Describe the image.' "
@@ -241,9 +248,17 @@ def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
 class ConversationDataset(torch.utils.data.Dataset):
     """One encoded conversation per record (None for an unreadable image: skipped by collate)."""
 
-    def __init__(self, records, encoder: Encoder):
+    def __init__(self, records, encoder: Encoder, curriculum: tuple[list, int] = ((), 0)):
         self.records, self.encoder = [as_conversation(r) for r in records], encoder
         self._lengths: list[int] | None = None
+        # (conversations of the first epochs, how many epochs): one per conversation of `records`
+        self.all_records, (self.early, self.early_epochs) = self.records, curriculum
+
+    def set_epoch(self, epoch: int) -> None:
+        """Curriculum: the early conversations while it lasts, then all of them."""
+        records = self.early if epoch < self.early_epochs else self.all_records
+        if records is not self.records:
+            self.records, self._lengths = records, None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -348,10 +363,12 @@ class VLMSFTTask(Task):
     def encoder(self) -> Encoder:
         return Encoder(self.processor, self.opts.max_length, self.opts.train_on_prompt)
 
-    def conversations(self, records, train: bool) -> list[ConversationRecord]:
+    def conversations(self, records, train: bool, types: tuple[str, ...] = ()) -> list[ConversationRecord]:
         """The records as conversations: with `turns_per_image` > 1 (training) a scene's questions
         are grouped into multi-turn conversations; with `describe` each scene also gets one
-        caption conversation. Records without a question or image_id stay as they are."""
+        caption conversation. Records without a question or image_id stay as they are. `types`
+        (the curriculum): a scene's question conversations ask only questions of these types, as
+        many conversations as it has without them (its questions of these types, reshuffled)."""
         o = self.opts
         group = o.turns_per_image if train else 1
         if group == 1 and not o.describe:
@@ -372,11 +389,29 @@ class VLMSFTTask(Task):
                 continue
             if group > 1:
                 recs = rng.sample(recs, len(recs))
-            out += [merge_questions(recs[i : i + group]) for i in range(0, len(recs), group)]
+            asked = [r for r in recs if r.question_type.startswith(types)] if types else recs
+            asked = asked or recs
+            for i in range(0, len(recs), group):
+                if asked is not recs and i and i % len(asked) == 0:
+                    asked = rng.sample(asked, len(asked))
+                j = i % len(asked)
+                out.append(merge_questions(asked[j : j + group]))
         return out
 
     def dataset(self, records, train: bool):
-        return ConversationDataset(self.conversations(records, train), self.encoder)
+        o = self.opts
+        conversations = self.conversations(records, train)
+        if not (train and o.curriculum_epochs):
+            return ConversationDataset(conversations, self.encoder)
+        types = tuple(o.curriculum_types)
+        if not any(getattr(r, "question_type", "").startswith(types) for r in records):
+            seen = sorted({getattr(r, "question_type", "") for r in records} - {""})
+            raise DataError(
+                f"options.curriculum_types {o.curriculum_types} match no training question "
+                f"(question types: {seen}); set options.curriculum_epochs=0 for no curriculum"
+            )
+        early = self.conversations(records, train, types)
+        return ConversationDataset(conversations, self.encoder, (early, o.curriculum_epochs))
 
     def collate(self, items):
         items = [it for it in items if it is not None]
