@@ -163,9 +163,7 @@ def test_curriculum_asks_only_its_question_types_first(small_shapes):
     """options.curriculum_types/epochs: in the early epochs every question turn of a scene's
     conversations is of the curriculum's types (each scene keeps as many conversations, so an
     epoch keeps its length), captions stay; from curriculum_epochs on, all types come back.
-    Types that match no question are a one-line error."""
-    from mmtune.errors import DataError
-
+    Types that match no question are a one-line config error."""
     records = shapes.shapes_splits("shapes")["train"]
     task, _ = _tiny(turns_per_image=5, describe=True, curriculum_types=["nonrel"], curriculum_epochs=2)
     kind = {r.question: r.question_type for r in records} | {"Describe the image.": "caption"}
@@ -186,7 +184,7 @@ def test_curriculum_asks_only_its_question_types_first(small_shapes):
     evaluation = task.dataset(records, train=False)  # the curriculum is a training matter
     assert not evaluation.early_epochs
     task, _ = _tiny(curriculum_types=["spatial"], curriculum_epochs=1)
-    with pytest.raises(DataError, match=r"curriculum_types \['spatial'\] match no training question") as err:
+    with pytest.raises(ConfigError, match=r"curriculum_types \['spatial'\] match no training question") as err:
         task.dataset(records, train=True)
     assert "\n" not in str(err.value)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmtune.data.formats import Record, Table, read_jsonl_rows
 from mmtune.data.images import IMAGE_EXTENSIONS
-from mmtune.errors import DataError
+from mmtune.errors import ConfigError, DataError
 
 
 @dataclass
@@ -172,3 +172,14 @@ def read_vqa2(path: str | Path, image_root: str | Path | None = None) -> Table:
             )
         )
     return Table(records)
+
+
+def check_curriculum(records, types: list[str]) -> None:
+    """A curriculum (`options.curriculum_types`) must match some training question: a one-line
+    error naming the question types there are, otherwise."""
+    if not any(getattr(r, "question_type", "").startswith(tuple(types)) for r in records):
+        seen = sorted({getattr(r, "question_type", "") for r in records} - {""})[:8]
+        raise ConfigError(
+            f"options.curriculum_types {types} match no training question "
+            f"(question types: {seen}); set options.curriculum_epochs=0 for no curriculum"
+        )

@@ -29,6 +29,7 @@ from mmtune.data.conversations import (
     merge_questions,
 )
 from mmtune.data.images import BadImage, load_image
+from mmtune.data.vqa_formats import check_curriculum
 from mmtune.errors import DataError, UserError
 from mmtune.models import vlm
 from mmtune.runs import SPEC_FILE
@@ -403,14 +404,8 @@ class VLMSFTTask(Task):
         conversations = self.conversations(records, train)
         if not (train and o.curriculum_epochs):
             return ConversationDataset(conversations, self.encoder)
-        types = tuple(o.curriculum_types)
-        if not any(getattr(r, "question_type", "").startswith(types) for r in records):
-            seen = sorted({getattr(r, "question_type", "") for r in records} - {""})
-            raise DataError(
-                f"options.curriculum_types {o.curriculum_types} match no training question "
-                f"(question types: {seen}); set options.curriculum_epochs=0 for no curriculum"
-            )
-        early = self.conversations(records, train, types)
+        check_curriculum(records, o.curriculum_types)
+        early = self.conversations(records, train, tuple(o.curriculum_types))
         return ConversationDataset(conversations, self.encoder, (early, o.curriculum_epochs))
 
     def collate(self, items):

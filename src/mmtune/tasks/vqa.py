@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from mmtune.data.images import BadImage, load_image
+from mmtune.data.vqa_formats import check_curriculum
 from mmtune.errors import ConfigError
 from mmtune.models.fusion import (
     FusionModel,
@@ -194,12 +195,8 @@ class VQATask(Task):
         o = self.opts
         if not train:
             return QuestionsDataset(records, tf, self.cfg.seed)
-        if o.curriculum_epochs and not any(r.question_type.startswith(tuple(o.curriculum_types)) for r in records):
-            types = sorted({r.question_type for r in records})[:8]
-            raise ConfigError(
-                f"options.curriculum_types {o.curriculum_types} match no training question "
-                f"(question types: {types}); set options.curriculum_epochs=0 for no curriculum"
-            )
+        if o.curriculum_epochs:
+            check_curriculum(records, o.curriculum_types)
         curriculum = (o.curriculum_types, o.curriculum_epochs)
         return QuestionsDataset(records, tf, self.cfg.seed, o.questions_per_image, curriculum)
 
