@@ -1,7 +1,8 @@
 """vlm-sft on several image-text-to-text families, each a tiny random model written as a plain
 transformers folder (tests/vlm_families.py) and read back through `from_pretrained`: LLaVA (image
 patches), Idefics3 (image splitting into crops + the whole image), PaliGemma (a prefix LM whose
-prefix is marked by token type ids) and Gemma 3 (pooled soft tokens marked by token type ids)."""
+prefix is marked by token type ids), Gemma 3 (pooled soft tokens marked by token type ids) and
+Qwen2-VL (dynamic resolution: every image's patches in one flat tensor with its grid, M-RoPE)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from tests.test_vlm import learnt_runs
 FAMILIES = list(vlm_families.FAMILIES)
 REPLIES = ["a red circle", "it is on the left", "two squares"]
 # (token, count) per image: LLaVA (32/8)² patches; Idefics3 (2×2 crops + the whole) × 4; PaliGemma
-# (32/8)²; Gemma 3 (32/8)² patches pooled 2×2
+# (32/8)²; Gemma 3 (32/8)² patches pooled 2×2; Qwen2-VL: both images resized to 32 px, (32/8)²
+# patches merged 2×2
 IMAGE_TOKENS = {
     "llava": ("<image>", 16),
     "idefics3": ("<image>", 20),
     "paligemma": ("<image>", 16),
     "gemma3": ("<image_soft_token>", 4),
+    "qwen2_vl": ("<|image_pad|>", 4),
 }
 
 
@@ -79,6 +82,8 @@ def test_labels_are_exactly_the_assistant_replies_turn_by_turn(folders, family):
         assert torch.equal(enc["token_type_ids"].bool(), enc["input_ids"] == image_id)
     if family == "idefics3":  # crops of both images in one sample: (1, 2 × 5 crops, 3, 16, 16)
         assert enc["pixel_values"].shape == (1, 10, 3, 16, 16)
+    if family == "qwen2_vl":  # both images' 16 patches of 2 × 3 × 8 × 8 values, one (t, h, w) grid each
+        assert enc["pixel_values"].shape == (32, 384) and enc["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -181,3 +186,26 @@ def test_length_grouping_knows_each_conversations_length(folders, family):
         assert sorted(range(3), key=ds.lengths().__getitem__) == sorted(range(3), key=exact.__getitem__)
     else:
         assert ds.lengths() == exact
+
+
+def test_qwen2_vl_processor_saves_the_full_layout_and_reads_back(folders, tmp_path):
+    """Without torchvision Qwen2-VL's processor is built for images alone; saved, its folder still
+    names `Qwen2VLProcessor` with a `video_processor` entry (what `AutoProcessor` reads where
+    torchvision is installed), and `load_processor` reads it back to the same ids and pixels."""
+    import json
+
+    from mmtune.models.vlm import has_torchvision, load_processor
+
+    task, _ = make_task(folders["qwen2_vl"])
+    task.processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"
+    assert saved["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert saved["video_processor"]["merge_size"] == saved["image_processor"]["merge_size"] == 2
+    again = load_processor(tmp_path)
+    assert has_torchvision() or type(again).__name__ == "ImageOnlyQwen2VLProcessor"
+    want = task.encoder.encode(dialog())
+    got = get_task("vlm-sft")(task.ctx)
+    got.processor = again
+    got = got.encoder.encode(dialog())
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

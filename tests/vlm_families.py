@@ -30,6 +30,13 @@ GEMMA_TEMPLATE = (
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def _tokenizer(special: list[str], eos: str | None = None, **named):
     """MiniLM's word pieces + the family's special tokens (eos: one of them, or [SEP]); `named`:
@@ -147,6 +154,43 @@ def gemma3(folder: Path) -> Path:
     return _save(Gemma3ForConditionalGeneration(config), processor, folder)
 
 
+def qwen2_vl(folder: Path) -> Path:
+    """Qwen2-VL: dynamic resolution (each image resized to a multiple of 16 px within 256–1,024
+    pixels, 8 px patches merged 2×2: a 32 px image → 4 tokens), every image's patches flattened into
+    one tensor beside its (t, h, w) grid, M-RoPE positions, a ChatML template. Without torchvision
+    its processor is mmtune's image-only one (the PIL image processor, no video processor)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from mmtune.models.vlm import has_torchvision, image_only_processor
+
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    tok = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", **named)
+    sizes = {"min_pixels": 16 * 16, "max_pixels": 32 * 32, "patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
+    if has_torchvision():
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        processor = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**sizes),
+            tokenizer=tok,
+            video_processor=Qwen2VLVideoProcessor(**sizes),
+            chat_template=CHATML_TEMPLATE,
+        )
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = image_only_processor("Qwen2VLProcessor", Qwen2VLImageProcessorPil(**sizes), tok, CHATML_TEMPLATE)
+    text = {**_llama(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2, "patch_size": 8}
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config={**vision, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    return _save(Qwen2VLForConditionalGeneration(config), processor, folder)
+
+
 def _save(model, processor, folder: Path) -> Path:
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -154,7 +198,7 @@ def _save(model, processor, folder: Path) -> Path:
     return folder
 
 
-FAMILIES = {"llava": llava, "idefics3": idefics3, "paligemma": paligemma, "gemma3": gemma3}
+FAMILIES = {"llava": llava, "idefics3": idefics3, "paligemma": paligemma, "gemma3": gemma3, "qwen2_vl": qwen2_vl}
 
 
 def build(family: str, folder: Path, seed: int = 0) -> Path:

@@ -47,6 +47,76 @@ def is_prefix_lm(processor) -> bool:
     return type(processor).__name__ in PREFIX_LM_PROCESSORS
 
 
+# processors whose video half needs torchvision (Qwen2-VL, Qwen2.5-VL): without it, mmtune builds
+# them for images alone (the PIL image processor, no video processor) and saves them as the full one
+VIDEO_PROCESSORS = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
+
+
+def has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def image_only_processor(base_name: str, image_processor, tokenizer, chat_template: str | None = None):
+    """A `base_name` processor (Qwen2-VL's, Qwen2.5-VL's) for images alone, where its video processor
+    cannot be built (no torchvision): the family's own `__call__` and image-token expansion, and a
+    `save_pretrained` that writes the full processor's layout (`processor_class` = `base_name`, a
+    `video_processor` entry with the image settings), so a machine with torchvision loads the folder
+    with plain `AutoProcessor`."""
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    base = getattr(transformers, base_name)
+
+    class ImageOnly(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def to_dict(self):
+            out = super().to_dict()
+            out["processor_class"] = base_name
+            images = {k: v for k, v in out.get("image_processor", {}).items() if k != "image_processor_type"}
+            out.setdefault("video_processor", {**images, "video_processor_type": VIDEO_PROCESSORS[base_name]})
+            return out
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{base_name}"
+    return ImageOnly(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def _processor_class(folder: Path) -> str | None:
+    import json
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = Path(folder) / name
+        if f.is_file():
+            found = json.loads(f.read_text()).get("processor_class")
+            if found:
+                return found
+    return None
+
+
+def load_processor(folder):
+    """`AutoProcessor.from_pretrained(folder)`; a Qwen2-VL-family folder on a machine without
+    torchvision: its processor for images alone (`image_only_processor`)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    name = _processor_class(folder)
+    if name not in VIDEO_PROCESSORS or has_torchvision():
+        return AutoProcessor.from_pretrained(folder)
+    template = Path(folder) / "chat_template.jinja"
+    return image_only_processor(
+        name,
+        AutoImageProcessor.from_pretrained(folder, backend="pil"),
+        AutoTokenizer.from_pretrained(folder),
+        template.read_text() if template.is_file() else None,
+    )
+
+
 def _tokenizer_with_image(tok):
     """The tokenizer with `<image>` (special) and a pad token, and a chat template if it has none."""
     if "<image>" not in tok.get_vocab():
@@ -184,13 +254,13 @@ def run_image_tower(path: str):
 
 def load_vlm(name: str):
     """(model, processor) of the `tiny-llava` preset or a local image-text-to-text folder."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     if name == "tiny-llava":
         return tiny_llava()
     if not Path(name).is_dir():
         raise ConfigError(f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder")
-    processor = AutoProcessor.from_pretrained(name)
+    processor = load_processor(name)
     if not processor.chat_template:
         if not is_prefix_lm(processor):
             raise ConfigError(f"model.name: {name} has no chat template (chat_template.jinja) to render conversations")
@@ -206,10 +276,10 @@ def save_vlm(model: nn.Module, processor, folder: Path) -> None:
 
 def rebuild_vlm(folder: Path):
     """(model with random weights, processor) from a folder written by `save_vlm`."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
-    return model, AutoProcessor.from_pretrained(folder)
+    return model, load_processor(folder)
 
 
 def parts(model: nn.Module) -> dict[str, str]:
