@@ -12,7 +12,7 @@ import torch
 from mmtune.config import Config
 from mmtune.data.conversations import ConversationRecord, as_conversation, read_conversations
 from mmtune.data.vqa_formats import QARecord
-from mmtune.errors import DataError
+from mmtune.errors import ConfigError, DataError
 from mmtune.tasks import Context, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +213,19 @@ def test_llava_composed_from_parts_keeps_their_weights_and_loads_in_plain_transf
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, plain(**inputs).logits, atol=1e-5)
+    # options.vision_feature_layer: the projector reads the tower's last layer instead of LLaVA's -2
+    parts = {"vision": str(tmp_path / "v"), "language": str(tmp_path / "l")}
+    _, last = _task(vision_feature_layer=-1, **parts)
+    assert last.config.vision_feature_layer == -1 and model.config.vision_feature_layer == -2
+    pixels = inputs["pixel_values"]
+    with torch.no_grad():
+        hidden = vision(pixels, output_hidden_states=True).hidden_states
+        for m, layer in ((model, -2), (last, -1)):
+            want = m.model.multi_modal_projector(hidden[layer][:, 1:])
+            assert torch.allclose(m.model.get_image_features(pixels).pooler_output[0], want[0], atol=1e-5)
+    for bad in (0, 3, -3):  # a 2-layer tower: layer 1, 2, -1 or -2 (0 and -3: its patch embeddings)
+        with pytest.raises(ConfigError, match="options.vision_feature_layer"):
+            _task(vision_feature_layer=bad, **parts)
 
 
 def test_mmtune_train_reads_a_llava_conversations_file(tmp_path, caplog):

@@ -142,7 +142,7 @@ def _llava_processor(tok, image_processor, patch_size: int, vision_type: str):
     )
 
 
-def _llava_config(vision_config, text_config, tok):
+def _llava_config(vision_config, text_config, tok, feature_layer: int = -2):
     from transformers import LlavaConfig
 
     with_cls = vision_config.model_type.startswith("clip")
@@ -152,7 +152,7 @@ def _llava_config(vision_config, text_config, tok):
         text_config=text_config,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
-        vision_feature_layer=-2,
+        vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default" if with_cls else "full",
         image_seq_length=patches,
     )
@@ -194,8 +194,9 @@ def tiny_llava():
     return model, _llava_processor(tok, images, 8, "clip_vision_model")
 
 
-def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
-    """(LLaVA, processor) from a CLIP/SigLIP vision checkpoint and a causal-LM checkpoint."""
+def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu", feature_layer: int = -2):
+    """(LLaVA, processor) from a CLIP/SigLIP vision checkpoint and a causal-LM checkpoint; the
+    projector reads the tower's hidden states of `feature_layer` (-2: LLaVA's penultimate layer)."""
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -218,7 +219,13 @@ def compose_llava(vision: str, language: str, projector: str = "mlp2x_gelu"):
         source, image_processor = AutoModel.from_pretrained(vision), AutoImageProcessor.from_pretrained(vision)
     tok = _tokenizer_with_image(AutoTokenizer.from_pretrained(language))
     lm = AutoModelForCausalLM.from_pretrained(language)
-    model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok))
+    layers = vconf.num_hidden_layers
+    if not -layers <= feature_layer <= layers or feature_layer == 0:
+        raise ConfigError(
+            f"options.vision_feature_layer: {feature_layer} is not a layer of the {layers}-layer vision tower "
+            f"(1 … {layers}, or -1 … -{layers} counted from the last)"
+        )
+    model = LlavaForConditionalGeneration(_llava_config(vconf, lm.config, tok, feature_layer))
     source = getattr(source, "vision_model", source)  # a whole CLIP/SigLIP: its image side
     model.model.vision_tower.load_state_dict(source.state_dict())
     model.model.language_model.load_state_dict(lm.get_decoder().state_dict())

@@ -44,6 +44,9 @@ class VLMOptions(BaseModel):
     vision: str | None = Field(None, description="Compose a LLaVA: CLIP/SigLIP vision checkpoint folder.")
     language: str | None = Field(None, description="Compose a LLaVA: causal language model folder.")
     projector: str = Field("mlp2x_gelu", description="Composed LLaVA's projector (mlp2x_gelu).")
+    vision_feature_layer: int = Field(
+        -2, description="Composed LLaVA: the vision tower's layer the projector reads (-2: the penultimate)."
+    )
     max_length: int = Field(2048, gt=0, description="Tokens per sample; cutting an image is an error.")
     train_on_prompt: bool = Field(False, description="Also learn the system and user tokens.")
     freeze_vision: bool = Field(True, description="Keep the vision tower fixed.")
@@ -307,7 +310,7 @@ class VLMSFTTask(Task):
         if o.vision or o.language:
             if not (o.vision and o.language):
                 raise DataError("compose a LLaVA with both options.vision and options.language")
-            model, self.processor = vlm.compose_llava(o.vision, o.language, o.projector)
+            model, self.processor = vlm.compose_llava(o.vision, o.language, o.projector, o.vision_feature_layer)
         else:
             model, self.processor = self._from_run(self.cfg.model.name) or vlm.load_vlm(self.cfg.model.name)
         return self._adapt(model)
