@@ -34,10 +34,10 @@ def conversations(folder: Path) -> Path:
 @pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl"])
 def test_export_hf_merges_lora_and_generates_the_runs_tokens(tmp_path, family):
     """(Qwen2-VL's processor needs torchvision for its video half: without it the folder's processor
-    is read by mmtune's `load_processor`, images only; the model by plain transformers.)"""
+    is read by mmtune's `load_vlm_processor`, images only; the model by plain transformers.)"""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmtune.models.vlm import has_torchvision, load_processor
+    from mmtune.models.vlm import has_torchvision, load_vlm_processor
     from mmtune.runs import open_run
     from mmtune.tasks.vlm_sft import collate_encoded
 
@@ -68,7 +68,7 @@ def test_export_hf_merges_lora_and_generates_the_runs_tokens(tmp_path, family):
     want = want[0, enc["input_ids"].shape[1] :].tolist()
 
     plain_processor = has_torchvision() or family != "qwen2_vl"
-    processor = AutoProcessor.from_pretrained(out) if plain_processor else load_processor(out)
+    processor = AutoProcessor.from_pretrained(out) if plain_processor else load_vlm_processor(out)
     plain = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert not any("lora_" in n for n, _ in plain.named_parameters())
     assert processor.chat_template == task.processor.chat_template

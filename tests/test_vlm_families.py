@@ -191,10 +191,10 @@ def test_length_grouping_knows_each_conversations_length(folders, family):
 def test_qwen2_vl_processor_saves_the_full_layout_and_reads_back(folders, tmp_path):
     """Without torchvision Qwen2-VL's processor is built for images alone; saved, its folder still
     names `Qwen2VLProcessor` with a `video_processor` entry (what `AutoProcessor` reads where
-    torchvision is installed), and `load_processor` reads it back to the same ids and pixels."""
+    torchvision is installed), and `load_vlm_processor` reads it back to the same ids and pixels."""
     import json
 
-    from mmtune.models.vlm import has_torchvision, load_processor
+    from mmtune.models.vlm import has_torchvision, load_vlm_processor
 
     task, _ = make_task(folders["qwen2_vl"])
     task.processor.save_pretrained(tmp_path)
@@ -202,7 +202,7 @@ def test_qwen2_vl_processor_saves_the_full_layout_and_reads_back(folders, tmp_pa
     assert saved["processor_class"] == "Qwen2VLProcessor"
     assert saved["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
     assert saved["video_processor"]["merge_size"] == saved["image_processor"]["merge_size"] == 2
-    again = load_processor(tmp_path)
+    again = load_vlm_processor(tmp_path)
     assert has_torchvision() or type(again).__name__ == "ImageOnlyQwen2VLProcessor"
     want = task.encoder.encode(dialog())
     got = get_task("vlm-sft")(task.ctx)

@@ -100,7 +100,7 @@ def _processor_class(folder: Path) -> str | None:
     return None
 
 
-def load_processor(folder):
+def load_vlm_processor(folder):
     """`AutoProcessor.from_pretrained(folder)`; a Qwen2-VL-family folder on a machine without
     torchvision: its processor for images alone (`image_only_processor`)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -267,7 +267,7 @@ def load_vlm(name: str):
         return tiny_llava()
     if not Path(name).is_dir():
         raise ConfigError(f"model.name: {name!r} is neither a preset {PRESETS} nor a local model folder")
-    processor = load_processor(name)
+    processor = load_vlm_processor(name)
     if not processor.chat_template:
         if not is_prefix_lm(processor):
             raise ConfigError(f"model.name: {name} has no chat template (chat_template.jinja) to render conversations")
@@ -286,7 +286,7 @@ def rebuild_vlm(folder: Path):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
-    return model, load_processor(folder)
+    return model, load_vlm_processor(folder)
 
 
 def parts(model: nn.Module) -> dict[str, str]:
