@@ -308,3 +308,18 @@ def test_a_run_of_another_task_as_model_name_is_a_one_line_error(tmp_path, small
     with pytest.raises(ConfigError, match="contrastive run, not a vlm-sft one") as err:
         get_task("vlm-sft")(Context(cfg)).build()
     assert "\n" not in str(err.value)
+
+
+def test_relation_diagnosis_reads_gap_majority_and_runner_up():
+    """bench/vlm_shapes_relations.py: on a hand-made scene, the gap between the two nearest (or
+    furthest) objects, the shape most of the other five have, and whether the runner-up differs."""
+    import numpy as np
+    from bench.vlm_shapes_relations import distance_row
+
+    centres = np.array([[10, 10], [20, 10], [10, 24], [60, 60], [40, 10], [10, 50]])
+    shapes_ = np.array([0, 1, 0, 0, 0, 1])  # object 0 (red) a circle; the others: 3 circles, 2 squares
+    closest = distance_row(3, 0, centres, shapes_)  # nearest: 1 at 10 px (square), then 2 at 14 (circle)
+    assert closest == {"gap": 4.0, "majority": "circle", "runner_up_differs": True}
+    furthest = distance_row(4, 0, centres, shapes_)  # furthest: 3 at 70.7 px (circle), then 5 at 40 (square)
+    assert furthest["gap"] == pytest.approx(np.hypot(50, 50) - 40.0) and furthest["runner_up_differs"]
+    assert shapes.answer(3, 0, centres, shapes_) == "square" and shapes.answer(4, 0, centres, shapes_) == "circle"
