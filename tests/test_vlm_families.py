@@ -2,7 +2,8 @@
 transformers folder (tests/vlm_families.py) and read back through `from_pretrained`: LLaVA (image
 patches), Idefics3 (image splitting into crops + the whole image), PaliGemma (a prefix LM whose
 prefix is marked by token type ids), Gemma 3 (pooled soft tokens marked by token type ids) and
-Qwen2-VL (dynamic resolution: every image's patches in one flat tensor with its grid, M-RoPE)."""
+Qwen2-VL and Qwen2.5-VL (dynamic resolution: every image's patches in one flat tensor with its
+grid, M-RoPE)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ IMAGE_TOKENS = {
     "paligemma": ("<image>", 16),
     "gemma3": ("<image_soft_token>", 4),
     "qwen2_vl": ("<|image_pad|>", 4),
+    "qwen2_5_vl": ("<|image_pad|>", 4),
 }
 
 
@@ -82,7 +84,7 @@ def test_labels_are_exactly_the_assistant_replies_turn_by_turn(folders, family):
         assert torch.equal(enc["token_type_ids"].bool(), enc["input_ids"] == image_id)
     if family == "idefics3":  # crops of both images in one sample: (1, 2 × 5 crops, 3, 16, 16)
         assert enc["pixel_values"].shape == (1, 10, 3, 16, 16)
-    if family == "qwen2_vl":  # both images' 16 patches of 2 × 3 × 8 × 8 values, one (t, h, w) grid each
+    if family.startswith("qwen"):  # both images' 16 patches of 2 × 3 × 8 × 8 values, one (t, h, w) grid each
         assert enc["pixel_values"].shape == (32, 384) and enc["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
 
 

@@ -154,22 +154,30 @@ def gemma3(folder: Path) -> Path:
     return _save(Gemma3ForConditionalGeneration(config), processor, folder)
 
 
-def qwen2_vl(folder: Path) -> Path:
+def qwen2_5_vl(folder: Path) -> Path:
+    """Qwen2.5-VL: Qwen2-VL's processor and M-RoPE, a windowed-attention vision tower (SwiGLU MLPs,
+    RMSNorm) whose merger projects to the LM's width."""
+    return qwen2_vl(folder, version="2.5")
+
+
+def qwen2_vl(folder: Path, version: str = "2") -> Path:
     """Qwen2-VL: dynamic resolution (each image resized to a multiple of 16 px within 256–1,024
     pixels, 8 px patches merged 2×2: a 32 px image → 4 tokens), every image's patches flattened into
     one tensor beside its (t, h, w) grid, M-RoPE positions, a ChatML template. Without torchvision
     its processor is mmtune's image-only one (the PIL image processor, no video processor)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
 
     from mmtune.models.vlm import has_torchvision, image_only_processor
+
+    family = "Qwen2VL" if version == "2" else "Qwen2_5_VL"
 
     named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     tok = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", **named)
     sizes = {"min_pixels": 16 * 16, "max_pixels": 32 * 32, "patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
     if has_torchvision():
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-        processor = Qwen2VLProcessor(
+        processor = getattr(transformers, f"{family}Processor")(
             image_processor=Qwen2VLImageProcessor(**sizes),
             tokenizer=tok,
             video_processor=Qwen2VLVideoProcessor(**sizes),
@@ -178,17 +186,22 @@ def qwen2_vl(folder: Path) -> Path:
     else:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        processor = image_only_processor("Qwen2VLProcessor", Qwen2VLImageProcessorPil(**sizes), tok, CHATML_TEMPLATE)
+        images = Qwen2VLImageProcessorPil(**sizes)
+        processor = image_only_processor(f"{family}Processor", images, tok, CHATML_TEMPLATE)
     text = {**_llama(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2, "patch_size": 8}
-    config = Qwen2VLConfig(
+    vision = {"depth": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 8, "spatial_merge_size": 2}
+    if version == "2":
+        vision |= {"embed_dim": 32, "mlp_ratio": 2}
+    else:  # windows of 16 px (one merged token), the last block attending to the whole image
+        vision |= {"intermediate_size": 64, "out_hidden_size": 32, "window_size": 16, "fullatt_block_indexes": [1]}
+    config = getattr(transformers, f"{family}Config")(
         text_config=text,
-        vision_config={**vision, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        vision_config={**vision, "temporal_patch_size": 2},
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
     )
-    return _save(Qwen2VLForConditionalGeneration(config), processor, folder)
+    return _save(getattr(transformers, f"{family}ForConditionalGeneration")(config), processor, folder)
 
 
 def _save(model, processor, folder: Path) -> Path:
@@ -198,7 +211,14 @@ def _save(model, processor, folder: Path) -> Path:
     return folder
 
 
-FAMILIES = {"llava": llava, "idefics3": idefics3, "paligemma": paligemma, "gemma3": gemma3, "qwen2_vl": qwen2_vl}
+FAMILIES = {
+    "llava": llava,
+    "idefics3": idefics3,
+    "paligemma": paligemma,
+    "gemma3": gemma3,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+}
 
 
 def build(family: str, folder: Path, seed: int = 0) -> Path:
