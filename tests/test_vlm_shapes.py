@@ -153,6 +153,9 @@ def test_turns_per_image_and_describe_make_scene_conversations(small_shapes):
         enc = task.encoder.encode(conv)
         replies = [tok.decode(r, skip_special_tokens=True) for r in learnt_runs(enc["input_ids"], enc["labels"])]
         assert [r.replace(" ", "") for r in replies] == [m["content"].replace(" ", "") for m in conv.messages[1::2]]
+    for conv in convs:  # no conversation asks a question twice
+        questions = [m["content"].replace("<image>\n", "") for m in conv.messages[::2]]
+        assert len(set(questions)) == len(questions)
     # evaluation keeps one question a conversation (and captions per scene)
     assert len(task.conversations(records, train=False)) == 40 + 2
     same = task.conversations(records, train=True)
@@ -323,3 +326,34 @@ def test_relation_diagnosis_reads_gap_majority_and_runner_up():
     furthest = distance_row(4, 0, centres, shapes_)  # furthest: 3 at 70.7 px (circle), then 5 at 40 (square)
     assert furthest["gap"] == pytest.approx(np.hypot(50, 50) - 40.0) and furthest["runner_up_differs"]
     assert shapes.answer(3, 0, centres, shapes_) == "square" and shapes.answer(4, 0, centres, shapes_) == "circle"
+
+
+def test_a_conversation_never_asks_a_question_twice(small_shapes):
+    """pack_distinct: first fit into at most N conversations of at most T turns; a repeat goes to
+    the next conversation that has room and lacks it, and is left out where none does."""
+    from mmtune.data.vqa_formats import QARecord
+    from mmtune.tasks.vlm_sft import pack_distinct
+
+    recs = [QARecord(image=None, id=str(k), question=q, answers=["x"]) for k, q in enumerate("abacaa")]
+    packed = pack_distinct(recs, conversations=2, turns=3)
+    assert [[r.id for r in c] for c in packed] == [["0", "1", "3"], ["2"]]  # 4 and 5: a third and fourth "a"
+    assert [[r.id for r in c] for c in pack_distinct(recs[:4], 4, 1)] == [["0"], ["1"], ["2"], ["3"]]
+    # the built-in scenes draw 10 of 18 (kind, colour) questions of each family with replacement:
+    # on the full train split ~1 in 10 question turns repeated an earlier one of its conversation
+    # (1 in 5 in a curriculum epoch); now none does, and every distinct question is still asked
+    records = shapes.shapes_splits("shapes")["train"]
+    scenes = {r.image_id for r in records}
+    assert sum(20 - len({r.question for r in records if r.image_id == s}) for s in scenes) > 0  # repeats exist
+    task, _ = _tiny(turns_per_image=10)
+    for types in ((), ("nonrel",)):
+        convs = task.conversations(records, train=True, types=types)
+        assert len(convs) == 2 * len(scenes)
+        for scene in scenes:
+            mine = [c for c in convs if c.id.startswith(scene + "-")]
+            asked = [m["content"].replace("<image>\n", "") for c in mine for m in c.messages[::2]]
+            for c in mine:
+                qs = [m["content"] for m in c.messages[::2]]
+                assert len(set(qs)) == len(qs)
+            kinds = types or ("",)
+            want = {r.question for r in records if r.image_id == scene and r.question_type.startswith(kinds)}
+            assert set(asked) == want

@@ -65,7 +65,8 @@ class VLMOptions(BaseModel):
         1,
         gt=0,
         description="Training: up to this many question records about one image (same image_id) "
-        "form one multi-turn conversation, in a seeded random order (its image is encoded once).",
+        "form one multi-turn conversation, in a seeded random order (its image is encoded once); "
+        "no conversation asks the same question twice.",
     )
     curriculum_types: list[str] = Field(
         default_factory=list,
@@ -249,6 +250,22 @@ def collate_encoded(items: list[dict], pad_id: int, left: bool = False) -> dict:
     return out
 
 
+def pack_distinct(recs: list, conversations: int, turns: int) -> list[list]:
+    """Question records of one image, in order, into up to `conversations` lists of up to `turns`
+    each (first fit) such that no list asks the same question twice: a repeat would let a later
+    turn copy an earlier answer instead of reading the image, which single-question evaluation
+    never rewards. A record that fits nowhere (every list with room already asks it) is left out."""
+    packed: list[list] = [[] for _ in range(conversations)]
+    asked: list[set] = [set() for _ in range(conversations)]
+    for rec in recs:
+        for turns_, seen in zip(packed, asked, strict=True):
+            if len(turns_) < turns and rec.question not in seen:
+                turns_.append(rec)
+                seen.add(rec.question)
+                break
+    return [p for p in packed if p]
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """One encoded conversation per record (None for an unreadable image: skipped by collate)."""
 
@@ -369,7 +386,8 @@ class VLMSFTTask(Task):
 
     def conversations(self, records, train: bool, types: tuple[str, ...] = ()) -> list[ConversationRecord]:
         """The records as conversations: with `turns_per_image` > 1 (training) a scene's questions
-        are grouped into multi-turn conversations; with `describe` each scene also gets one
+        are grouped into multi-turn conversations, none asking a question twice (`pack_distinct`:
+        a repeated question is asked once per conversation); with `describe` each scene also gets one
         caption conversation. Records without a question or image_id stay as they are. `types`
         (the curriculum): a scene's question conversations ask only questions of these types, as
         many conversations as it has without them (its questions of these types, reshuffled)."""
@@ -395,11 +413,13 @@ class VLMSFTTask(Task):
                 recs = rng.sample(recs, len(recs))
             asked = [r for r in recs if r.question_type.startswith(types)] if types else recs
             asked = asked or recs
+            stream = []
             for i in range(0, len(recs), group):
                 if asked is not recs and i and i % len(asked) == 0:
                     asked = rng.sample(asked, len(asked))
                 j = i % len(asked)
-                out.append(merge_questions(asked[j : j + group]))
+                stream += asked[j : j + group]
+            out += [merge_questions(turns) for turns in pack_distinct(stream, -(-len(recs) // group), group)]
         return out
 
     def dataset(self, records, train: bool):
