@@ -258,9 +258,9 @@ def pack_distinct(recs: list, conversations: int, turns: int) -> list[list]:
     packed: list[list] = [[] for _ in range(conversations)]
     asked: list[set] = [set() for _ in range(conversations)]
     for rec in recs:
-        for turns_, seen in zip(packed, asked, strict=True):
-            if len(turns_) < turns and rec.question not in seen:
-                turns_.append(rec)
+        for conv, seen in zip(packed, asked, strict=True):
+            if len(conv) < turns and rec.question not in seen:
+                conv.append(rec)
                 seen.add(rec.question)
                 break
     return [p for p in packed if p]
